@@ -1,0 +1,3 @@
+"""kvmrun: run KVM/QEMU virtual machines from YAML profiles, without libvirt."""
+
+__version__ = "0.1.0"

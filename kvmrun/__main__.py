@@ -1,0 +1,3 @@
+from kvmrun.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""Checks of a profile against this host: referenced files exist, the QEMU binary is
+installed, and the machine type and CPU model are ones the installed QEMU knows (with close
+matches suggested). `kvmrun validate` and `kvmrun start` run these; the compiler does not."""
+
+from __future__ import annotations
+
+import difflib
+
+from kvmrun import host
+from kvmrun.errors import ProfileError
+from kvmrun.profile import Profile, missing_files
+from kvmrun.spec import ProfileErrors
+
+
+def _close(word: str, known: list[str]) -> str:
+    matches = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
+    return f" (close matches: {', '.join(matches)})" if matches else ""
+
+
+def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
+    """Everything wrong with the profile on this host; HostError if QEMU is missing."""
+    errors = missing_files(profile) if files else []
+    binary = host.qemu_binary(profile.arch)
+    if profile.machine:
+        known = host.qemu_machines(binary)
+        if profile.machine not in known:
+            errors.append(ProfileError(
+                profile.location("machine"),
+                f"machine type {profile.machine!r} is not known to {binary}"
+                + _close(profile.machine, known),
+                hint=f"list them with: {binary} -machine help"))
+    if profile.cpu:
+        model = profile.cpu.split(",")[0]
+        known = host.qemu_cpus(binary)
+        if model not in known:
+            errors.append(ProfileError(
+                profile.location("cpu"),
+                f"CPU model {model!r} is not known to {binary}" + _close(model, known),
+                hint=f"list them with: {binary} -cpu help"))
+    return errors
+
+
+def check(profile: Profile, files: bool = True) -> None:
+    errors = host_errors(profile, files)
+    if errors:
+        raise ProfileErrors(errors)

@@ -1,0 +1,239 @@
+"""Profile -> QEMU argv. Pure: no I/O, no environment, no clock.
+
+`compile(profile, host, paths)` takes the typed profile, host facts probed once elsewhere
+(`kvmrun.host.probe`) and the guest's runtime paths, and returns the argv as a list of
+strings. Each option and its value sit together; values built from user input escape commas
+the way QEMU requires (`,` -> `,,`). Nothing ever goes through a shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from kvmrun import arch as archmod
+from kvmrun.arch import Arch
+from kvmrun.errors import HostError
+from kvmrun.paths import RunPaths
+from kvmrun.profile import Profile
+
+Args = Iterator[str]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the compiler needs to know about the host; probed by kvmrun.host, pinned in tests."""
+
+    machine: str = "x86_64"                     # `uname -m`
+    kvm: bool = False                           # /dev/kvm usable and guests boot under it
+    forced_accel: str | None = None             # KVMRUN_ACCEL
+    uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
+
+
+def qemu_escape(value: str) -> str:
+    """QEMU option values double their commas."""
+    return str(value).replace(",", ",,")
+
+
+def opts(*parts: str, **kw: str | int | bool | None) -> str:
+    """opts('virtio-blk-pci', drive='d0', bootindex=1) -> 'virtio-blk-pci,drive=d0,bootindex=1'.
+    None values are left out; booleans become on/off."""
+    items = list(parts)
+    for key, value in kw.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        items.append(f"{key.rstrip('_').replace('_', '-')}={value}")
+    return ",".join(items)
+
+
+def resolve_accel(profile: Profile, host: HostFacts) -> str:
+    if host.forced_accel:
+        return host.forced_accel
+    if profile.accel != "auto":
+        return profile.accel
+    a = archmod.get(profile.arch)
+    return "kvm" if a.kvm_possible(host.machine) and host.kvm else "tcg"
+
+
+def stable_mac(name: str, index: int) -> str:
+    digest = hashlib.sha256(f"kvmrun:{name}:{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def boot_indexes(profile: Profile) -> dict[str, int]:
+    """The boot order as bootindex per device class: 'dc' -> {'d': 0, 'c': 1}."""
+    return {letter: i for i, letter in enumerate(profile.boot or "")}
+
+
+def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
+    a = archmod.get(profile.arch)
+    accel = resolve_accel(profile, host)
+    argv = [a.qemu]
+    for part in (_identity(profile), _machine(profile, a, accel),
+                 _display(profile, a, paths), _firmware(profile, a, host, paths),
+                 _kernel(profile), _storage(profile, a), _network(profile, a),
+                 _serial(profile, paths), _devices(profile, a, paths),
+                 _control(profile, paths), profile.qemu_args):
+        argv.extend(part)
+    return argv
+
+
+def _identity(p: Profile) -> Args:
+    yield from ("-name", opts(f"guest={p.name}", process=f"kvmrun-{p.name}"))
+    yield from ("-uuid", p.vm_uuid)
+
+
+def _machine(p: Profile, a: Arch, accel: str) -> Args:
+    yield from ("-machine", p.machine or a.machine)
+    thread = "multi" if accel == "tcg" and a.mttcg and p.smp > 1 else None
+    yield from ("-accel", opts(accel, thread=thread))
+    yield from ("-cpu", p.cpu or (a.cpu_kvm if accel == "kvm" else a.cpu_tcg))
+    yield from ("-smp", str(p.smp))
+    yield from ("-m", str(p.memory))
+    yield from ("-nodefaults", "-no-user-config")
+
+
+def _vga(a: Arch) -> str:
+    return "VGA" if a.name in ("x86_64", "i386", "ppc64") else a.virtio_device("gpu")
+
+
+def _display(p: Profile, a: Arch, paths: RunPaths) -> Args:
+    if p.display == "none":
+        yield from ("-display", "none")
+    elif p.display == "vnc":
+        yield from ("-display", "none", "-vnc", f"unix:{qemu_escape(paths.vnc)}")
+        yield from ("-device", _vga(a))
+    elif p.display == "spice":
+        yield from ("-display", "none", "-spice",
+                    opts("unix=on", addr=qemu_escape(paths.spice), disable_ticketing=True))
+        yield from ("-device", "qxl-vga" if a.name in ("x86_64", "i386") else _vga(a))
+    else:
+        yield from ("-display", p.display, "-device", _vga(a))
+
+
+def _firmware(p: Profile, a: Arch, host: HostFacts, paths: RunPaths) -> Args:
+    if p.firmware in (None, "bios"):
+        return
+    if p.firmware == "uefi":
+        code = host.uefi.get(a.name)
+        if not code:
+            raise HostError(f"no UEFI firmware found for {a.name}",
+                            hint="install the distribution's package: ovmf (x86_64), "
+                                 "qemu-efi-aarch64 (aarch64), qemu-efi-arm (arm)")
+        yield from ("-drive", opts("if=pflash", format="raw", unit=0, readonly=True,
+                                   file=qemu_escape(code)))
+        if paths.nvram:
+            yield from ("-drive", opts("if=pflash", format="raw", unit=1,
+                                       file=qemu_escape(paths.nvram)))
+        return
+    yield from ("-bios", p.firmware)
+
+
+def _kernel(p: Profile) -> Args:
+    if not p.kernel:
+        return
+    yield from ("-kernel", p.kernel.path)
+    if p.kernel.initrd:
+        yield from ("-initrd", p.kernel.initrd)
+    if p.kernel.append:
+        yield from ("-append", p.kernel.append)
+    if p.kernel.dtb:
+        yield from ("-dtb", p.kernel.dtb)
+
+
+def _needs_scsi(p: Profile, a: Arch) -> bool:
+    return (any(d.interface == "scsi" for d in p.disks)
+            or (p.cdrom is not None and a.cdrom_bus == "scsi"))
+
+
+def _storage(p: Profile, a: Arch) -> Args:
+    boot = boot_indexes(p)
+    if _needs_scsi(p, a):
+        yield from ("-device", opts(a.virtio_device("scsi"), id="scsi0"))
+    for i, disk in enumerate(p.disks):
+        drive = f"drive-disk{i}"
+        bootindex = boot.get("c") if i == 0 else None
+        if disk.interface == "sd":
+            yield from ("-drive", opts(file=qemu_escape(disk.path), format=disk.format,
+                                       if_="sd", index=i, id=drive, cache=disk.cache,
+                                       readonly=disk.readonly or None))
+            continue
+        yield from ("-drive", opts(file=qemu_escape(disk.path), format=disk.format,
+                                   if_="none", id=drive, cache=disk.cache,
+                                   readonly=disk.readonly or None))
+        device = {"virtio": a.virtio_device("blk"), "ide": "ide-hd", "scsi": "scsi-hd",
+                  "nvme": "nvme"}[disk.interface]
+        yield from ("-device", opts(device, drive=drive, id=f"disk{i}",
+                                    bus="scsi0.0" if disk.interface == "scsi" else None,
+                                    serial=f"disk{i}" if disk.interface == "nvme" else None,
+                                    bootindex=bootindex))
+    if p.cdrom:
+        yield from ("-drive", opts(file=qemu_escape(p.cdrom), format="raw", if_="none",
+                                   id="drive-cdrom0", media="cdrom", readonly=True))
+        yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
+                                    drive="drive-cdrom0", id="cdrom0",
+                                    bus="scsi0.0" if a.cdrom_bus == "scsi" else None,
+                                    bootindex=boot.get("d")))
+
+
+def _network(p: Profile, a: Arch) -> Args:
+    boot = boot_indexes(p)
+    for i, net in enumerate(p.network):
+        if net.type == "none":
+            continue
+        netdev = f"net{i}"
+        yield from ("-netdev", ",".join([f"user,id={netdev}"]
+                                        + [f"hostfwd={fwd}" for fwd in net.forward]))
+        yield from ("-device", opts(net.model or a.nic, netdev=netdev, id=f"nic{i}",
+                                    mac=net.mac or stable_mac(p.name, i),
+                                    bootindex=boot.get("n") if i == 0 else None))
+
+
+def _serial(p: Profile, paths: RunPaths) -> Args:
+    if p.serial == "none":
+        return
+    if p.serial == "stdio":
+        yield from ("-chardev", "stdio,id=serial0,signal=off")
+    else:
+        log = paths.serial_log if p.serial == "log" else None
+        yield from ("-chardev", opts("socket", id="serial0",
+                                     path=qemu_escape(paths.console), server=True,
+                                     wait=False,
+                                     logfile=qemu_escape(log) if log else None,
+                                     logappend=True if log else None))
+    yield from ("-serial", "chardev:serial0")
+
+
+def _devices(p: Profile, a: Arch, paths: RunPaths) -> Args:
+    wanted = set(p.devices)
+    if p.shutdown.method == "agent":
+        wanted.add("agent")
+    if "rng" in wanted:
+        yield from ("-device", opts(a.virtio_device("rng"), id="rng0"))
+    if "balloon" in wanted:
+        yield from ("-device", opts(a.virtio_device("balloon"), id="balloon0"))
+    if "agent" in wanted:
+        yield from ("-device", opts(a.virtio_device("serial"), id="vserial0"))
+        yield from ("-chardev", opts("socket", id="qga0", path=qemu_escape(paths.qga),
+                                     server=True, wait=False))
+        yield from ("-device", opts("virtserialport", bus="vserial0.0", chardev="qga0",
+                                    name="org.qemu.guest_agent.0"))
+    if "tablet" in wanted:
+        yield from ("-device", "qemu-xhci,id=usb0", "-device", "usb-tablet,bus=usb0.0")
+
+
+def _control(p: Profile, paths: RunPaths) -> Args:
+    for chardev, sock in (("qmp", paths.qmp), ("qmp-cli", paths.qmp_cli)):
+        yield from ("-chardev", opts("socket", id=chardev, path=qemu_escape(sock),
+                                     server=True, wait=False))
+        yield from ("-mon", opts(chardev=chardev, mode="control"))
+    yield from ("-pidfile", str(paths.pidfile))
+    if p.gdb:
+        yield from ("-gdb", f"tcp:{p.gdb}")
+    if p.halted:
+        yield "-S"
+    if p.semihosting:
+        yield from ("-semihosting-config", "enable=on,target=native")

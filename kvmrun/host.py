@@ -1,0 +1,140 @@
+"""Host probing, done once per command and outside the compiler: binaries, /dev/kvm, the QEMU
+version, firmware files, and what machine types and CPU models the installed QEMU knows
+(asked from QEMU itself, cached per binary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from kvmrun import arch as archmod
+from kvmrun import paths
+from kvmrun.compile import HostFacts
+from kvmrun.errors import HostError
+
+KVM_DEVICE = "/dev/kvm"
+
+
+def kvm_accessible() -> bool:
+    return os.path.exists(KVM_DEVICE) and os.access(KVM_DEVICE, os.R_OK | os.W_OK)
+
+
+def kvm_verdict_file() -> Path:
+    return paths.cache_dir() / "kvm-verdict.json"
+
+
+def kvm_verdict() -> dict | None:
+    """The cached result of `kvmrun doctor`'s boot probe under KVM for this boot of the host."""
+    try:
+        verdict = json.loads(kvm_verdict_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return verdict if verdict.get("boot_id") == boot_id() else None
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def probe() -> HostFacts:
+    forced = os.environ.get("KVMRUN_ACCEL") or None
+    if forced not in (None, "kvm", "tcg"):
+        raise HostError(f"KVMRUN_ACCEL={forced!r} is not kvm or tcg")
+    verdict = kvm_verdict()
+    kvm = kvm_accessible() and (verdict is None or bool(verdict.get("boots")))
+    uefi = {}
+    for a in archmod.ARCHES.values():
+        found = next((c for c in a.uefi_code if os.path.exists(c)), None)
+        if found:
+            uefi[a.name] = found
+    return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi)
+
+
+def uefi_vars_template(arch_name: str) -> str | None:
+    a = archmod.get(arch_name)
+    return next((v for v in a.uefi_vars if os.path.exists(v)), None)
+
+
+def qemu_binary(arch_name: str) -> str:
+    """The full path of the QEMU binary for an architecture, or a HostError with a fix."""
+    a = archmod.get(arch_name)
+    found = shutil.which(a.qemu)
+    if not found:
+        package = {"x86_64": "qemu-system-x86", "i386": "qemu-system-x86",
+                   "aarch64": "qemu-system-arm", "arm": "qemu-system-arm"}.get(
+                       a.name, "qemu-system-misc")
+        raise HostError(f"{a.qemu} not found on PATH",
+                        hint=f"install it: apt-get install {package}")
+    return found
+
+
+def _ask_qemu(binary: str, *args: str) -> str:
+    try:
+        out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise HostError(f"cannot run {binary}: {err}") from err
+    return out.stdout
+
+
+def _cached(binary: str, what: str, compute) -> object:
+    st = os.stat(binary)
+    key = f"{Path(binary).name}-{st.st_size}-{int(st.st_mtime)}-{what}.json"
+    cache = paths.cache_dir() / "qemu" / key
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, cache)
+    except OSError:
+        pass                 # a read-only cache only costs speed
+    return value
+
+
+def qemu_version(binary: str) -> str:
+    def compute():
+        m = re.search(r"version (\d+\.\d+\.\d+)", _ask_qemu(binary, "--version"))
+        return m.group(1) if m else "unknown"
+    return _cached(binary, "version", compute)
+
+
+def qemu_machines(binary: str) -> list[str]:
+    """Machine type names and aliases the binary supports."""
+    def compute():
+        names = []
+        for line in _ask_qemu(binary, "-machine", "help").splitlines()[1:]:
+            m = re.match(r"(\S+)\s+(.*)", line)
+            if m:
+                names.append(m.group(1))
+                alias = re.search(r"\(alias of (\S+)\)", m.group(2))
+                if alias:
+                    names.append(alias.group(1))
+        return sorted(set(names))
+    return _cached(binary, "machines", compute)
+
+
+def qemu_cpus(binary: str) -> list[str]:
+    """CPU model names the binary supports (x86 prints `x86 NAME`, others `  NAME`)."""
+    def compute():
+        names = {"host", "max"}
+        for line in _ask_qemu(binary, "-cpu", "help").splitlines():
+            if line.lower().startswith("recognized"):
+                break                       # x86 lists CPUID flags after the models
+            words = line.split()
+            if not words or line.rstrip().endswith(":"):
+                continue
+            names.add(words[1] if words[0] == "x86" and len(words) > 1 else words[0])
+        return sorted(names)
+    return _cached(binary, "cpus", compute)

@@ -1,0 +1,94 @@
+"""Where things live: per-user directories and a guest's run-directory layout.
+
+Every directory can be moved with an environment variable, so tests isolate themselves:
+KVMRUN_RUN_DIR, KVMRUN_CONFIG_DIR, KVMRUN_DATA_DIR, KVMRUN_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmrun.errors import HostError
+
+UNIX_PATH_MAX = 107          # sun_path is 108 bytes including the terminating NUL
+
+
+def _root() -> bool:
+    return os.geteuid() == 0
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / fallback)
+
+
+def run_dir() -> Path:
+    if os.environ.get("KVMRUN_RUN_DIR"):
+        return Path(os.environ["KVMRUN_RUN_DIR"])
+    if _root():
+        return Path("/run/kvmrun")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "kvmrun" if runtime else Path(f"/tmp/kvmrun-{os.getuid()}")
+
+
+def config_dir() -> Path:
+    if os.environ.get("KVMRUN_CONFIG_DIR"):
+        return Path(os.environ["KVMRUN_CONFIG_DIR"])
+    return Path("/etc/kvmrun") if _root() else _xdg("XDG_CONFIG_HOME", ".config") / "kvmrun"
+
+
+def data_dir() -> Path:
+    if os.environ.get("KVMRUN_DATA_DIR"):
+        return Path(os.environ["KVMRUN_DATA_DIR"])
+    return Path("/var/lib/kvmrun") if _root() else _xdg("XDG_DATA_HOME", ".local/share") / "kvmrun"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("KVMRUN_CACHE_DIR"):
+        return Path(os.environ["KVMRUN_CACHE_DIR"])
+    return Path("/var/cache/kvmrun") if _root() else _xdg("XDG_CACHE_HOME", ".cache") / "kvmrun"
+
+
+def nvram_path(name: str) -> Path:
+    """The VM's own copy of the UEFI variable store, kept across restarts."""
+    return data_dir() / "nvram" / f"{name}_VARS.fd"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one guest's run directory."""
+
+    dir: Path
+    nvram: Path | None = None
+
+    @classmethod
+    def for_guest(cls, name: str, base: Path | None = None) -> "RunPaths":
+        return cls((base or run_dir()) / name, nvram_path(name))
+
+    def _p(self, leaf: str) -> Path:
+        return self.dir / leaf
+
+    qmp = property(lambda self: self._p("qmp.sock"))          # the supervisor's monitor
+    qmp_cli = property(lambda self: self._p("qmp-cli.sock"))  # the CLI's monitor
+    console = property(lambda self: self._p("console.sock"))
+    serial_log = property(lambda self: self._p("serial.log"))
+    qga = property(lambda self: self._p("qga.sock"))
+    vnc = property(lambda self: self._p("vnc.sock"))
+    spice = property(lambda self: self._p("spice.sock"))
+    pidfile = property(lambda self: self._p("qemu.pid"))
+    state = property(lambda self: self._p("state.json"))
+    events = property(lambda self: self._p("events.jsonl"))
+    lock = property(lambda self: self._p("lock"))
+
+    def sockets(self) -> list[Path]:
+        return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice]
+
+    def check_length(self) -> None:
+        longest = max(self.sockets(), key=lambda p: len(os.fsencode(p)))
+        if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+            raise HostError(
+                f"socket path {str(longest)!r} is {len(os.fsencode(longest))} bytes; unix "
+                f"sockets allow {UNIX_PATH_MAX}",
+                hint="use a shorter VM name or a shorter run directory (--run-dir or "
+                     "KVMRUN_RUN_DIR)")

@@ -1,0 +1,438 @@
+"""The profile: one YAML file describes one VM.
+
+`load(path, overrides)` reads a profile (following `extends:`), applies `--set key.path=value`
+overrides and returns an immutable, typed `Profile`. Every error names the file, the key path
+and the line. The table `PROFILE` below is the public contract of profile keys: it drives
+validation, the model and `kvmrun schema`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from kvmrun import arch as archmod
+from kvmrun.errors import Location, ProfileError
+from kvmrun.spec import (COMMAND_LINE, Bool, Ctx, Either, Enum, Field, FilePath, Int, List, Obj,
+                         Size, Spec, Str, defaults, suggest)
+from kvmrun.yamlsrc import KeyPath, Lines, load_yaml, parse_scalar
+
+NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
+MAX_NAME = 64
+DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
+DEVICES = ("rng", "balloon", "agent", "tablet")
+
+
+# ---------------------------------------------------------------- the typed model
+
+@dataclass(frozen=True)
+class Kernel:
+    path: str
+    initrd: str | None = None
+    append: str | None = None
+    dtb: str | None = None
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    format: str | None = None
+    interface: str = "virtio"
+    cache: str | None = None
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class Network:
+    type: str = "user"
+    forward: tuple[str, ...] = ()
+    mac: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    timeout: int = 60
+    method: str = "acpi"
+    command: str = "poweroff"
+
+
+@dataclass(frozen=True)
+class Ready:
+    console: str | None = None
+    timeout: int = 300
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    arch: str = field(default_factory=archmod.host_arch)
+    description: str | None = None
+    uuid: str | None = None
+    machine: str | None = None
+    accel: str = "auto"
+    cpu: str | None = None
+    smp: int = 1
+    memory: int = 1024
+    boot: str | None = None
+    kernel: Kernel | None = None
+    firmware: str | None = None
+    disks: tuple[Disk, ...] = ()
+    cdrom: str | None = None
+    network: tuple[Network, ...] = (Network(),)
+    display: str = "none"
+    serial: str = "log"
+    devices: tuple[str, ...] = ("rng",)
+    shutdown: Shutdown = Shutdown()
+    ready: Ready = Ready()
+    gdb: str | None = None
+    halted: bool = False
+    semihosting: bool = False
+    qemu_args: tuple[str, ...] = ()
+    source: str | None = field(default=None, compare=False)
+    lines: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def vm_uuid(self) -> str:
+        """The profile's uuid, else one derived from the name (stable across hosts)."""
+        return self.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"kvmrun:{self.name}"))
+
+    def location(self, *path: str | int) -> Location:
+        probe: KeyPath = tuple(path)
+        while probe not in self.lines and probe:
+            probe = probe[:-1]
+        file, line = self.lines.get(probe, (self.source or "<profile>", None))
+        return Location(file, tuple(path), line)
+
+
+# ---------------------------------------------------------------- value specs
+
+class ArchSpec(Spec):
+    def check(self, value, ctx, path):
+        found = archmod.canonical(str(value))
+        if found is None:
+            return ctx.error(path, f"{value!r} is not a known architecture"
+                             + suggest(str(value), list(archmod.ARCHES)),
+                             hint="known: " + ", ".join(archmod.ARCHES))
+        return found
+
+    def schema(self):
+        return {"enum": sorted(set(archmod.ARCHES) | set(archmod._ALIASES))}
+
+
+class Boot(Str):
+    def check(self, value, ctx, path):
+        value = super().check(value, ctx, path)
+        if value is not None and len(set(value)) != len(value):
+            return ctx.error(path, f"{value!r} names a device twice")
+        return value
+
+
+_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d+)[-:]"
+                     r"(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d+)")
+
+
+class Forward(Spec):
+    """A port forward, normalised to QEMU's hostfwd form `tcp:127.0.0.1:2222-:22`.
+
+    Accepts `2222:22`, `tcp::2222-:22`, `udp:0.0.0.0:5353-:53`; binds 127.0.0.1 unless an
+    address is given."""
+
+    def check(self, value, ctx, path):
+        m = _FWD_RE.fullmatch(str(value).strip())
+        if not m or isinstance(value, bool):
+            return ctx.error(path, f"{value!r} is not a port forward",
+                             hint="write HOSTPORT:GUESTPORT (2222:22) or QEMU's form "
+                                  "tcp:127.0.0.1:2222-:22")
+        proto, haddr, hport, gaddr, gport = m.groups()
+        for port in (hport, gport):
+            if not 1 <= int(port) <= 65535:
+                return ctx.error(path, f"port {port} is out of range (1 to 65535)")
+        return f"{proto or 'tcp'}:{haddr or '127.0.0.1'}:{hport}-{gaddr or ''}:{gport}"
+
+    def schema(self):
+        return {"type": "string"}
+
+
+class Gdb(Spec):
+    """true (port 1234), a port, or HOST:PORT; normalised to `HOST:PORT`."""
+
+    def check(self, value, ctx, path):
+        if value is False:
+            return None
+        if value is True:
+            return "127.0.0.1:1234"
+        m = re.fullmatch(r"(?:([\w.-]+|\[[0-9a-fA-F:]+\]):)?(\d+)", str(value))
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            return ctx.error(path, f"{value!r} is not a gdb port",
+                             hint="true, a port (1234) or HOST:PORT (127.0.0.1:1234)")
+        return f"{m.group(1) or '127.0.0.1'}:{m.group(2)}"
+
+    def schema(self):
+        return {"anyOf": [{"type": "boolean"}, {"type": "integer"}, {"type": "string"}]}
+
+
+class Regex(Str):
+    def check(self, value, ctx, path):
+        value = super().check(value, ctx, path)
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                return ctx.error(path, f"not a valid regular expression: {err}")
+        return value
+
+
+def _is_keyword(*words: str):
+    return lambda v: isinstance(v, str) and v in words
+
+
+KERNEL = Obj(Kernel, {
+    "path": Field(FilePath(), "kernel image (relative to the profile's directory)",
+                  required=True),
+    "initrd": Field(FilePath(), "initial ramdisk"),
+    "append": Field(Str(), "kernel command line"),
+    "dtb": Field(FilePath(), "device tree blob"),
+}, "direct kernel boot")
+
+DISK = Obj(Disk, {
+    "path": Field(FilePath(), "disk image or block device", required=True),
+    "format": Field(Enum(("qcow2", "raw")), "image format; default: detected with qemu-img"),
+    "interface": Field(Enum(DISK_INTERFACES), "how the guest sees the disk"),
+    "cache": Field(Enum(("none", "writeback", "writethrough", "directsync", "unsafe")),
+                   "host cache mode; default: QEMU's (writeback)"),
+    "readonly": Field(Bool(), "attach read-only"),
+})
+
+NETWORK = Obj(Network, {
+    "type": Field(Enum(("user", "none")), "user: NAT through QEMU, no root needed"),
+    "forward": Field(List(Forward(), scalar_ok=True),
+                     "port forwards HOSTPORT:GUESTPORT or tcp:ADDR:HOSTPORT-:GUESTPORT"),
+    "mac": Field(Str(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", what="a MAC address"),
+                 "MAC address; default: stable, derived from the VM name"),
+    "model": Field(Str(r"[A-Za-z0-9_-]+", what="a NIC model"),
+                   "NIC model; default per architecture (virtio-net)"),
+})
+
+SHUTDOWN = Obj(Shutdown, {
+    "timeout": Field(Int(1, 86400), "seconds of graceful shutdown before escalation"),
+    "method": Field(Enum(("acpi", "agent", "console", "none")),
+                    "how to ask the guest to power off"),
+    "command": Field(Str(), "what `method: console` types on the serial console"),
+})
+
+READY = Obj(Ready, {
+    "console": Field(Regex(), "regular expression; the guest is ready when its serial console "
+                              "prints a match"),
+    "timeout": Field(Int(1, 86400), "seconds to wait for readiness"),
+})
+
+PROFILE = Obj(Profile, {
+    "name": Field(Str(NAME_RE, MAX_NAME, "a valid VM name (letters, digits and . _ - "
+                                         "between them)"),
+                  "VM name; default: the file name without .yaml", required=True),
+    "extends": Field(FilePath(), "a base profile this one starts from (relative path)"),
+    "description": Field(Str(), "free text"),
+    "uuid": Field(Str(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", what="a UUID"),
+                  "SMBIOS UUID; default: derived from the name"),
+    "arch": Field(ArchSpec(), "guest architecture; default: the host's"),
+    "machine": Field(Str(r"[A-Za-z0-9._-]+", what="a machine type"),
+                     "QEMU machine type; default per arch (q35, virt, …)"),
+    "accel": Field(Enum(("auto", "kvm", "tcg")),
+                   "auto: KVM when the arch matches the host and /dev/kvm works, else TCG"),
+    "cpu": Field(Str(r"[A-Za-z0-9._+=,-]+", what="a CPU model"),
+                 "CPU model; default: host under KVM, max under TCG"),
+    "smp": Field(Int(1, 1024), "number of vCPUs"),
+    "memory": Field(Size(16, 16 * 1024 * 1024), "RAM: MiB as a number, or 512M, 2G"),
+    "boot": Field(Boot(r"[cdn]{1,3}", what="a boot order of c (disk), d (cdrom), n (network)"),
+                  "boot order: c disk, d cdrom, n network, e.g. dc"),
+    "kernel": Field(KERNEL, "direct kernel boot"),
+    "firmware": Field(Either(((_is_keyword("bios", "uefi"), Enum(("bios", "uefi"))),
+                              (lambda v: isinstance(v, str), FilePath())),
+                             "bios, uefi or a firmware file"),
+                      "bios | uefi | path to a firmware image"),
+    "disks": Field(List(DISK), "disks, in order"),
+    "cdrom": Field(FilePath(), "ISO image attached as CD-ROM"),
+    "network": Field(List(NETWORK), "NICs; default: one user-mode NIC; [] for none"),
+    "display": Field(Enum(("none", "vnc", "gtk", "sdl", "spice")), "graphical console"),
+    "serial": Field(Enum(("log", "stdio", "socket", "none")),
+                    "serial console: log (socket + log file), stdio, socket, none"),
+    "devices": Field(List(Enum(DEVICES)), "virtio extras: " + ", ".join(DEVICES)),
+    "shutdown": Field(SHUTDOWN, "graceful shutdown"),
+    "ready": Field(READY, "when a started guest counts as ready"),
+    "gdb": Field(Gdb(), "gdb stub: true, a port, or HOST:PORT (localhost by default)"),
+    "halted": Field(Bool(), "start with vCPUs stopped (resume with `kvmrun resume` or gdb)"),
+    "semihosting": Field(Bool(), "enable Arm/RISC-V semihosting"),
+    "qemu_args": Field(List(Str()), "extra QEMU arguments, appended verbatim"),
+}, "A kvmrun VM profile")
+
+# ---------------------------------------------------------------- loading
+
+def load(source: str | Path, overrides: Sequence[str] = (), *, display: str | None = None
+         ) -> Profile:
+    """Load a profile file, follow `extends`, apply `--set` overrides, validate."""
+    path = Path(source)
+    data, lines = _load_with_extends(path, display or str(source), [])
+    if "name" not in data:
+        stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+        if re.fullmatch(NAME_RE, stem):
+            data["name"] = stem
+    return from_mapping(data, lines, display or str(source), overrides, source=str(path))
+
+
+def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str] = (),
+                 source: str | None = None) -> Profile:
+    """Validate a mapping (from YAML or command-line flags) into a Profile."""
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_set(data, lines, assignment)
+    ctx = Ctx(lines, display)
+    if not isinstance(data, dict):
+        raise ProfileError(Location(display, line=lines.get((), (None, None))[1]),
+                           f"a profile must be a mapping of keys, found "
+                           f"{'a list' if isinstance(data, list) else repr(data)}")
+    data.pop("extends", None)
+    profile = PROFILE.check(data, ctx, ())
+    ctx.raise_errors()
+    return dataclasses.replace(profile, source=source, lines=dict(lines))
+
+
+def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dict, Lines]:
+    data, lines = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise ProfileError(Location(display, line=1),
+                           "a profile must be a mapping of keys, found "
+                           + ("a list" if isinstance(data, list) else repr(type(data).__name__)))
+    base_ref = data.get("extends")
+    if base_ref is None:
+        return data, lines
+    if not isinstance(base_ref, str):
+        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
+                           "expected a file path")
+    base_path = (path.resolve().parent / Path(base_ref).expanduser()).resolve()
+    chain = stack + [path.resolve()]
+    if base_path in chain:
+        loop = " -> ".join(p.name for p in chain + [base_path])
+        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
+                           f"extends loop: {loop}")
+    if not base_path.exists():
+        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
+                           f"base profile {str(base_path)!r} not found")
+    base, base_lines = _load_with_extends(base_path, str(base_path), chain)
+    base.pop("name", None)          # a VM's name is its own, never inherited
+    del data["extends"]
+    merged_lines = dict(base_lines)
+    for key in [k for k in merged_lines if k and k[0] in data]:
+        del merged_lines[key]       # overridden keys take this file's lines
+    merged_lines.update(lines)
+    return _merge(base, data), merged_lines
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _merge(base[key], value) if key in base else value
+        return out
+    return over
+
+
+def apply_set(data: dict, lines: Lines, assignment: str) -> None:
+    """Apply `key.path=value` (value parsed as YAML) in place; indexes are numbers."""
+    where = f"{COMMAND_LINE} {assignment}"
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ProfileError(Location(where), "expected KEY=VALUE, e.g. memory=4G or "
+                                            "disks.0.cache=unsafe")
+    try:
+        value = parse_scalar(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not isinstance(part, int) or part > len(node):
+                raise ProfileError(Location(where, tuple(parts[: i + 1])),
+                                   f"no item {part} in a list of {len(node)}")
+            if part == len(node):
+                node.append({} if not last else None)
+        elif isinstance(node, dict):
+            if isinstance(part, int):
+                raise ProfileError(Location(where, tuple(parts[: i + 1])),
+                                   "not a list, cannot index it with a number")
+            if not last and not isinstance(node.get(part), (dict, list)):
+                node[part] = [] if isinstance(parts[i + 1], int) else {}
+        else:
+            raise ProfileError(Location(where, tuple(parts[:i])), "is not a mapping or list")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+    prefix = tuple(parts)
+    for existing in [k for k in lines if k[: len(prefix)] == prefix]:
+        del lines[existing]
+    lines[prefix] = (where, None)
+
+
+# ---------------------------------------------------------------- after loading
+
+def to_dict(profile: Profile) -> dict:
+    """A self-contained mapping of the profile (defaults omitted, paths absolute): the
+    `virsh dumpxml` of kvmrun. Loading it back gives an equal Profile."""
+    return _strip(profile, PROFILE)
+
+
+def _strip(obj: Any, spec: Spec) -> Any:
+    if isinstance(spec, Obj):
+        out = {}
+        plain = defaults(spec.cls)
+        for key, fld in spec.fields.items():
+            value = getattr(obj, key, None)
+            if value is None or (key in plain and value == plain[key]):
+                continue
+            out[key] = _strip(value, fld.spec)
+        return out
+    if isinstance(spec, List):
+        return [_strip(v, spec.item) for v in obj]
+    return obj
+
+
+def dump_yaml(profile: Profile) -> str:
+    return yaml.safe_dump(to_dict(profile), sort_keys=False, default_flow_style=False)
+
+
+def referenced_files(profile: Profile) -> Iterable[tuple[Location, str, str]]:
+    """(location, what, path) for every file the profile needs to exist."""
+    if profile.kernel:
+        for key in ("path", "initrd", "dtb"):
+            value = getattr(profile.kernel, key)
+            if value:
+                yield profile.location("kernel", key), f"kernel {key}", value
+    for i, disk in enumerate(profile.disks):
+        yield profile.location("disks", i, "path"), "disk", disk.path
+    if profile.cdrom:
+        yield profile.location("cdrom"), "CD-ROM image", profile.cdrom
+    if profile.firmware not in (None, "bios", "uefi"):
+        yield profile.location("firmware"), "firmware", profile.firmware
+
+
+def missing_files(profile: Profile) -> list[ProfileError]:
+    return [ProfileError(loc, f"{what} {path!r} not found")
+            for loc, what, path in referenced_files(profile) if not Path(path).exists()]
+
+
+def json_schema() -> dict:
+    schema = PROFILE.schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kvmrun profile"
+    return schema

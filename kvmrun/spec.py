@@ -1,0 +1,297 @@
+"""Small declarative value specs: one description drives validation, the typed model and the
+JSON Schema (`kvmrun schema`).
+
+A spec's `check(value, ctx, path)` returns the converted value or records an error in `ctx`
+(with file, key path and line) and returns None; errors are collected so a user sees them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from kvmrun.errors import Location, ProfileError
+from kvmrun.yamlsrc import KeyPath, Lines
+
+COMMAND_LINE = "--set"
+
+
+class Ctx:
+    """Validation context: source lines and collected errors."""
+
+    def __init__(self, lines: Lines, default_file: str):
+        self.lines = lines
+        self.default_file = default_file
+        self.errors: list[ProfileError] = []
+
+    def loc(self, path: KeyPath) -> Location:
+        probe = path
+        while probe not in self.lines and probe:
+            probe = probe[:-1]
+        file, line = self.lines.get(probe, (self.default_file, None))
+        return Location(file, path, line)
+
+    def base_dir(self, path: KeyPath) -> Path:
+        file = self.loc(path).file
+        return Path.cwd() if file.startswith(COMMAND_LINE) else Path(file).resolve().parent
+
+    def error(self, path: KeyPath, message: str, hint: str | None = None) -> None:
+        self.errors.append(ProfileError(self.loc(path), message, hint))
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise ProfileErrors(sorted(self.errors, key=lambda e: (e.location.file,
+                                                                   e.location.line or 0)))
+
+
+class ProfileErrors(ProfileError):
+    """Several profile errors at once; str() lists them one per line."""
+
+    def __init__(self, errors: list[ProfileError]):
+        first = errors[0]
+        super().__init__(first.location, first.reason, first.hint)
+        self.errors = errors
+        self.message = "\n".join(e.message for e in errors)
+        self.hint = None if len(errors) > 1 else first.hint
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false",
+            int: "a number", float: "a number", type(None): "empty"}.get(type(value),
+                                                                        type(value).__name__)
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class Spec:
+    doc = ""
+
+    def check(self, value: Any, ctx: Ctx, path: KeyPath) -> Any:
+        raise NotImplementedError
+
+    def schema(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Str(Spec):
+    pattern: str | None = None
+    max_len: int | None = None
+    what: str = "a string"
+
+    def check(self, value, ctx, path):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return ctx.error(path, f"expected {self.what}, found {_type_name(value)}")
+        value = str(value)
+        if self.max_len and len(value) > self.max_len:
+            return ctx.error(path, f"{value!r} is longer than {self.max_len} characters")
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            return ctx.error(path, f"{value!r} is not {self.what}")
+        return value
+
+    def schema(self):
+        out: dict[str, Any] = {"type": "string"}
+        if self.pattern:
+            out["pattern"] = f"^{self.pattern}$"
+        if self.max_len:
+            out["maxLength"] = self.max_len
+        return out
+
+
+@dataclasses.dataclass
+class Enum(Spec):
+    choices: tuple[str, ...]
+
+    def check(self, value, ctx, path):
+        if str(value) not in self.choices or isinstance(value, (bool, dict, list)):
+            return ctx.error(path, f"{value!r} is not one of {', '.join(self.choices)}"
+                             + suggest(str(value), list(self.choices)))
+        return str(value)
+
+    def schema(self):
+        return {"enum": list(self.choices)}
+
+
+@dataclasses.dataclass
+class Int(Spec):
+    min: int
+    max: int
+
+    def check(self, value, ctx, path):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            else:
+                return ctx.error(path, f"expected a whole number, found {value!r}")
+        if not self.min <= value <= self.max:
+            return ctx.error(path, f"{value} is out of range ({self.min} to {self.max})")
+        return value
+
+    def schema(self):
+        return {"type": "integer", "minimum": self.min, "maximum": self.max}
+
+
+class Bool(Spec):
+    def check(self, value, ctx, path):
+        if not isinstance(value, bool):
+            return ctx.error(path, f"expected true or false, found {value!r}")
+        return value
+
+    def schema(self):
+        return {"type": "boolean"}
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_UNIT_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def parse_size_mib(value: Any) -> float | None:
+    """512 -> 512, '512M' -> 512, '2G' -> 2048, '1.5G' -> 1536; None if not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.fullmatch(str(value).strip())
+    if not m:
+        return None
+    return float(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
+
+
+@dataclasses.dataclass
+class Size(Spec):
+    """A size in MiB: an integer (MiB) or a string like 512M, 2G, 1.5G."""
+
+    min: int
+    max: int
+
+    def check(self, value, ctx, path):
+        mib = parse_size_mib(value)
+        if mib is None:
+            return ctx.error(path, f"{value!r} is not a size",
+                             hint="use MiB as a number (2048) or a size with a unit: 512M, 2G")
+        if mib != int(mib):
+            return ctx.error(path, f"{value!r} is not a whole number of MiB")
+        if not self.min <= mib <= self.max:
+            return ctx.error(path, f"{value!r} is out of range ({self.min} MiB to "
+                                   f"{self.max // (1024 * 1024)} TiB)")
+        return int(mib)
+
+    def schema(self):
+        return {"anyOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": r"^\d+(\.\d+)?\s*[KkMmGgTt]?(i?B)?$"}]}
+
+
+@dataclasses.dataclass
+class FilePath(Spec):
+    """A path; relative paths resolve against the directory of the file that set them."""
+
+    def check(self, value, ctx, path):
+        if not isinstance(value, str) or not value:
+            return ctx.error(path, f"expected a file path, found {_type_name(value)}")
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (ctx.base_dir(path) / p).resolve())
+
+    def schema(self):
+        return {"type": "string", "minLength": 1}
+
+
+@dataclasses.dataclass
+class Either(Spec):
+    """The first spec whose `accepts(value)` is true checks the value."""
+
+    options: tuple[tuple[Callable[[Any], bool], Spec], ...]
+    what: str
+
+    def check(self, value, ctx, path):
+        for accepts, spec in self.options:
+            if accepts(value):
+                return spec.check(value, ctx, path)
+        return ctx.error(path, f"expected {self.what}, found {_type_name(value)}")
+
+    def schema(self):
+        return {"anyOf": [spec.schema() for _, spec in self.options]}
+
+
+@dataclasses.dataclass
+class List(Spec):
+    item: Spec
+    scalar_ok: bool = False       # a single value stands for a one-item list
+
+    def check(self, value, ctx, path):
+        if self.scalar_ok and not isinstance(value, (list, dict)) and value is not None:
+            value = [value]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            return ctx.error(path, f"expected a list, found {_type_name(value)}")
+        return tuple(self.item.check(v, ctx, path + (i,)) for i, v in enumerate(value))
+
+    def schema(self):
+        out = {"type": "array", "items": self.item.schema()}
+        return {"anyOf": [out, self.item.schema()]} if self.scalar_ok else out
+
+
+@dataclasses.dataclass
+class Field:
+    spec: Spec
+    doc: str
+    required: bool = False
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The plain defaults of a dataclass (factories excluded)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
+@dataclasses.dataclass
+class Obj(Spec):
+    """A mapping with known keys, built into the frozen dataclass `cls`."""
+
+    cls: type
+    fields: dict[str, Field]
+    doc: str = ""
+
+    def check(self, value, ctx, path):
+        if not isinstance(value, dict):
+            return ctx.error(path, f"expected a mapping of keys, found {_type_name(value)}")
+        out: dict[str, Any] = {}
+        for key in value:
+            if key not in self.fields:
+                ctx.error(path + (key,), "unknown key" + suggest(key, list(self.fields)),
+                          hint="known keys: " + ", ".join(self.fields))
+        for key, field in self.fields.items():
+            if key in value and value[key] is not None:
+                out[key] = field.spec.check(value[key], ctx, path + (key,))
+            elif field.required:
+                ctx.error(path, f"missing required key {key!r}")
+        if ctx.errors:
+            return None
+        attrs = {f.name for f in dataclasses.fields(self.cls)}
+        return self.cls(**{k: v for k, v in out.items() if k in attrs})
+
+    def schema(self):
+        props = {}
+        plain = defaults(self.cls)
+        for key, field in self.fields.items():
+            props[key] = {"description": field.doc, **field.spec.schema()}
+            default = plain.get(key)
+            if isinstance(default, (str, int)) or (isinstance(default, tuple) and default
+                                                   and isinstance(default[0], str)):
+                props[key]["default"] = list(default) if isinstance(default, tuple) else default
+        out = {"type": "object", "properties": props, "additionalProperties": False}
+        required = [k for k, f in self.fields.items() if f.required]
+        if required:
+            out["required"] = required
+        if self.doc:
+            out["description"] = self.doc
+        return out

@@ -1,0 +1,1 @@
+"""Tiny Linux test guest builder (see build.py)."""
