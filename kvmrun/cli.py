@@ -229,6 +229,9 @@ def schema() -> None:
     emit_json(json_schema())
 
 
+from kvmrun import cli_store  # noqa: E402,F401  (registers the store verbs)
+
+
 # ---------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,17 +1,60 @@
 """Defined VMs: named profiles kept in the config directory (the `virsh define` of kvmrun).
 
-A defined VM is a self-contained profile file `<config_dir>/vms/<name>.yaml`."""
+A defined VM is a self-contained profile file `<config_dir>/vms/<name>.yaml`, in the exported
+form (`extends:` resolved, paths absolute, defaults omitted, the uuid pinned), so the file alone
+describes the VM and moves to another host with `kvmrun export` / `kvmrun import`.
+
+    define(profile)      validate, then write the exported form atomically
+    undefine(name)       remove it (refused while the VM runs) and its UEFI variable store
+    update_from_file()   the saving half of `kvmrun edit` (validate, same name, atomic)
+    export_text(profile) the self-contained YAML (`virsh dumpxml`)
+    list_defined()       every defined VM, broken files included (with the reason)
+    resolve(ref)         a PROFILE argument: a file, or the name of a defined VM
+
+Every write goes to a temporary file in the same directory, is fsynced and renamed over the
+target, so a failed or interrupted define/edit leaves the old file intact and no partial one.
+Library code raises (`errors.KvmrunError` subclasses); the CLI (`kvmrun.cli_store`) prints.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import os
 import re
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from kvmrun import paths
-from kvmrun.errors import Location, ProfileError
-from kvmrun.profile import NAME_RE, Profile, load
+from kvmrun.errors import GuestError, KvmrunError, Location, ProfileError
+from kvmrun.profile import MAX_NAME, NAME_RE, Profile, load, to_dict
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+NAME_RULE = ("letters, digits and . _ - between them, at most "
+             f"{MAX_NAME} characters")
+
+
+class StoreError(KvmrunError):
+    """Something about the set of defined VMs (exit 1)."""
+
+
+class InvalidName(StoreError):
+    exit_code = 2
+
+
+class NotDefined(StoreError):
+    exit_code = 2
+
+
+class AlreadyDefined(StoreError):
+    exit_code = 1
+
+
+# ---------------------------------------------------------------- names and places
 
 def vm_dir() -> Path:
     return paths.config_dir() / "vms"
@@ -21,16 +64,357 @@ def defined_path(name: str) -> Path:
     return vm_dir() / f"{name}.yaml"
 
 
+def valid_name(name: str) -> bool:
+    return len(name) <= MAX_NAME and bool(re.fullmatch(NAME_RE, name))
+
+
+def check_name(name: str) -> str:
+    if not valid_name(name):
+        raise InvalidName(f"{name!r} is not a valid VM name ({NAME_RULE})")
+    return name
+
+
 def is_defined(name: str) -> bool:
-    return bool(re.fullmatch(NAME_RE, name)) and defined_path(name).is_file()
+    return valid_name(name) and defined_path(name).is_file()
+
+
+def defined_names() -> list[str]:
+    try:
+        entries = list(vm_dir().iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(p.stem for p in entries
+                  if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
+
+
+def require_defined(name: str) -> Path:
+    check_name(name)
+    path = defined_path(name)
+    if not path.is_file():
+        known = defined_names()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                "defined VMs: " + ", ".join(known) if known else
+                "no VMs are defined yet; see `kvmrun define`")
+        raise NotDefined(f"no defined VM named {name!r}", hint=hint)
+    return path
 
 
 def resolve(ref: str, overrides: Sequence[str] = ()) -> Profile:
-    """A PROFILE argument: a profile file, or the name of a defined VM."""
+    """A PROFILE argument: a profile file, or the name of a defined VM.
+
+    A reference containing '/' or ending in .yaml/.yml is always a file path. A bare word is
+    the defined VM of that name if there is one, else a file of that name in the current
+    directory (write `./web` to mean the file when a VM `web` is defined)."""
     path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or "/" in ref or path.is_file():
+    if path.suffix in (".yaml", ".yml") or "/" in ref:
         return load(path, overrides)
     if is_defined(ref):
         return load(defined_path(ref), overrides)
+    if path.is_file():
+        return load(path, overrides)
+    known = defined_names()
+    close = difflib.get_close_matches(ref, known, n=1, cutoff=0.6)
     raise ProfileError(Location(ref), "no such profile file or defined VM",
-                       hint="give a path to a .yaml profile, or see `kvmrun list --defined`")
+                       hint=f"did you mean {close[0]!r}?" if close else
+                       "give a path to a .yaml profile, or the name of a defined VM "
+                       "(see `kvmrun defined`)")
+
+
+# ---------------------------------------------------------------- the exported form
+
+def pinned(profile: Profile) -> Profile:
+    """The profile with its uuid written out, so the VM keeps its SMBIOS UUID wherever the
+    file goes (the default uuid derives from the name)."""
+    return dataclasses.replace(profile, uuid=profile.vm_uuid)
+
+
+def export_dict(profile: Profile) -> dict:
+    """Self-contained mapping: extends resolved, paths absolute, defaults omitted, uuid
+    pinned."""
+    return to_dict(pinned(profile))
+
+
+def export_text(profile: Profile) -> str:
+    import yaml
+    return yaml.safe_dump(export_dict(profile), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)
+
+
+# ---------------------------------------------------------------- atomic files
+
+def _mkdirs(directory: Path) -> None:
+    """Create `directory` (and parents) with mode 0755, whatever the umask."""
+    missing = []
+    probe = directory
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(d, DIR_MODE)
+
+
+def atomic_write(path: Path, text: str, mode: int = FILE_MODE) -> None:
+    """Write `text` to `path` so a reader sees the old file or the new one, never a part:
+    temporary file in the same directory, fsync, rename over, fsync the directory."""
+    try:
+        _mkdirs(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass                # the rename happened; a directory fsync is best effort
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- checks
+
+def check(profile: Profile, files: bool = True) -> list[str]:
+    """Validate a profile for defining: referenced files exist (unless `files` is false),
+    machine type and CPU model are known to the installed QEMU. Raises ProfileErrors with
+    every problem; returns warnings (e.g. QEMU not installed, so those were not checked)."""
+    from kvmrun import checks
+    from kvmrun.errors import HostError
+    from kvmrun.profile import missing_files
+    from kvmrun.spec import ProfileErrors
+    errors = missing_files(profile) if files else []
+    warnings = []
+    try:
+        errors += checks.host_errors(profile, files=False)
+    except HostError as err:
+        warnings.append(f"machine type and CPU model not checked: {err.message}")
+    if errors:
+        raise ProfileErrors(errors)
+    return warnings
+
+
+def same_uuid(profile: Profile, name: str) -> list[str]:
+    """Other defined VMs that have the uuid this profile would get."""
+    uuid = profile.vm_uuid.lower()
+    return [vm.name for vm in list_defined()
+            if vm.name != name and vm.uuid and vm.uuid.lower() == uuid]
+
+
+# ---------------------------------------------------------------- define / undefine
+
+@dataclass(frozen=True)
+class Defined:
+    name: str
+    path: Path
+    outcome: str                   # "created", "replaced" or "unchanged"
+    warnings: tuple[str, ...] = ()
+
+
+def prepare(profile: Profile, name: str | None = None, new_uuid: bool = False) -> Profile:
+    """The profile as it would be defined: renamed to `name`, uuid pinned (or, with
+    `new_uuid`, derived from the new name)."""
+    name = check_name(name or profile.name)
+    if name != profile.name:
+        profile = dataclasses.replace(profile, name=name)
+    if new_uuid:
+        profile = dataclasses.replace(profile, uuid=None)
+    return pinned(profile)
+
+
+def define(profile: Profile, name: str | None = None, *, force: bool = False,
+           check_files: bool = True, new_uuid: bool = False) -> Defined:
+    """Store `profile` as the defined VM `name` (default: its own name).
+
+    Refuses to replace a different existing definition unless `force`; an identical one is
+    left alone. Validation happens before anything is written."""
+    profile = prepare(profile, name, new_uuid)
+    warnings = check(profile, check_files)
+    name = profile.name
+    text = export_text(profile)
+    path = defined_path(name)
+    old = _read(path) if path.exists() else None
+    if path.exists() and old is None:
+        raise StoreError(f"cannot read {path}")
+    if old == text:
+        return Defined(name, path, "unchanged", tuple(warnings))
+    if old is not None and not force:
+        raise AlreadyDefined(f"a different VM {name!r} is already defined ({path})",
+                             hint="--force replaces it; `kvmrun edit "
+                                  f"{name}` changes it; --name NEW defines a second one")
+    clash = same_uuid(profile, name)
+    if clash:
+        warnings.append(f"uuid {profile.vm_uuid} is also the uuid of {', '.join(clash)}; "
+                        "two VMs with one SMBIOS UUID confuse guests and tools (--new-uuid "
+                        "derives one from the new name)")
+    atomic_write(path, text)
+    return Defined(name, path, "created" if old is None else "replaced", tuple(warnings))
+
+
+def is_running(name: str) -> bool:
+    """Whether the guest `name` has a live QEMU: `<run_dir>/<name>/state.json` names a QEMU
+    pid that is alive and whose command line is this guest's. (The lifecycle code may replace
+    this with its own identity-checked liveness.)"""
+    rp = paths.RunPaths.for_guest(name)
+    try:
+        state = json.loads(rp.state.read_text())
+    except (OSError, ValueError):
+        return False
+    pid = state.get("qemu_pid") if isinstance(state, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                    # alive, someone else's
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True                             # cannot tell: assume it is ours
+    return str(rp.pidfile) in cmdline or f"guest={name}," in cmdline
+
+
+@dataclass(frozen=True)
+class Undefined:
+    name: str
+    removed: tuple[Path, ...]
+    kept: tuple[Path, ...] = ()
+
+
+def undefine(name: str, keep_nvram: bool = False) -> Undefined:
+    path = require_defined(name)
+    if is_running(name):
+        raise GuestError(f"{name} is running; stop it before undefining it",
+                         hint=f"kvmrun stop {name}")
+    removed, kept = [], []
+    try:
+        path.unlink()
+    except OSError as err:
+        raise StoreError(f"cannot remove {path}: {err.strerror or err}") from err
+    removed.append(path)
+    nvram = paths.nvram_path(name)
+    if nvram.exists():
+        if keep_nvram:
+            kept.append(nvram)
+        else:
+            try:
+                nvram.unlink()
+                removed.append(nvram)
+            except OSError as err:
+                raise StoreError(f"{name} is undefined, but its UEFI variable store {nvram} "
+                                 f"could not be removed: {err.strerror or err}") from err
+    return Undefined(name, tuple(removed), tuple(kept))
+
+
+# ---------------------------------------------------------------- edit
+
+class Conflict(StoreError):
+    """The stored file changed while it was being edited."""
+
+
+def edit_copy(name: str) -> tuple[Path, str]:
+    """A temporary copy of the defined VM for an editor, in the VM directory (so relative
+    paths typed into it resolve as they would in the stored file). Returns (copy, original)."""
+    path = require_defined(name)
+    original = path.read_text(encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=vm_dir(), prefix=f".{name}.edit-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(original)
+    return Path(tmp), original
+
+
+def load_edited(name: str, copy: Path, check_files: bool = True) -> tuple[Profile, list[str]]:
+    """Validate the edited copy as the new definition of `name`; ProfileError if it is wrong
+    (including a changed `name:`)."""
+    profile = load(copy)
+    if profile.name != name:
+        raise ProfileError(profile.location("name"),
+                           f"the name cannot change in `kvmrun edit` (this is {name!r}, "
+                           f"the file says {profile.name!r})",
+                           hint=f"to rename: kvmrun define {name} --name {profile.name} "
+                                f"&& kvmrun undefine {name}")
+    return profile, check(profile, check_files)
+
+
+def save_edited(name: str, profile: Profile, original: str) -> bool:
+    """Store the edited profile if it differs from `original`; False if unchanged. Raises
+    Conflict if the stored file is no longer `original` (changed by someone else)."""
+    text = export_text(pinned(profile))
+    path = defined_path(name)
+    if text == original:
+        return False
+    if _read(path) != original:
+        raise Conflict(f"{path} changed while you were editing it; not saved")
+    atomic_write(path, text)
+    return True
+
+
+# ---------------------------------------------------------------- listing
+
+@dataclass(frozen=True)
+class DefinedVM:
+    name: str
+    path: Path
+    arch: str | None = None
+    memory: int | None = None              # MiB
+    smp: int | None = None
+    disks: tuple[str, ...] = ()
+    uuid: str | None = None
+    description: str | None = None
+    error: str | None = field(default=None)  # the file does not load (edited by hand?)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "memory_mib": self.memory,
+                "vcpus": self.smp, "disks": list(self.disks), "uuid": self.uuid,
+                "description": self.description, "file": str(self.path),
+                "error": self.error}
+
+
+def list_defined() -> list[DefinedVM]:
+    """Every `<config_dir>/vms/*.yaml`, sorted by name; a file that no longer loads is listed
+    with `error` set rather than hidden."""
+    out = []
+    for name in defined_names():
+        path = defined_path(name)
+        try:
+            p = load(path)
+        except KvmrunError as err:
+            out.append(DefinedVM(name, path, error=str(err).splitlines()[0]))
+            continue
+        error = None
+        if not valid_name(name):
+            error = f"{path.name}: the file name is not a valid VM name"
+        elif p.name != name:
+            error = f"the file says name: {p.name!r}; rename the file or fix the name"
+        out.append(DefinedVM(name, path, p.arch, p.memory, p.smp,
+                             tuple(d.path for d in p.disks), p.vm_uuid, p.description, error))
+    return out

@@ -1,0 +1,241 @@
+"""The store verbs of the CLI: define, undefine, edit, export, import, defined.
+
+Thin: each command calls kvmrun.store and prints through kvmrun.cli's `out`/`err`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from kvmrun.cli import app, emit_json, err, out
+
+_REF_HELP = ("A profile file or the name of a defined VM. A path wins when it contains '/' or "
+             "ends in .yaml (write ./web for a file named web).")
+
+NoCheckFiles = typer.Option(False, "--no-check-files",
+                            help="Do not require disk, ISO, kernel and firmware files to exist.")
+Force = typer.Option(False, "--force", "-f", help="Replace a different VM of the same name.")
+NewUuid = typer.Option(False, "--new-uuid",
+                       help="Derive the uuid from the (new) name instead of keeping the one in "
+                            "the file (for a copy rather than a move).")
+
+
+def _warn(warnings) -> None:
+    for w in warnings:
+        err(f"kvmrun: warning: {w}")
+
+
+def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
+    from kvmrun import store
+    result = store.define(prof, name, force=force, check_files=not no_check_files,
+                          new_uuid=new_uuid)
+    _warn(result.warnings)
+    if result.outcome == "unchanged":
+        out(f"{result.name} is already defined with this profile ({result.path})")
+    elif result.outcome == "replaced":
+        out(f"re{verb} {result.name} ({result.path}), replacing the previous profile")
+    else:
+        out(f"{verb} {result.name} ({result.path})")
+
+
+def _missing_hint(e) -> None:
+    from kvmrun.spec import ProfileErrors
+    errors = e.errors if isinstance(e, ProfileErrors) else [e]
+    if any(x.reason.endswith("not found") for x in errors):
+        err("  hint: fix the paths, or pass --no-check-files and fix them later with "
+            "`kvmrun edit`")
+
+
+@app.command()
+def define(
+    profile_file: str = typer.Argument(..., metavar="FILE", help=_REF_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Define it under this name."),
+    force: bool = Force,
+    no_check_files: bool = NoCheckFiles,
+    new_uuid: bool = NewUuid,
+) -> None:
+    """Define a named VM from a profile file.
+
+    Afterwards `kvmrun start NAME` (and every PROFILE argument) finds it. The profile is validated (keys, files, machine type and CPU model) and stored
+    self-contained in $KVMRUN_CONFIG_DIR/vms/NAME.yaml (default ~/.config/kvmrun, /etc/kvmrun
+    for root): extends resolved, paths absolute, uuid pinned; comments are not kept.
+    Defining the same profile again changes nothing; a different one needs --force.
+    Exit codes: 2 invalid profile or name, 1 a different VM of that name exists.
+    """
+    from kvmrun import store
+    from kvmrun.errors import ProfileError
+    try:
+        prof = store.resolve(profile_file)
+        _define(prof, name, force, no_check_files, new_uuid, "defined")
+    except ProfileError as e:
+        err(f"kvmrun: error: {e}")
+        _missing_hint(e)
+        raise typer.Exit(e.exit_code) from None
+
+
+@app.command(name="import")
+def import_(
+    profile_file: str = typer.Argument(..., metavar="FILE",
+                                       help="A profile exported with `kvmrun export`."),
+    name: Optional[str] = typer.Option(None, "--name", help="Import it under this name."),
+    force: bool = Force,
+    no_check_files: bool = NoCheckFiles,
+    new_uuid: bool = NewUuid,
+) -> None:
+    """Define a VM from an exported profile (typically from another host).
+
+    Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
+    with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
+    moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+    """
+    from pathlib import Path
+
+    from kvmrun import store
+    from kvmrun.errors import ProfileError
+    from kvmrun.profile import load
+    try:
+        _define(load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
+    except ProfileError as e:
+        err(f"kvmrun: error: {e}")
+        _missing_hint(e)
+        raise typer.Exit(e.exit_code) from None
+
+
+@app.command()
+def undefine(
+    name: str = typer.Argument(..., metavar="NAME", help="A defined VM."),
+    keep_nvram: bool = typer.Option(False, "--keep-nvram",
+                                    help="Keep the VM's UEFI variable store."),
+) -> None:
+    """Remove a defined VM.
+
+    Refused while the VM runs (exit 4). Its UEFI variable store is removed too unless
+    --keep-nvram; disk images are never touched."""
+    from kvmrun import store
+    result = store.undefine(name, keep_nvram=keep_nvram)
+    line = f"undefined {result.name} (removed {', '.join(map(str, result.removed))})"
+    if result.kept:
+        line += f"; kept {', '.join(map(str, result.kept))}"
+    out(line)
+
+
+@app.command()
+def edit(
+    name: str = typer.Argument(..., metavar="NAME", help="A defined VM."),
+    no_check_files: bool = NoCheckFiles,
+) -> None:
+    """Edit a defined VM in $VISUAL or $EDITOR (default vi).
+
+    The result is validated like `define`; when it is wrong the error is shown and, on a
+    terminal, you are asked to edit again (otherwise exit 2, the VM unchanged). It is saved
+    (atomically, in canonical form) only when valid and changed. The name cannot change.
+    """
+    import os
+    import shlex
+    import subprocess
+
+    from kvmrun import store
+    from kvmrun.errors import KvmrunError, ProfileError
+    copy, original = store.edit_copy(name)
+    keep_copy = False
+    try:
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        while True:
+            try:
+                done = subprocess.run([*shlex.split(editor), str(copy)])
+            except (OSError, ValueError) as e:
+                raise KvmrunError(f"cannot run the editor {editor!r}: {e}",
+                                  hint="set $VISUAL or $EDITOR") from None
+            if done.returncode != 0:
+                raise KvmrunError(f"the editor {editor!r} exited with status "
+                                  f"{done.returncode}; {name} unchanged")
+            if copy.read_text(encoding="utf-8") == original:
+                out(f"{name} unchanged")
+                return
+            try:
+                prof, warnings = store.load_edited(name, copy, check_files=not no_check_files)
+            except ProfileError as e:
+                err(f"kvmrun: error: {e}")
+                if sys.stdin.isatty() and _again():
+                    continue
+                err(f"kvmrun: {name} unchanged")
+                raise typer.Exit(e.exit_code) from None
+            _warn(warnings)
+            try:
+                changed = store.save_edited(name, prof, original)
+            except store.Conflict as e:
+                keep_copy = True
+                raise store.Conflict(f"{e.message}; your version is in {copy}") from None
+            out(f"edited {name} ({store.defined_path(name)})" if changed
+                else f"{name} unchanged")
+            return
+    finally:
+        if not keep_copy:
+            copy.unlink(missing_ok=True)
+
+
+def _again() -> bool:
+    try:
+        return typer.confirm("edit again?", default=True, err=True)
+    except (typer.Abort, EOFError):
+        return False
+
+
+@app.command()
+def export(
+    profile_ref: str = typer.Argument(..., metavar="NAME|FILE", help=_REF_HELP),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE",
+                                         help="Write it to FILE instead of stdout."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML."),
+) -> None:
+    """Print a VM's self-contained profile (like `virsh dumpxml`).
+
+    Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
+    on another host."""
+    import json
+    from pathlib import Path
+
+    from kvmrun import store
+    prof = store.resolve(profile_ref)
+    text = (json.dumps(store.export_dict(prof), indent=2) + "\n" if as_json
+            else store.export_text(prof))
+    if output and output != "-":
+        target = Path(output).absolute()
+        store.atomic_write(target, text)
+        out(f"exported {prof.name} to {target}")
+    else:
+        sys.stdout.write(text)
+
+
+def _size(mib: int | None) -> str:
+    if mib is None:
+        return "-"
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+
+
+@app.command()
+def defined(
+    as_json: bool = typer.Option(False, "--json", help="A JSON list."),
+) -> None:
+    """List the defined VMs: name, architecture, memory, vCPUs, disks and the file."""
+    from kvmrun import store
+    vms = store.list_defined()
+    if as_json:
+        emit_json([vm.to_json() for vm in vms])
+        return
+    if not vms:
+        err(f"no defined VMs in {store.vm_dir()} (see `kvmrun define`)")
+        return
+    rows = [("NAME", "ARCH", "MEMORY", "VCPUS", "DISKS", "FILE")]
+    for vm in vms:
+        if vm.error:
+            rows.append((vm.name, "-", "-", "-", "-", f"{vm.path}  (error: {vm.error})"))
+        else:
+            rows.append((vm.name, vm.arch or "-", _size(vm.memory), str(vm.smp),
+                         str(len(vm.disks)), str(vm.path)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        out("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
