@@ -229,6 +229,7 @@ def schema() -> None:
     emit_json(json_schema())
 
 
+from kvmrun import cli_guest  # noqa: E402,F401  (registers the lifecycle verbs)
 from kvmrun import cli_store  # noqa: E402,F401  (registers the store verbs)
 
 
