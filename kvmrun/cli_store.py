@@ -6,7 +6,7 @@ Thin: each command calls kvmrun.store and prints through kvmrun.cli's `out`/`err
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -44,7 +44,7 @@ def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
 def _missing_hint(e) -> None:
     from kvmrun.spec import ProfileErrors
     errors = e.errors if isinstance(e, ProfileErrors) else [e]
-    if any(x.reason.endswith("not found") for x in errors):
+    if any(x.location.path and x.reason.endswith("not found") for x in errors):
         err("  hint: fix the paths, or pass --no-check-files and fix them later with "
             "`kvmrun edit`")
 
@@ -53,6 +53,9 @@ def _missing_hint(e) -> None:
 def define(
     profile_file: str = typer.Argument(..., metavar="FILE", help=_REF_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Define it under this name."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                             help="Override a profile key before defining, "
+                                                  "e.g. --set memory=4G (repeatable)."),
     force: bool = Force,
     no_check_files: bool = NoCheckFiles,
     new_uuid: bool = NewUuid,
@@ -68,7 +71,7 @@ def define(
     from kvmrun import store
     from kvmrun.errors import ProfileError
     try:
-        prof = store.resolve(profile_file)
+        prof = store.resolve(profile_file, sets or [])
         _define(prof, name, force, no_check_files, new_uuid, "defined")
     except ProfileError as e:
         err(f"kvmrun: error: {e}")
@@ -178,10 +181,17 @@ def edit(
 
 
 def _again() -> bool:
+    """Ask "edit again? [Y/n]" on stderr; yes unless the answer starts with n (or EOF)."""
+    sys.stderr.write("edit again? [Y/n] ")
+    sys.stderr.flush()
     try:
-        return typer.confirm("edit again?", default=True, err=True)
-    except (typer.Abort, EOFError):
+        answer = sys.stdin.readline()
+    except (OSError, KeyboardInterrupt):
+        answer = ""
+    if not answer:
+        sys.stderr.write("\n")
         return False
+    return not answer.strip().lower().startswith("n")
 
 
 @app.command()
