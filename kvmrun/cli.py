@@ -231,6 +231,7 @@ def schema() -> None:
 
 from kvmrun import cli_guest  # noqa: E402,F401  (registers the lifecycle verbs)
 from kvmrun import cli_store  # noqa: E402,F401  (registers the store verbs)
+from kvmrun import cli_host  # noqa: E402,F401  (registers doctor)
 
 
 # ---------------------------------------------------------------- entry point

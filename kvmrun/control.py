@@ -34,7 +34,7 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     checks.check(profile)
     profile = storage.with_formats(profile)
     binary = host.qemu_binary(profile.arch)
-    facts = host.probe()
+    facts = host.probe(verify_kvm=profile.accel == "auto", note=note)
     guest = Guest(profile.name)
     guest.paths.check_length()
     accel = compiler.resolve_accel(profile, facts)

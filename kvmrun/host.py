@@ -43,11 +43,18 @@ def boot_id() -> str:
         return ""
 
 
-def probe() -> HostFacts:
+def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
+    """Host facts for the compiler. With verify_kvm, a host with no cached verdict on
+    whether guests boot under KVM gets the (cached) boot probe of `kvmrun doctor` first."""
     forced = os.environ.get("KVMRUN_ACCEL") or None
     if forced not in (None, "kvm", "tcg"):
         raise HostError(f"KVMRUN_ACCEL={forced!r} is not kvm or tcg")
     verdict = kvm_verdict()
+    if verify_kvm and verdict is None and not forced and kvm_accessible():
+        note("kvmrun: checking once whether guests boot under KVM on this host "
+             "(cached; see `kvmrun doctor`)")
+        from kvmrun.doctor import cached_or_probe
+        verdict = cached_or_probe()
     kvm = kvm_accessible() and (verdict is None or bool(verdict.get("boots")))
     uefi = {}
     for a in archmod.ARCHES.values():
