@@ -23,8 +23,8 @@ def doctor(
     else:
         mark = {True: "ok  ", False: "FAIL", None: "note"}
         for f in results:
-            out(f"{mark[f['ok']]}  {f["check"]:<30} {f['detail']}")
+            out(f"{mark[f['ok']]}  {f['check']:<30} {f['detail']}")
             if f["hint"] and f["ok"] is not True:
-                out(f"      {'':<28} fix: {f['hint']}")
+                out(f"      {'':<30} fix: {f['hint']}")
     if any(f["ok"] is False and f["check"] != "kvm boot probe" for f in results):
         raise typer.Exit(3)
