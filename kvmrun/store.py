@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import re
 import tempfile
@@ -279,28 +278,15 @@ def define(profile: Profile, name: str | None = None, *, force: bool = False,
 
 
 def is_running(name: str) -> bool:
-    """Whether the guest `name` has a live QEMU: `<run_dir>/<name>/state.json` names a QEMU
-    pid that is alive and whose command line is this guest's. (The lifecycle code may replace
-    this with its own identity-checked liveness.)"""
-    rp = paths.RunPaths.for_guest(name)
-    try:
-        state = json.loads(rp.state.read_text())
-    except (OSError, ValueError):
+    """Whether the guest `name` is alive: its run directory's state.json names a QEMU (or a
+    supervisor, which covers a start or stop in progress) that is still that very process
+    (identity-checked by kvmrun.runtime: boot id, start time, command line)."""
+    from kvmrun.runtime import Guest
+    guest = Guest(name)
+    state = guest.read_state()
+    if not isinstance(state, dict):
         return False
-    pid = state.get("qemu_pid") if isinstance(state, dict) else None
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass                                    # alive, someone else's
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return True                             # cannot tell: assume it is ours
-    return str(rp.pidfile) in cmdline or f"guest={name}," in cmdline
+    return guest.qemu_pid(state) is not None or guest.supervisor_pid(state) is not None
 
 
 @dataclass(frozen=True)

@@ -505,18 +505,22 @@ def test_undefine_removes_nvram_unless_kept(capsys, env, web):
 
 
 @pytest.fixture
-def fake_qemu():
+def fake_qemu(env):
+    pidfile = env["run"] / "web" / "qemu.pid"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-name",
-                             "guest=web,process=kvmrun-web"])
+                             "guest=web,process=kvmrun-web", "-pidfile", str(pidfile)])
     yield proc
     proc.kill()
     proc.wait()
 
 
-def write_state(env, name, pid):
+def write_state(env, name, pid, **extra):
+    from kvmrun import runtime
     d = env["run"] / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "state.json").write_text(json.dumps({"state": "running", "qemu_pid": pid}))
+    state = {"state": "running", "boot_id": runtime.boot_id(), "qemu_pid": pid,
+             "qemu_starttime": runtime.proc_starttime(pid) if pid else None, **extra}
+    (d / "state.json").write_text(json.dumps(state))
 
 
 def test_undefine_refuses_while_running(capsys, env, web, fake_qemu):
@@ -528,13 +532,18 @@ def test_undefine_refuses_while_running(capsys, env, web, fake_qemu):
     assert err == ("kvmrun: error: web is running; stop it before undefining it\n"
                    "  hint: kvmrun stop web\n")
     assert stored(env).exists()
+    # a start in progress: the supervisor lives, QEMU is not recorded yet
+    from kvmrun.runtime import proc_starttime
+    write_state(env, "web", None, state="starting", supervisor_pid=fake_qemu.pid,
+                supervisor_starttime=proc_starttime(fake_qemu.pid))
+    assert kvmrun(capsys, "undefine", "web")[0] == 4
 
 
 def test_stale_or_foreign_state_does_not_block_undefine(capsys, env, web):
     kvmrun(capsys, "define", str(web))
     dead = subprocess.Popen(["true"])
     dead.wait()
-    write_state(env, "web", dead.pid)
+    write_state(env, "web", dead.pid, qemu_starttime=12345)
     assert not store.is_running("web")
     write_state(env, "web", os.getpid())          # alive, but not this guest's QEMU
     assert not store.is_running("web")
