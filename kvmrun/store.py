@@ -220,6 +220,14 @@ def check(profile: Profile, files: bool = True) -> list[str]:
     return warnings
 
 
+def _canonical(path: Path) -> str | None:
+    """The exported form of a stored file, or None if it does not load."""
+    try:
+        return export_text(load(path))
+    except KvmrunError:
+        return None
+
+
 def same_uuid(profile: Profile, name: str) -> list[str]:
     """Other defined VMs that have the uuid this profile would get."""
     uuid = profile.vm_uuid.lower()
@@ -262,6 +270,8 @@ def define(profile: Profile, name: str | None = None, *, force: bool = False,
     old = _read(path) if path.exists() else None
     if path.exists() and old is None:
         raise StoreError(f"cannot read {path}")
+    if old is not None and old != text and _canonical(path) == text:
+        old = text                 # written by hand, but the same VM: leave it as it is
     if old == text:
         return Defined(name, path, "unchanged", tuple(warnings))
     if old is not None and not force:

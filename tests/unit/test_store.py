@@ -137,6 +137,16 @@ def test_define_same_profile_again_is_a_no_op(capsys, env, web):
     assert stored(env).stat().st_mtime_ns == before
 
 
+def test_define_same_vm_written_differently_is_a_no_op(capsys, env, web):
+    kvmrun(capsys, "define", str(web))
+    by_hand = "# edited by hand\n" + stored(env).read_text().replace("memory: 2048", "memory: 2G")
+    stored(env).write_text(by_hand)
+    code, out, err = kvmrun(capsys, "define", str(web))
+    assert (code, out, err) == (0, f"web is already defined with this profile ({stored(env)})\n",
+                                "")
+    assert stored(env).read_text() == by_hand
+
+
 def test_define_refuses_a_different_vm_without_force(capsys, env, web):
     kvmrun(capsys, "define", str(web))
     before = stored(env).read_bytes()
