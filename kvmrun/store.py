@@ -117,7 +117,7 @@ def resolve(ref: str, overrides: Sequence[str] = ()) -> Profile:
     raise ProfileError(Location(ref), "no such profile file or defined VM",
                        hint=f"did you mean {close[0]!r}?" if close else
                        "give a path to a .yaml profile, or the name of a defined VM "
-                       "(see `kvmrun defined`)")
+                       "(see `kvmrun list --defined`)")
 
 
 # ---------------------------------------------------------------- the exported form

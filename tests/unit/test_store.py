@@ -382,7 +382,7 @@ def test_export_unknown(capsys, env):
     assert (code, out) == (2, "")
     assert err == ("kvmrun: error: nosuch: no such profile file or defined VM\n"
                    "  hint: give a path to a .yaml profile, or the name of a defined VM (see "
-                   "`kvmrun defined`)\n")
+                   "`kvmrun list --defined`)\n")
 
 
 # ---------------------------------------------------------------- import and the round trip
