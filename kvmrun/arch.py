@@ -27,6 +27,7 @@ class Arch:
     kvm_hosts: tuple[str, ...]        # host `uname -m` values on which KVM can run this guest
     mttcg: bool = True                # multi-threaded TCG supported
     acpi: bool = False                # default machine has ACPI power button
+    semihosting: bool = False         # QEMU offers -semihosting-config for this target
     uefi_code: tuple[str, ...] = ()   # candidate firmware code images (first found wins)
     uefi_vars: tuple[str, ...] = ()   # matching variable-store templates
     aliases: tuple[str, ...] = ()
@@ -53,16 +54,16 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
          "virtio-net-pci", "scsi", ("aarch64",),
          uefi_code=("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"),
          uefi_vars=("/usr/share/AAVMF/AAVMF_VARS.fd",),
-         aliases=("arm64",)),
+         semihosting=True, aliases=("arm64",)),
     Arch("arm", "qemu-system-arm", "virt", "max", "host", "ttyAMA0", "pci", "virtio-net-pci",
          "scsi", ("armv7l", "armv8l"),
          uefi_code=("/usr/share/AAVMF/AAVMF32_CODE.fd",),
          uefi_vars=("/usr/share/AAVMF/AAVMF32_VARS.fd",),
-         aliases=("armhf", "armv7", "armv7l")),
+         semihosting=True, aliases=("armhf", "armv7", "armv7l")),
     Arch("riscv64", "qemu-system-riscv64", "virt", "rv64", "host", "ttyS0", "pci",
-         "virtio-net-pci", "scsi", ("riscv64",)),
+         "virtio-net-pci", "scsi", ("riscv64",), semihosting=True),
     Arch("riscv32", "qemu-system-riscv32", "virt", "rv32", "host", "ttyS0", "pci",
-         "virtio-net-pci", "scsi", ()),
+         "virtio-net-pci", "scsi", (), semihosting=True),
     Arch("ppc64", "qemu-system-ppc64", "pseries", "power9", "host", "hvc0", "pci",
          "virtio-net-pci", "scsi", ("ppc64", "ppc64le"), aliases=("ppc64le",)),
     Arch("s390x", "qemu-system-s390x", "s390-ccw-virtio", "max", "host", "ttysclp0", "ccw",

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from kvmrun import arch as archmod
 from kvmrun.arch import Arch
-from kvmrun.errors import HostError
+from kvmrun.errors import HostError, ProfileError
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
 
@@ -149,33 +149,68 @@ def _needs_scsi(p: Profile, a: Arch) -> bool:
             or (p.cdrom is not None and a.cdrom_bus == "scsi"))
 
 
+def _needs_ahci(p: Profile, a: Arch) -> bool:
+    """IDE disks on a machine without its own IDE bus (virt) go on an added AHCI controller."""
+    return a.cdrom_bus != "ide" and any(d.interface == "ide" for d in p.disks)
+
+
+# IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given
+# without `bus=` on the first IDE bus, which holds one unit on q35's AHCI and two on the PC's
+# IDE, so `-hda` plus a CD-ROM fails on q35 unless each device is placed.
+PIIX_IDE = (("ide.0", 0), ("ide.0", 1), ("ide.1", 0), ("ide.1", 1))   # pc, isapc: 2 x 2
+Q35_IDE = tuple((f"ide.{n}", None) for n in range(6))                 # q35: 6 AHCI ports
+OWN_AHCI = tuple((f"ahci0.{n}", None) for n in range(6))              # the ich9-ahci added
+
+
+def _ide_slots(p: Profile, a: Arch) -> tuple[tuple[str, int | None], ...]:
+    if a.cdrom_bus != "ide":
+        return OWN_AHCI
+    machine = p.machine or a.machine
+    piix = machine in ("pc", "isapc") or machine.startswith("pc-i440fx")
+    return PIIX_IDE if piix else Q35_IDE
+
+
 def _storage(p: Profile, a: Arch) -> Args:
     boot = boot_indexes(p)
     if _needs_scsi(p, a):
         yield from ("-device", opts(a.virtio_device("scsi"), id="scsi0"))
+    if _needs_ahci(p, a):
+        yield from ("-device", opts("ich9-ahci", id="ahci0"))
+    free_ide = list(_ide_slots(p, a))
+
+    def ide_slot(*where: str | int) -> dict:
+        if not free_ide:
+            raise ProfileError(p.location(*where), f"more IDE devices than the "
+                               f"{p.machine or a.machine} machine has slots for "
+                               f"({len(_ide_slots(p, a))})",
+                               hint="use interface: virtio (or scsi) for the other disks")
+        bus, unit = free_ide.pop(0)
+        return {"bus": bus, "unit": unit}
+
     for i, disk in enumerate(p.disks):
         drive = f"drive-disk{i}"
-        bootindex = boot.get("c") if i == 0 else None
-        if disk.interface == "sd":
-            yield from ("-drive", opts(file=qemu_escape(disk.path), format=disk.format,
-                                       if_="sd", index=i, id=drive, cache=disk.cache,
-                                       readonly=disk.readonly or None))
-            continue
         yield from ("-drive", opts(file=qemu_escape(disk.path), format=disk.format,
                                    if_="none", id=drive, cache=disk.cache,
                                    readonly=disk.readonly or None))
+        place: dict = {}
+        if disk.interface == "scsi":
+            place = {"bus": "scsi0.0"}
+        elif disk.interface == "ide":
+            place = ide_slot("disks", i, "interface")
+        elif disk.interface == "sd":        # an SD card needs a host controller: one per card
+            yield from ("-device", opts("sdhci-pci", id=f"sdhci{i}"))
         device = {"virtio": a.virtio_device("blk"), "ide": "ide-hd", "scsi": "scsi-hd",
-                  "nvme": "nvme"}[disk.interface]
-        yield from ("-device", opts(device, drive=drive, id=f"disk{i}",
-                                    bus="scsi0.0" if disk.interface == "scsi" else None,
+                  "nvme": "nvme", "sd": "sd-card"}[disk.interface]
+        bootable = i == 0 and disk.interface != "sd"     # sd-card has no bootindex
+        yield from ("-device", opts(device, drive=drive, id=f"disk{i}", **place,
                                     serial=f"disk{i}" if disk.interface == "nvme" else None,
-                                    bootindex=bootindex))
+                                    bootindex=boot.get("c") if bootable else None))
     if p.cdrom:
         yield from ("-drive", opts(file=qemu_escape(p.cdrom), format="raw", if_="none",
                                    id="drive-cdrom0", media="cdrom", readonly=True))
+        place = ide_slot("cdrom") if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
         yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
-                                    drive="drive-cdrom0", id="cdrom0",
-                                    bus="scsi0.0" if a.cdrom_bus == "scsi" else None,
+                                    drive="drive-cdrom0", id="cdrom0", **place,
                                     bootindex=boot.get("d")))
 
 

@@ -28,6 +28,7 @@ NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
 MAX_NAME = 64
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 DEVICES = ("rng", "balloon", "agent", "tablet")
+ALWAYS_WRITABLE = {"ide": "an IDE disk", "sd": "an SD card"}   # QEMU refuses read-only ones
 
 
 # ---------------------------------------------------------------- the typed model
@@ -300,8 +301,24 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
                            f"{'a list' if isinstance(data, list) else repr(data)}")
     data.pop("extends", None)
     profile = PROFILE.check(data, ctx, ())
+    if profile is not None:
+        _check_combinations(profile, ctx)
     ctx.raise_errors()
     return dataclasses.replace(profile, source=source, lines=dict(lines))
+
+
+def _check_combinations(p: Profile, ctx: Ctx) -> None:
+    """Values that are each valid but that QEMU refuses together."""
+    a = archmod.ARCHES.get(p.arch)
+    if p.semihosting and a and not a.semihosting:
+        ctx.error(("semihosting",), f"semihosting is not available for {a.name} guests",
+                  hint="QEMU offers it for " + ", ".join(
+                      n for n, x in archmod.ARCHES.items() if x.semihosting))
+    for i, disk in enumerate(p.disks):
+        if disk.readonly and disk.interface in ALWAYS_WRITABLE:
+            ctx.error(("disks", i, "readonly"),
+                      f"{ALWAYS_WRITABLE[disk.interface]} cannot be read-only",
+                      hint="use interface virtio, scsi or nvme for a read-only disk")
 
 
 def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dict, Lines]:
@@ -328,11 +345,24 @@ def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dic
     base, base_lines = _load_with_extends(base_path, str(base_path), chain)
     base.pop("name", None)          # a VM's name is its own, never inherited
     del data["extends"]
-    merged_lines = dict(base_lines)
-    for key in [k for k in merged_lines if k and k[0] in data]:
-        del merged_lines[key]       # overridden keys take this file's lines
+    # values this file replaces take its lines; the rest keep the base's (and so a base's
+    # relative paths resolve against the base's directory)
+    merged_lines = {k: v for k, v in base_lines.items() if not _replaces(data, k)}
     merged_lines.update(lines)
     return _merge(base, data), merged_lines
+
+
+def _replaces(over: dict, key: KeyPath) -> bool:
+    """Whether merging `over` onto a base replaces the base's value at `key` (mappings merge
+    key by key, anything else is replaced whole)."""
+    node: Any = over
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return True
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -192,13 +193,13 @@ class Size(Spec):
 
 @dataclasses.dataclass
 class FilePath(Spec):
-    """A path; relative paths resolve against the directory of the file that set them."""
+    """A path; relative paths resolve against the directory of the file that set them.
+    Symbolic links are kept as written: QEMU opens the path the user named."""
 
     def check(self, value, ctx, path):
         if not isinstance(value, str) or not value:
             return ctx.error(path, f"expected a file path, found {_type_name(value)}")
-        p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (ctx.base_dir(path) / p).resolve())
+        return os.path.normpath(ctx.base_dir(path) / Path(value).expanduser())
 
     def schema(self):
         return {"type": "string", "minLength": 1}

@@ -75,7 +75,7 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, Lines]:
             raise ProfileError(Location(name), "the file is empty",
                                hint="a profile needs at least `name:` and usually `memory:`")
         lines: Lines = {}
-        data = _build(loader, node, (), name, lines)
+        data = _build(loader, node, (), name, lines, set())
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
@@ -92,8 +92,16 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, Lines]:
 
 
 def _build(loader: _Loader, node: yaml.Node, path: KeyPath, name: str,
-           lines: Lines) -> Any:
+           lines: Lines, enclosing: set[int]) -> Any:
+    """Plain data from `node`, recording lines; `enclosing` holds the ids of the collections
+    being built around it, so an alias to one of them (`a: &x [*x]`) is an error, not an
+    endless recursion."""
     lines[path] = (name, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in enclosing:
+            raise ProfileError(Location(name, path, node.start_mark.line + 1),
+                               "an alias refers to a value that contains it")
+        enclosing = enclosing | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -105,10 +113,10 @@ def _build(loader: _Loader, node: yaml.Node, path: KeyPath, name: str,
                     Location(name, path + (key,), key_node.start_mark.line + 1),
                     f"duplicate key (first set on line {lines[path + (key,)][1]})")
             lines[path + (key,)] = (name, key_node.start_mark.line + 1)
-            out[key] = _build(loader, value_node, path + (key,), name, lines)
+            out[key] = _build(loader, value_node, path + (key,), name, lines, enclosing)
             lines[path + (key,)] = (name, key_node.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, path + (i,), name, lines)
+        return [_build(loader, item, path + (i,), name, lines, enclosing)
                 for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)

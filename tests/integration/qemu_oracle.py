@@ -1,0 +1,288 @@
+"""QEMU as the oracle of the compiler: start a compiled command line paused (`-S`) under TCG,
+ask QEMU over QMP what it built, and compare that with what the profile asked for.
+
+`prepare()` copies a profile into a scratch directory and creates the files it names (qcow2 or
+raw disks, an ISO, a kernel QEMU's loaders accept, a device tree), since the vCPUs never run;
+`launch()` starts QEMU and yields a connected QMP client; `confirm()` runs the comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
+
+from kvmrun import arch as archmod
+from kvmrun import storage
+from kvmrun.compile import HostFacts, boot_indexes, compile, stable_mac
+from kvmrun.paths import RunPaths
+from kvmrun.profile import Profile, load, referenced_files
+
+MiB = 1024 * 1024
+START_TIMEOUT = 30.0          # seconds for QEMU to open its monitor socket
+
+# The installed UEFI images, as kvmrun.host.probe would find them.
+UEFI = {a.name: code for a in archmod.ARCHES.values()
+        for code in a.uefi_code[:1] if os.path.exists(code)}
+TCG_HOST = HostFacts(machine=archmod.host_machine(), kvm=False, forced_accel="tcg", uefi=UEFI)
+
+# profile key -> (peripheral id QEMU gives the device, bootindex letter)
+DEVICE_IDS = {"rng": "rng0", "balloon": "balloon0", "agent": "vserial0", "tablet": "usb0"}
+
+
+class QemuRefused(AssertionError):
+    """QEMU exited instead of opening its monitor: it rejected the command line."""
+
+
+# ---------------------------------------------------------------- the files a profile names
+
+def bzimage() -> bytes:
+    """The smallest file QEMU's x86 Linux loader accepts: a boot-protocol 2.15 setup header."""
+    setup_sects = 1
+    image = bytearray(512 * (setup_sects + 2))
+    image[0x1F1] = setup_sects
+    image[0x1FE:0x200] = b"\x55\xaa"
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, 0x020F)       # protocol version
+    image[0x211] = 0x01                                 # LOADED_HIGH
+    struct.pack_into("<I", image, 0x22C, 0x37FFFFFF)   # initrd_addr_max
+    return bytes(image)
+
+
+def make_dtb(path: Path) -> None:
+    subprocess.run(["qemu-system-aarch64", "-machine", f"virt,dumpdtb={path}",
+                    "-nodefaults", "-display", "none"], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL, timeout=60)
+
+
+def make_iso(path: Path) -> None:
+    content = path.parent / f".{path.name}.readme"
+    content.write_text("kvmrun oracle test medium\n")
+    subprocess.run(["genisoimage", "-quiet", "-V", "KVMRUN", "-o", str(path), str(content)],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def make_files(profile: Profile, workdir: Path) -> None:
+    """Create every file the profile references under workdir (a disk keeps its declared
+    format)."""
+    formats = {d.path: d.format for d in profile.disks}
+    for _loc, what, path in referenced_files(profile):
+        target = Path(path)
+        if not target.is_relative_to(workdir):
+            assert target.exists(), f"{what} {path} is outside the scratch directory"
+            continue                # an absolute path to a host file: never overwrite it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if what == "disk":
+            # 64 MiB: SD cards must be a power of two in size
+            subprocess.run(["qemu-img", "create", "-q", "-f", formats[path] or "qcow2",
+                            str(target), "64M"], check=True, stdin=subprocess.DEVNULL,
+                           timeout=60)
+        elif what == "CD-ROM image":
+            make_iso(target)
+        elif what == "kernel path":
+            target.write_bytes(bzimage() if profile.arch in ("x86_64", "i386")
+                               else bytes(4096))
+        elif what == "kernel dtb":
+            make_dtb(target)
+        else:                       # initrd, firmware image
+            target.write_bytes(bytes(64 * 1024))
+
+
+def prepare(profile_file: Path, workdir: Path, overrides: list[str] = ()) -> Profile:
+    """Copy the profile (and the YAML beside it, for `extends`) into workdir, load it from
+    there so its relative paths land in workdir, and create the files it names."""
+    copy = workdir / "profile"
+    shutil.copytree(profile_file.parent, copy,
+                    ignore=lambda d, names: [n for n in names
+                                             if not n.endswith((".yaml", ".yml"))
+                                             and not (Path(d) / n).is_dir()])
+    profile = load(copy / profile_file.name, overrides)
+    make_files(profile, workdir)
+    return profile
+
+
+# ---------------------------------------------------------------- host resources
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_free_ports(profile: Profile) -> Profile:
+    """The profile with each forward's host port and the gdb port moved to a free port, so
+    runs never collide with each other or with services on this host."""
+    def move(fwd: str) -> str:
+        proto, haddr, rest = fwd.split(":", 2)
+        return f"{proto}:{haddr}:{free_port()}-{rest.split('-', 1)[1]}"
+    nets = tuple(dataclasses.replace(n, forward=tuple(move(f) for f in n.forward))
+                 for n in profile.network)
+    gdb = f"{profile.gdb.rsplit(':', 1)[0]}:{free_port()}" if profile.gdb else None
+    return dataclasses.replace(profile, network=nets, gdb=gdb)
+
+
+def run_paths(workdir: Path) -> RunPaths:
+    run = workdir / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    return RunPaths(run, nvram=run / "VARS.fd")
+
+
+def make_nvram(profile: Profile, paths: RunPaths) -> None:
+    """What the supervisor does before a UEFI start: the VM's own copy of the variables."""
+    if profile.firmware == "uefi" and paths.nvram:
+        a = archmod.get(profile.arch)
+        template = next(v for v in a.uefi_vars if os.path.exists(v))
+        shutil.copyfile(template, paths.nvram)
+
+
+# ---------------------------------------------------------------- running QEMU
+
+@contextlib.contextmanager
+def launch(argv: list[str], paths: RunPaths, workdir: Path) -> Iterator[QEMUMonitorProtocol]:
+    """Start QEMU paused and yield a QMP client on its monitor; QEMU is gone afterwards."""
+    stderr_path = workdir / "qemu.stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen([*argv, "-S"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir)
+    try:
+        qmp = _connect(proc, paths)
+        if qmp is None:
+            raise QemuRefused(f"QEMU exited with {proc.returncode}:\n"
+                              f"{stderr_path.read_text().strip()}\n"
+                              f"command: {shlex.join(argv)}")
+        gone = contextlib.suppress(EOFError, ConnectionResetError)   # QEMU quits before it
+        try:                                                          # says so: success
+            yield qmp
+            with gone:
+                qmp.cmd("quit")
+        finally:
+            with gone:
+                qmp.close()
+        proc.wait(timeout=START_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _connect(proc: subprocess.Popen, paths: RunPaths) -> QEMUMonitorProtocol | None:
+    """A QMP client on QEMU's monitor, or None once QEMU has exited (it refused the
+    command line: it may create its sockets before it fails)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while proc.poll() is None:
+        if paths.qmp.exists():
+            qmp = QEMUMonitorProtocol(str(paths.qmp))
+            try:
+                qmp.connect()
+                qmp.settimeout(START_TIMEOUT)
+                return qmp
+            except (ConnectError, OSError):     # not listening yet, or exiting
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"QEMU opened no monitor in {START_TIMEOUT} s")
+        time.sleep(0.02)
+    return None
+
+
+# ---------------------------------------------------------------- what QEMU built
+
+def peripheral(qmp: QEMUMonitorProtocol, dev_id: str, prop: str):
+    return qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property=prop)
+
+
+def machine_type(qmp: QEMUMonitorProtocol, asked: str) -> tuple[str, str]:
+    """(expected QOM type of the machine asked for, QOM type QEMU built)."""
+    for m in qmp.cmd("query-machines"):
+        if asked in (m["name"], m.get("alias")):
+            expected = f"{m['name']}-machine"
+            break
+    else:
+        raise AssertionError(f"QEMU lists no machine {asked!r}")
+    return expected, qmp.cmd("qom-get", path="/machine", property="type")
+
+
+def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths) -> None:
+    """Assert that the paused QEMU holds what the profile asked for."""
+    a = archmod.get(profile.arch)
+    summary = qmp.cmd("query-memory-size-summary")
+    assert summary["base-memory"] == profile.memory * MiB, "memory"
+    assert len(qmp.cmd("query-cpus-fast")) == profile.smp, "vCPU count"
+    expected, built = machine_type(qmp, profile.machine or a.machine)
+    assert built == expected, "machine type"
+    assert qmp.cmd("query-status")["running"] is False
+
+    block = {b["device"]: b for b in qmp.cmd("query-block")}
+    for i, disk in enumerate(profile.disks):
+        entry = block[f"drive-disk{i}"]
+        assert f"disk{i}" in entry.get("qdev", ""), f"disk {i} is attached to its device"
+        assert entry["inserted"]["file"] == disk.path, f"disk {i} file"
+        assert entry["inserted"]["ro"] == disk.readonly, f"disk {i} read-only flag"
+        if disk.format:
+            assert entry["inserted"]["drv"] == disk.format, f"disk {i} format"
+    if profile.cdrom:
+        cd = block["drive-cdrom0"]
+        assert "cdrom0" in cd.get("qdev", "")
+        assert cd["removable"] is True, "CD-ROM is removable"
+        assert cd["inserted"]["file"] == profile.cdrom
+        assert cd["inserted"]["ro"] is True, "CD-ROM is read-only"
+    if profile.firmware == "uefi":
+        assert block["pflash0"]["inserted"]["file"] == UEFI[a.name]
+        assert block["pflash0"]["inserted"]["ro"] is True
+
+    peripherals = {p["name"] for p in qmp.cmd("qom-list", path="/machine/peripheral")}
+    boot = boot_indexes(profile)
+    bootable = {"d": "cdrom0" if profile.cdrom else None,
+                "c": "disk0" if profile.disks and profile.disks[0].interface != "sd"
+                else None,
+                "n": "nic0" if profile.network and profile.network[0].type == "user"
+                else None}
+    for letter, dev_id in bootable.items():
+        if dev_id:
+            assert peripheral(qmp, dev_id, "bootindex") == boot.get(letter, -1), \
+                f"bootindex of {dev_id}"
+    for i, net in enumerate(profile.network):
+        if net.type == "user":
+            assert peripheral(qmp, f"nic{i}", "mac") == (net.mac or stable_mac(profile.name, i))
+    usernet = qmp.cmd("human-monitor-command", **{"command-line": "info usernet"})
+    for net in profile.network:
+        for fwd in net.forward:
+            host_port = fwd.split(":")[2].split("-")[0]
+            assert f" {host_port} " in usernet.replace("\t", " "), f"forward {fwd}"
+    wanted = set(profile.devices) | ({"agent"} if profile.shutdown.method == "agent" else set())
+    for device in wanted:
+        assert DEVICE_IDS[device] in peripherals, f"device {device}"
+
+    chardevs = {c["label"]: c["filename"] for c in qmp.cmd("query-chardev")}
+    if profile.serial == "none":
+        assert "serial0" not in chardevs
+    elif profile.serial == "stdio":
+        assert chardevs["serial0"] == "stdio"
+    else:
+        assert f"unix:{paths.console}," in chardevs["serial0"], "serial console socket"
+        assert paths.serial_log.exists() == (profile.serial == "log"), "serial log file"
+    if profile.display == "vnc":
+        assert qmp.cmd("query-vnc")["enabled"] is True
+    if profile.display == "spice":
+        assert qmp.cmd("query-spice")["enabled"] is True
+
+
+def check_profile(profile: Profile, workdir: Path) -> list[str]:
+    """Compile for TCG, start QEMU paused, confirm; returns the argv that was run."""
+    profile = with_free_ports(storage.with_formats(profile))
+    paths = run_paths(workdir)
+    make_nvram(profile, paths)
+    argv = compile(profile, TCG_HOST, paths)
+    with launch(argv, paths, workdir) as qmp:
+        confirm(qmp, profile, paths)
+    return argv

@@ -1,0 +1,1 @@
+cmdline --hda test.img --cdrom install.iso --boot d -m 2048
