@@ -214,11 +214,13 @@ def list_cmd(
     if as_json:
         emit_json(rows)
         return
-    out(f"{'NAME':<20} {'STATE':<14} {'PID':>7} {'MEMORY':>8} {'VCPUS':>5}  UPTIME")
+    units = any(r.get("unit") for r in rows)
+    out(f"{'NAME':<20} {'STATE':<14} {'PID':>7} {'MEMORY':>8} {'VCPUS':>5}  {'UPTIME':<8}"
+        + ("  UNIT" if units else ""))
     for r in rows:
         out(f"{r['name']:<20} {r['state']:<14} {r['pid'] or '-':>7} "
             f"{str(r['memory_mib'] or '-') + 'M':>8} {r['vcpus'] or '-':>5}  "
-            f"{_duration(r['uptime'])}")
+            f"{_duration(r['uptime']):<8}" + (f"  {r.get('unit') or '-'}" if units else ""))
 
 
 @app.command()

@@ -306,17 +306,28 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
         launch = guest.read_launch()
         timeout = float(timeout if timeout is not None else launch.get("shutdown_timeout", 60))
         guest.set_request("stop", "kvmrun stop")
+        recorded: list[str] = []
+
+        def record_stage(stage: str, message: str) -> None:
+            # The supervisor reads request.json the moment QEMU exits, so each stage is
+            # written down before it is tried (writing it afterwards races the supervisor,
+            # and would re-create the file after it cleaned up).
+            if stage not in recorded:
+                recorded.append(stage)
+                runtime.atomic_write(guest.paths.dir / "request.json", json.dumps(
+                    {"action": "stop", "by": "kvmrun stop", "at": time.time(),
+                     "stage": stage}))
+            progress(stage, message)
+
         ladder = Ladder(pidfd, _cli_qmp(guest), method=launch.get("shutdown_method", "acpi"),
                         console_sock=str(guest.paths.console), qga_sock=str(guest.paths.qga),
-                        command=launch.get("shutdown_command", "poweroff"), progress=progress)
+                        command=launch.get("shutdown_command", "poweroff"),
+                        progress=record_stage)
         try:
             stage = ladder.run(timeout, force)
         except GuestTimeout:
             (guest.paths.dir / "request.json").unlink(missing_ok=True)
             raise
-        req = guest.request() or {"action": "stop", "by": "kvmrun stop"}
-        runtime.atomic_write(guest.paths.dir / "request.json", json.dumps({**req,
-                                                                           "stage": stage}))
     finally:
         os.close(pidfd)
     _wait_supervisor(guest, state)
@@ -439,7 +450,8 @@ def list_guests(include_ended: bool = True) -> list[dict]:
         rows.append({"name": name, "state": state_name, "pid": pid,
                      "memory_mib": summary.get("memory"), "vcpus": summary.get("smp"),
                      "uptime": round(time.time() - state["started_at"], 1) if pid else None,
-                     "ended": None if pid else (state.get("ended") or {}).get("reason")})
+                     "ended": None if pid else (state.get("ended") or {}).get("reason"),
+                     "unit": state.get("unit")})
     return rows
 
 

@@ -96,8 +96,11 @@ class Ladder:
                 return False
             if wait_pidfd(self.pidfd, min(RESEND, left)):
                 return True
-            if deadline - time.monotonic() <= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
+            self.progress(self.method, f"waiting for the guest to power off "
+                                       f"({left:.0f}s left); asking again")
 
     def hard(self) -> str:
         """QMP quit, then SIGTERM, then SIGKILL; returns the stage that ended QEMU."""

@@ -25,7 +25,8 @@ from pathlib import Path
 from kvmrun import runtime
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.qmp import QMPClient
-from kvmrun.shutdown import HARD_STAGES, Ladder, open_pidfd
+from kvmrun.shutdown import GRACE, HARD_STAGES, RESEND, Ladder, open_pidfd
+from kvmrun.systemd import current_unit
 
 QMP_WAIT = 30.0          # seconds QEMU gets to open its monitor
 
@@ -104,7 +105,7 @@ class Supervisor:
                   supervisor_pid=os.getpid(),
                   supervisor_starttime=runtime.proc_starttime(os.getpid()),
                   started_at=time.time(), argv=argv, summary=self.launch.get("summary", {}),
-                  ended=None, ready=False)
+                  ended=None, ready=False, unit=current_unit())
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -262,7 +263,7 @@ class Supervisor:
             return                          # already stopping
         timeout = float(self.launch.get("shutdown_timeout", 60))
         notify(f"STOPPING=1\nSTATUS=stopping the guest ({by})")
-        notify(f"EXTEND_TIMEOUT_USEC={int((timeout + 20) * 1e6)}")
+        notify(f"EXTEND_TIMEOUT_USEC={int((timeout + 2 * GRACE + 35) * 1e6)}")
         log(f"{self.guest.name}: {by}: stopping the guest (timeout {timeout:g}s)")
         self.guest.set_request("stop", by)
         self.stage = "requested"
@@ -277,11 +278,18 @@ class Supervisor:
         ladder = Ladder(self.pidfd, send, method=self.launch.get("shutdown_method", "acpi"),
                         console_sock=str(self.paths.console), qga_sock=str(self.paths.qga),
                         command=self.launch.get("shutdown_command", "poweroff"),
-                        progress=lambda stage, msg: log(f"{self.guest.name}: {msg}"))
+                        progress=self.stop_progress)
         self.stage = ladder.run(timeout, force=True)
         request = self.guest.request() or {"action": "stop", "by": by}
         runtime.atomic_write(self.paths.dir / "request.json",
                              json.dumps({**request, "stage": self.stage}))
+
+    def stop_progress(self, stage: str, message: str) -> None:
+        """Each step of the ladder: a log line, and more time from systemd while the
+        shutdown is still making progress."""
+        log(f"{self.guest.name}: {message}")
+        notify(f"STATUS={message}")
+        notify(f"EXTEND_TIMEOUT_USEC={int((RESEND + 2 * GRACE + 30 + 5) * 1e6)}")
 
     # ------------------------------------------------------------ the end
     def finish(self) -> int:
