@@ -21,7 +21,7 @@ import yaml
 from kvmrun import arch as archmod
 from kvmrun.errors import Location, ProfileError
 from kvmrun.spec import (COMMAND_LINE, Bool, Ctx, Either, Enum, Field, FilePath, Int, List, Obj,
-                         Size, Spec, Str, defaults, suggest)
+                         Size, Spec, Str, defaults, suggest, type_name)
 from kvmrun.yamlsrc import KeyPath, Lines, load_yaml, parse_scalar
 
 NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
@@ -297,8 +297,7 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
     ctx = Ctx(lines, display)
     if not isinstance(data, dict):
         raise ProfileError(Location(display, line=lines.get((), (None, None))[1]),
-                           f"a profile must be a mapping of keys, found "
-                           f"{'a list' if isinstance(data, list) else repr(data)}")
+                           f"a profile must be a mapping of keys, found {type_name(data)}")
     data.pop("extends", None)
     profile = PROFILE.check(data, ctx, ())
     if profile is not None:
@@ -325,8 +324,7 @@ def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dic
     data, lines = load_yaml(path, display)
     if not isinstance(data, dict):
         raise ProfileError(Location(display, line=1),
-                           "a profile must be a mapping of keys, found "
-                           + ("a list" if isinstance(data, list) else repr(type(data).__name__)))
+                           f"a profile must be a mapping of keys, found {type_name(data)}")
     base_ref = data.get("extends")
     if base_ref is None:
         return data, lines

@@ -62,7 +62,7 @@ class ProfileErrors(ProfileError):
         return "\n".join(str(e) for e in self.errors)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false",
             int: "a number", float: "a number", type(None): "empty"}.get(type(value),
                                                                         type(value).__name__)
@@ -91,7 +91,7 @@ class Str(Spec):
 
     def check(self, value, ctx, path):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            return ctx.error(path, f"expected {self.what}, found {_type_name(value)}")
+            return ctx.error(path, f"expected {self.what}, found {type_name(value)}")
         value = str(value)
         if self.max_len and len(value) > self.max_len:
             return ctx.error(path, f"{value!r} is longer than {self.max_len} characters")
@@ -187,8 +187,9 @@ class Size(Spec):
         return int(mib)
 
     def schema(self):
+        pattern = r"^\d+(\.\d+)?\s*[KkMmGgTt]?([iI]?[bB])?$"    # as _SIZE_RE, ignoring case
         return {"anyOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
-                          {"type": "string", "pattern": r"^\d+(\.\d+)?\s*[KkMmGgTt]?(i?B)?$"}]}
+                          {"type": "string", "pattern": pattern}]}
 
 
 @dataclasses.dataclass
@@ -198,7 +199,7 @@ class FilePath(Spec):
 
     def check(self, value, ctx, path):
         if not isinstance(value, str) or not value:
-            return ctx.error(path, f"expected a file path, found {_type_name(value)}")
+            return ctx.error(path, f"expected a file path, found {type_name(value)}")
         return os.path.normpath(ctx.base_dir(path) / Path(value).expanduser())
 
     def schema(self):
@@ -216,7 +217,7 @@ class Either(Spec):
         for accepts, spec in self.options:
             if accepts(value):
                 return spec.check(value, ctx, path)
-        return ctx.error(path, f"expected {self.what}, found {_type_name(value)}")
+        return ctx.error(path, f"expected {self.what}, found {type_name(value)}")
 
     def schema(self):
         return {"anyOf": [spec.schema() for _, spec in self.options]}
@@ -233,7 +234,7 @@ class List(Spec):
         if value is None:
             return ()
         if not isinstance(value, list):
-            return ctx.error(path, f"expected a list, found {_type_name(value)}")
+            return ctx.error(path, f"expected a list, found {type_name(value)}")
         return tuple(self.item.check(v, ctx, path + (i,)) for i, v in enumerate(value))
 
     def schema(self):
@@ -264,7 +265,7 @@ class Obj(Spec):
 
     def check(self, value, ctx, path):
         if not isinstance(value, dict):
-            return ctx.error(path, f"expected a mapping of keys, found {_type_name(value)}")
+            return ctx.error(path, f"expected a mapping of keys, found {type_name(value)}")
         out: dict[str, Any] = {}
         for key in value:
             if key not in self.fields:

@@ -83,7 +83,9 @@ def make_files(profile: Profile, workdir: Path) -> None:
             assert target.exists(), f"{what} {path} is outside the scratch directory"
             continue                # an absolute path to a host file: never overwrite it
         target.parent.mkdir(parents=True, exist_ok=True)
-        if what == "disk":
+        if what == "shared directory":
+            target.mkdir(exist_ok=True)
+        elif what in ("disk", "backing image"):
             # 64 MiB: SD cards must be a power of two in size
             subprocess.run(["qemu-img", "create", "-q", "-f", formats[path] or "qcow2",
                             str(target), "64M"], check=True, stdin=subprocess.DEVNULL,

@@ -5,7 +5,9 @@ A command line QEMU rejects fails here whatever its golden file says."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 
 import qemu_oracle as oracle
 from kvmrun import arch as archmod
+from kvmrun.cli import main
+from kvmrun.paths import RunPaths
 from kvmrun.profile import load
 
 pytestmark = pytest.mark.qemu
@@ -45,6 +49,35 @@ def test_a_rejected_command_line_fails(tmp_path):
     profile = oracle.prepare(tmp_path / "bad.yaml", tmp_path / "work")
     with pytest.raises(oracle.QemuRefused, match="no-such-device"):
         oracle.check_profile(profile, tmp_path / "work")
+
+
+def test_oneoff_flags_start_under_qemu(tmp_path, monkeypatch, capsys):
+    """`kvmrun cmdline --hda test.img --cdrom install.iso --boot d -m 2048`, run by QEMU."""
+    monkeypatch.setattr(archmod, "host_machine", lambda: "x86_64")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "test.img", "64M"], check=True)
+    oracle.make_iso(tmp_path / "install.iso")
+    monkeypatch.setenv("KVMRUN_ACCEL", "tcg")
+    monkeypatch.setenv("KVMRUN_RUN_DIR", str(tmp_path))
+    for var in ("KVMRUN_DATA_DIR", "KVMRUN_CONFIG_DIR", "KVMRUN_CACHE_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    with pytest.raises(SystemExit) as exit_:
+        main(["cmdline", "--hda", "test.img", "--cdrom", "install.iso", "--boot", "d",
+              "-m", "2048", "--json"])
+    assert exit_.value.code == 0
+    argv = json.loads(capsys.readouterr().out)
+    paths = RunPaths(tmp_path / "vm")
+    paths.dir.mkdir()
+    with oracle.launch(argv, paths, tmp_path) as qmp:
+        assert qmp.cmd("query-memory-size-summary")["base-memory"] == 2048 * oracle.MiB
+        block = {b["device"]: b for b in qmp.cmd("query-block")}
+        assert block["drive-disk0"]["inserted"]["file"] == str(tmp_path / "test.img")
+        assert block["drive-disk0"]["inserted"]["drv"] == "qcow2"
+        assert block["drive-cdrom0"]["inserted"]["file"] == str(tmp_path / "install.iso")
+        assert block["drive-cdrom0"]["removable"] is True
+        assert oracle.peripheral(qmp, "disk0", "type") == "ide-hd"
+        assert oracle.peripheral(qmp, "cdrom0", "bootindex") == 0
+        assert oracle.peripheral(qmp, "disk0", "bootindex") == -1
 
 
 # ---------------------------------------------------------------- generated profiles
