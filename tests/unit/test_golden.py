@@ -1,13 +1,14 @@
 """Golden command lines: each profile compiles to exactly the argv in its `.args` file.
 
-    tests/unit/golden/NAME.yaml   -> golden/NAME.args           one feature per test profile
-    profiles/NAME.yaml            -> golden/profiles/NAME.args  every shipped profile
-    tests/unit/golden/cli/NAME.cmd -> golden/cli/NAME.args      a `kvmrun` command line
+    tests/unit/golden/NAME.yaml     -> golden/NAME.args           one feature per profile
+    profiles/NAME.yaml              -> golden/profiles/NAME.args  every shipped profile
+    tests/unit/golden/cli/NAME.cmd  -> golden/cli/NAME.args       a `kvmrun` command line
 
 A golden file holds one option with its values per line. The host is pinned: x86_64 with
 working KVM and fixed UEFI paths; a `# golden-host: kvm=false` line in a profile takes KVM
-away. Run paths are /run/kvmrun/NAME, and the profile's directory shows as @PROFILE_DIR@ (the
-CLI's working directory as @CWD@, the checkout as @REPO@), so goldens do not depend on the checkout's location.
+away. Run paths are /run/kvmrun/NAME; the profile's directory shows as @PROFILE_DIR@, the
+checkout as @REPO@ and the CLI's working directory as @CWD@, so goldens do not depend on
+where the checkout lives.
 
 `KVMRUN_REGEN_GOLDEN=1` rewrites the golden files and still fails, so a human reads the diff.
 Whether QEMU accepts these command lines is tests/integration/test_oracle.py's job.
