@@ -249,7 +249,9 @@ def logs(
     with open(path, "rb") as f:
         data = f.read()
         if lines is not None:
-            data = b"\n".join(data.split(b"\n")[-lines - 1:]) if lines else b""
+            # like tail -n: an unfinished last line (a shell prompt) counts as a line
+            keep = lines + 1 if data.endswith(b"\n") else lines
+            data = b"\n".join(data.split(b"\n")[-keep:]) if lines else b""
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         while follow:

@@ -55,6 +55,16 @@ def proc_starttime(pid: int) -> int | None:
     return int(fields[19])
 
 
+def proc_exited(pid: int) -> bool:
+    """True for a zombie: it has exited and only waits for its parent to reap it (after a
+    supervisor is killed, that parent is init, which may take a while or never do it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
 def proc_cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -63,9 +73,10 @@ def proc_cmdline(pid: int) -> list[str]:
 
 
 def identified(pid: int | None, starttime: int | None, marker: str | None = None) -> bool:
-    """True only if `pid` is still the very process recorded: same start time, and (when a
-    marker is given) a command line containing it. A reused PID fails both."""
-    if not pid or proc_starttime(pid) != starttime or starttime is None:
+    """True only if `pid` is still the very process recorded, alive: same start time, not a
+    zombie, and (when a marker is given) a command line containing it. A reused PID fails
+    both."""
+    if not pid or proc_starttime(pid) != starttime or starttime is None or proc_exited(pid):
         return False
     return marker is None or marker in proc_cmdline(pid)
 

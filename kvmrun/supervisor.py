@@ -189,6 +189,10 @@ class Supervisor:
             log(f"{self.guest.name}: guest panicked")
         elif name == "RESET":
             log(f"{self.guest.name}: reset")
+            if self.ready_re and self.ready:    # rebooting: ready again when the console says so
+                self.ready = False
+                self.console_seen = b""
+                self.save(ready=False)
 
     def drain_events(self) -> None:
         while self.qmp:
