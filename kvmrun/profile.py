@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -328,18 +329,17 @@ def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dic
     base_ref = data.get("extends")
     if base_ref is None:
         return data, lines
-    if not isinstance(base_ref, str):
-        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
-                           "expected a file path")
-    base_path = (path.resolve().parent / Path(base_ref).expanduser()).resolve()
+    where = Location(display, ("extends",), lines[("extends",)][1])
+    if not isinstance(base_ref, str) or not base_ref or "\0" in base_ref:
+        raise ProfileError(where, "expected a file path")
+    base_path = (path.resolve().parent / os.path.expanduser(base_ref)).resolve()
     chain = stack + [path.resolve()]
     if base_path in chain:
         loop = " -> ".join(p.name for p in chain + [base_path])
-        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
-                           f"extends loop: {loop}")
-    if not base_path.exists():
-        raise ProfileError(Location(display, ("extends",), lines[("extends",)][1]),
-                           f"base profile {str(base_path)!r} not found")
+        raise ProfileError(where, f"extends loop: {loop}")
+    if not base_path.is_file():
+        raise ProfileError(where, f"base profile {str(base_path)!r} "
+                                  + ("is not a file" if base_path.exists() else "not found"))
     base, base_lines = _load_with_extends(base_path, str(base_path), chain)
     base.pop("name", None)          # a VM's name is its own, never inherited
     del data["extends"]

@@ -93,6 +93,8 @@ class Str(Spec):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             return ctx.error(path, f"expected {self.what}, found {type_name(value)}")
         value = str(value)
+        if "\0" in value:              # no argument to a process can carry one
+            return ctx.error(path, f"{value!r} contains a NUL character")
         if self.max_len and len(value) > self.max_len:
             return ctx.error(path, f"{value!r} is longer than {self.max_len} characters")
         if self.pattern and not re.fullmatch(self.pattern, value):
@@ -200,7 +202,12 @@ class FilePath(Spec):
     def check(self, value, ctx, path):
         if not isinstance(value, str) or not value:
             return ctx.error(path, f"expected a file path, found {type_name(value)}")
-        return os.path.normpath(ctx.base_dir(path) / Path(value).expanduser())
+        if "\0" in value:
+            return ctx.error(path, f"{value!r} contains a NUL character")
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            return ctx.error(path, f"{value!r} names an unknown user's home directory")
+        return os.path.normpath(ctx.base_dir(path) / expanded)
 
     def schema(self):
         return {"type": "string", "minLength": 1}

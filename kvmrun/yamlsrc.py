@@ -68,7 +68,12 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, Lines]:
         raise ProfileError(Location(name, line=line),
                            f"not valid UTF-8 (byte 0x{raw[err.start]:02x})",
                            hint="save the file as UTF-8") from None
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as err:           # a control character such as NUL
+        line = text[: err.position].count("\n") + 1
+        raise ProfileError(Location(name, line=line), "invalid YAML: the character "
+                           f"U+{err.character:04X} is not allowed") from None
     try:
         node = loader.get_single_node()
         if node is None:

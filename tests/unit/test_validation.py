@@ -117,6 +117,14 @@ KNOWN_KEYS = "known keys: " + ", ".join(PROFILE.fields)
                  id="read-only IDE"),
     pytest.param("name: vm\nboot: cc\n", "vm.yaml:2: boot: 'cc' names a device twice",
                  id="boot twice"),
+    pytest.param("name: vm\ncdrom: ~nosuchuser/x.iso\n",
+                 "vm.yaml:2: cdrom: '~nosuchuser/x.iso' names an unknown user's home directory",
+                 id="unknown user"),
+    pytest.param('name: vm\nkernel:\n  path: vmlinuz\n  append: "a\\0b"\n',
+                 "vm.yaml:4: kernel.append: 'a\\x00b' contains a NUL character", id="NUL"),
+    pytest.param("name: vm\n\x00\n",
+                 "vm.yaml:2: invalid YAML: the character U+0000 is not allowed",
+                 id="control character"),
 ])
 def test_message(content, message):
     assert error_of(content) == message
@@ -137,6 +145,12 @@ def test_extends_loop():
         load("a.yaml")
     assert str(err.value) == (f"{Path('b.yaml').resolve()}:1: extends: "
                               "extends loop: a.yaml -> b.yaml -> a.yaml")
+
+
+def test_base_that_is_a_directory():
+    Path("base").mkdir()
+    assert error_of("extends: base\n") == (
+        f"vm.yaml:1: extends: base profile '{Path('base').resolve()}' is not a file")
 
 
 def test_missing_base():
