@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -214,12 +215,26 @@ def machine_type(qmp: QEMUMonitorProtocol, asked: str) -> tuple[str, str]:
     return expected, qmp.cmd("qom-get", path="/machine", property="type")
 
 
-def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths) -> None:
-    """Assert that the paused QEMU holds what the profile asked for."""
+def _option(argv: list[str], option: str) -> str | None:
+    """The value of the last `option` in argv, if any."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+    return values[-1] if values else None
+
+
+def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
+            argv: list[str]) -> None:
+    """Assert that the paused QEMU (started from argv) holds what the profile asked for."""
     a = archmod.get(profile.arch)
     summary = qmp.cmd("query-memory-size-summary")
     assert summary["base-memory"] == profile.memory * MiB, "memory"
-    assert len(qmp.cmd("query-cpus-fast")) == profile.smp, "vCPU count"
+    cpus = qmp.cmd("query-cpus-fast")
+    assert len(cpus) == profile.smp, "vCPU count"
+    asked = profile.cpu or _option(argv, "-cpu")       # else the compiler's default, if any
+    if asked:
+        model = asked.split(",")[0]
+        cpu_type = qmp.cmd("qom-get", path=cpus[0]["qom-path"], property="type")
+        assert cpu_type.startswith(f"{model}-"), f"CPU model {model}: QEMU built {cpu_type}"
+    assert qmp.cmd("query-kvm")["enabled"] is False, "TCG, not KVM"
     expected, built = machine_type(qmp, profile.machine or a.machine)
     assert built == expected, "machine type"
     assert qmp.cmd("query-status")["running"] is False
@@ -250,12 +265,17 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths) -> None
                 "n": "nic0" if profile.network and profile.network[0].type == "user"
                 else None}
     for letter, dev_id in bootable.items():
-        if dev_id:
+        if dev_id in peripherals:             # an on-board NIC (-nic) has no bootindex
             assert peripheral(qmp, dev_id, "bootindex") == boot.get(letter, -1), \
                 f"bootindex of {dev_id}"
-    for i, net in enumerate(profile.network):
-        if net.type == "user":
-            assert peripheral(qmp, f"nic{i}", "mac") == (net.mac or stable_mac(profile.name, i))
+    network = qmp.cmd("human-monitor-command", **{"command-line": "info network"})
+    nics = {mac: model for model, mac in re.findall(r"type=nic,model=([^,]+),macaddr=(\S+)",
+                                                    network)}
+    expected = {net.mac or stable_mac(profile.name, i): net.model
+                for i, net in enumerate(profile.network) if net.type == "user"}
+    assert set(nics) == set(expected), "NIC MAC addresses"
+    for mac, model in expected.items():
+        assert model is None or nics[mac] == model, f"model of NIC {mac}"
     usernet = qmp.cmd("human-monitor-command", **{"command-line": "info usernet"})
     for net in profile.network:
         for fwd in net.forward:
@@ -286,5 +306,5 @@ def check_profile(profile: Profile, workdir: Path) -> list[str]:
     make_nvram(profile, paths)
     argv = compile(profile, TCG_HOST, paths)
     with launch(argv, paths, workdir) as qmp:
-        confirm(qmp, profile, paths)
+        confirm(qmp, profile, paths, argv)
     return argv
