@@ -428,3 +428,17 @@ def test_schema_rejects_what_the_loader_rejects(capsys):
     assert schema_errors(schema, {"name": "vm", "memroy": "2G"}) == [".memroy: not allowed"]
     assert schema_errors(schema, {"name": "vm", "memory": "2X"}) == [".memory: matches no option"]
     assert schema_errors(schema, {"name": "vm", "smp": 0}) == [".smp: out of range"]
+
+
+# ---------------------------------------------------------------- errors the compiler finds
+
+def test_more_ide_devices_than_the_machine_has_slots():
+    from kvmrun.compile import HostFacts, compile
+    from kvmrun.paths import RunPaths
+    disks = "".join(f"  - path: d{i}.img\n    interface: ide\n" for i in range(4))
+    write("vm.yaml", f"name: vm\narch: x86_64\nmachine: pc\ndisks:\n{disks}cdrom: x.iso\n")
+    with pytest.raises(ProfileError) as err:
+        compile(load("vm.yaml"), HostFacts(), RunPaths(Path("/run/kvmrun/vm")))
+    assert str(err.value) == ("vm.yaml:13: cdrom: more IDE devices than the pc machine has "
+                              "slots for (4)\n"
+                              "  hint: use interface: virtio (or scsi) for the other disks")
