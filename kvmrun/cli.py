@@ -233,6 +233,7 @@ from kvmrun import cli_guest  # noqa: E402,F401  (registers the lifecycle verbs)
 from kvmrun import cli_store  # noqa: E402,F401  (registers the store verbs)
 from kvmrun import cli_host  # noqa: E402,F401  (registers doctor)
 from kvmrun import cli_systemd  # noqa: E402,F401  (registers the systemd verbs)
+from kvmrun import cli_storage  # noqa: E402,F401  (registers disk, snapshot, ssh)
 
 
 # ---------------------------------------------------------------- entry point

@@ -49,6 +49,9 @@ def start(
     sets: Optional[List[str]] = SetOpt,
     wait_ready: bool = typer.Option(True, "--wait-ready/--no-wait-ready",
                                     help="Wait for the profile's ready.console pattern."),
+    ephemeral: bool = typer.Option(False, "--ephemeral",
+                                   help="Throwaway run: every writable disk gets an overlay "
+                                        "that is deleted when the guest stops."),
     as_json: bool = typer.Option(False, "--json"),
     hda: Optional[str] = _ONEOFF["hda"], cdrom: Optional[str] = _ONEOFF["cdrom"],
     memory: Optional[str] = _ONEOFF["memory"], kernel: Optional[str] = _ONEOFF["kernel"],
@@ -61,6 +64,9 @@ def start(
     from kvmrun import control
     prof = _load(profile_ref, sets, name, dict(hda=hda, cdrom=cdrom, memory=memory,
                                                 kernel=kernel, initrd=initrd, append=append))
+    if ephemeral:
+        from kvmrun.storage import all_ephemeral
+        prof = all_ephemeral(prof)
     result = control.start(prof, wait_ready=wait_ready, note=err)
     guest = _guest(prof.name)
     info = {**result, "console_log": str(guest.paths.serial_log),
@@ -83,6 +89,8 @@ def run(
     console: bool = typer.Option(False, "--console",
                                  help="Put the serial console on this terminal (Ctrl-] "
                                       "stops the guest)."),
+    rm: bool = typer.Option(False, "--rm", help="Throwaway VM: disks write to overlays "
+                                                "and the run directory is removed at the end."),
     kernel: Optional[str] = _ONEOFF["kernel"], initrd: Optional[str] = _ONEOFF["initrd"],
     append: Optional[str] = _ONEOFF["append"], memory: Optional[str] = _ONEOFF["memory"],
 ) -> None:
@@ -94,7 +102,16 @@ def run(
     from kvmrun import control
     prof = _load(profile_ref, sets, name, dict(kernel=kernel, initrd=initrd, append=append,
                                                 memory=memory))
-    raise typer.Exit(control.run_foreground(prof, note=err, console=console))
+    if not rm:
+        raise typer.Exit(control.run_foreground(prof, note=err, console=console))
+    from kvmrun.storage import all_ephemeral
+    try:
+        code = control.run_foreground(all_ephemeral(prof), note=err, console=console)
+    finally:
+        guest = _guest(prof.name)
+        if guest.qemu_pid() is None:
+            guest.remove_dir()
+    raise typer.Exit(code)
 
 
 def _progress():
@@ -180,6 +197,12 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
                              f"{', ro' if disk['readonly'] else ''})"))
     for fwd in info["forwards"]:
         rows.append(("forward", fwd))
+    for i in info.get("ephemeral_disks", []):
+        rows.append(("overlay", f"disk{i} is ephemeral: its writes go to a throwaway overlay"))
+    for share in info.get("shares", []):
+        rows.append(("share", f"{share['path']} as {share['tag']}"
+                              f"{' (ro)' if share['readonly'] else ''}; in the guest: "
+                              f"{share['mount']}"))
     if "cpu_percent" in info:
         rows.append(("host", f"cpu {info['cpu_percent']}%  rss {info['rss_mib']} MiB"))
     rows += [("shutdown", info["shutdown_method"]), ("console", info["console"]),

@@ -74,7 +74,8 @@ def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
     argv = [a.qemu]
     for part in (_identity(profile), _machine(profile, a, accel),
                  _display(profile, a, paths), _firmware(profile, a, host, paths),
-                 _kernel(profile), _storage(profile, a), _network(profile, a),
+                 _kernel(profile), _storage(profile, a, paths), _shares(profile, a),
+                 _network(profile, a),
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths), profile.qemu_args):
         argv.extend(part)
@@ -146,7 +147,7 @@ def _kernel(p: Profile) -> Args:
 
 def _needs_scsi(p: Profile, a: Arch) -> bool:
     return (any(d.interface == "scsi" for d in p.disks)
-            or (p.cdrom is not None and a.cdrom_bus == "scsi"))
+            or ((p.cdrom is not None or p.cloud_init is not None) and a.cdrom_bus == "scsi"))
 
 
 def _needs_ahci(p: Profile, a: Arch) -> bool:
@@ -170,7 +171,7 @@ def _ide_slots(p: Profile, a: Arch) -> tuple[tuple[str, int | None], ...]:
     return PIIX_IDE if piix else Q35_IDE
 
 
-def _storage(p: Profile, a: Arch) -> Args:
+def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
     boot = boot_indexes(p)
     if _needs_scsi(p, a):
         yield from ("-device", opts(a.virtio_device("scsi"), id="scsi0"))
@@ -189,7 +190,9 @@ def _storage(p: Profile, a: Arch) -> Args:
 
     for i, disk in enumerate(p.disks):
         drive = f"drive-disk{i}"
-        yield from ("-drive", opts(file=qemu_escape(disk.path), format=disk.format,
+        # an ephemeral disk runs on a throwaway overlay (made by kvmrun.control before launch)
+        file, fmt = (paths.overlay(i), "qcow2") if disk.ephemeral else (disk.path, disk.format)
+        yield from ("-drive", opts(file=qemu_escape(file), format=fmt,
                                    if_="none", id=drive, cache=disk.cache,
                                    readonly=disk.readonly or None))
         place: dict = {}
@@ -212,6 +215,22 @@ def _storage(p: Profile, a: Arch) -> Args:
         yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
                                     drive="drive-cdrom0", id="cdrom0", **place,
                                     bootindex=boot.get("d")))
+    if p.cloud_init:                # the NoCloud seed (built by kvmrun.cloudinit before launch)
+        yield from ("-drive", opts(file=qemu_escape(paths.cidata), format="raw", if_="none",
+                                   id="drive-cidata", media="cdrom", readonly=True))
+        place = ide_slot("cloud_init") if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
+        yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
+                                    drive="drive-cidata", id="cidata", **place))
+
+
+def _shares(p: Profile, a: Arch) -> Args:
+    for i, share in enumerate(p.shares):
+        # security_model and mount_tag keep their underscores (opts() would make them dashes)
+        yield from ("-fsdev", opts("local", f"id=fsdev{i}", f"path={qemu_escape(share.path)}",
+                                   f"security_model={share.security_model}",
+                                   readonly=share.readonly or None))
+        yield from ("-device", opts(a.virtio_device("9p"), f"fsdev=fsdev{i}",
+                                    f"mount_tag={share.tag}", id=f"share{i}"))
 
 
 def _network(p: Profile, a: Arch) -> Args:

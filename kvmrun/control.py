@@ -51,8 +51,12 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
 
 
 def _disks_in_use(profile: Profile) -> dict[str, str]:
-    """Disk paths of this profile that a running guest already has open: path -> guest."""
-    mine = {os.path.realpath(d.path) for d in profile.disks if not d.readonly}
+    """Disk paths of this profile that a running guest already has open: path -> guest.
+    Disks only read (read-only ones, and the bases of ephemeral disks) may be shared by
+    guests that only read them too."""
+    mine = {os.path.realpath(d.path) for d in profile.disks
+            if not d.readonly and not d.ephemeral}
+    mine_read = {os.path.realpath(d.path) for d in profile.disks} - mine
     busy = {}
     for name in runtime.guest_names():
         if name == profile.name:
@@ -61,17 +65,21 @@ def _disks_in_use(profile: Profile) -> dict[str, str]:
         if other.qemu_pid() is None:
             continue
         try:
-            for path in other.read_launch().get("disks", []):
-                if os.path.realpath(path) in mine:
+            launch = other.read_launch()
+            shared = {os.path.realpath(p) for p in launch.get("shared_disks", [])}
+            for path in launch.get("disks", []):
+                real = os.path.realpath(path)
+                if real in mine or (real in mine_read and real not in shared):
                     busy[path] = name
         except (OSError, ValueError):
             continue
     return busy
 
 
-def _claim(profile: Profile, guest: Guest, argv: list[str]) -> None:
+def _claim(profile: Profile, guest: Guest, argv: list[str]) -> list[str]:
     """Under the guest's lock: refuse a second guest of this name or a disk in use, clear
-    stale files, and write launch.json."""
+    stale files, make the disks, overlays and seed the launch needs, and write launch.json.
+    Returns the disks it created (a failed start removes them)."""
     if guest.qemu_pid() is not None:
         raise GuestError(f"{profile.name} is already running (pid {guest.qemu_pid()})",
                          hint=f"see `kvmrun status {profile.name}`")
@@ -81,8 +89,15 @@ def _claim(profile: Profile, guest: Guest, argv: list[str]) -> None:
         raise GuestError(f"disk {path} is in use by running guest {other!r}",
                          hint="stop that guest first, or give this one its own disk")
     guest.clear_runtime(keep_logs=False)
-    _prepare_nvram(profile, guest)
-    _write_launch(profile, guest, argv)
+    from kvmrun import storage
+    made = storage.prepare_guest(profile, guest.paths)
+    try:
+        _prepare_nvram(profile, guest)
+        _write_launch(profile, guest, argv)
+    except BaseException:
+        storage.remove_created(made)
+        raise
+    return made
 
 
 def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: None) -> dict:
@@ -93,11 +108,12 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
     runtime.prepare_run_dir()
     created = not guest.paths.dir.exists()
     with guest.lock():
+        made: list[str] = []
         try:
-            _claim(profile, guest, argv)
+            made = _claim(profile, guest, argv)
             return _spawn_and_wait(profile, guest, argv, wait_ready)
         except BaseException:
-            _cleanup_failed(guest, created)
+            _cleanup_failed(guest, created, made)
             raise
 
 
@@ -110,8 +126,9 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
     runtime.prepare_run_dir()
     created = not guest.paths.dir.exists()
     with guest.lock():
+        made: list[str] = []
         try:
-            _claim(profile, guest, argv)
+            made = _claim(profile, guest, argv)
             sup = Supervisor(guest, None, foreground=True)
             if not sup.start_qemu():
                 ended = (guest.read_state() or {}).get("ended") or {}
@@ -119,7 +136,7 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
                                   ended.get("stderr", ""),
                                   hint=_launch_hint(ended.get("stderr", "")))
         except BaseException:
-            _cleanup_failed(guest, created)
+            _cleanup_failed(guest, created, made)
             raise
     if console:
         import threading
@@ -156,6 +173,10 @@ def _write_launch(profile: Profile, guest: Guest, argv: list[str]) -> None:
     launch = {
         "argv": argv,
         "disks": [d.path for d in profile.disks],
+        "shared_disks": [d.path for d in profile.disks if d.readonly or d.ephemeral],
+        "ephemeral_disks": [i for i, d in enumerate(profile.disks) if d.ephemeral],
+        "shares": [{"path": s.path, "tag": s.tag, "readonly": s.readonly}
+                   for s in profile.shares],
         "ready_console": profile.ready.console,
         "ready_timeout": profile.ready.timeout,
         "shutdown_timeout": profile.shutdown.timeout,
@@ -232,11 +253,14 @@ def _launch_hint(stderr: str) -> str | None:
     return None
 
 
-def _cleanup_failed(guest: Guest, created: bool) -> None:
-    """A failed start leaves no sockets, state or (if it made it) run directory."""
+def _cleanup_failed(guest: Guest, created: bool, made: list[str] = ()) -> None:
+    """A failed start leaves no sockets, state, disks it created or (if it made it) run
+    directory."""
     pid = guest.qemu_pid()
     if pid is not None:
         return                       # a guest is up (e.g. ready timeout): leave it running
+    from kvmrun import storage
+    storage.remove_created(made)
     if created:
         guest.remove_dir()
     else:
@@ -402,9 +426,23 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         "supervisor_pid": guest.supervisor_pid(state),
         "ended": None if pid else state.get("ended"),
     }
+    try:
+        launch = guest.read_launch()
+    except (OSError, ValueError):
+        launch = {}
+    info["ephemeral_disks"] = launch.get("ephemeral_disks", [])
+    info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
+                      for s in launch.get("shares", [])]
     if pid and detailed:
         info.update(_live_details(guest, pid))
     return info
+
+
+def share_mount_command(tag: str, readonly: bool = False) -> str:
+    """What a Linux guest runs to mount a virtio-9p share."""
+    ro = ",ro" if readonly else ""
+    return (f"mkdir -p /mnt/{tag} && mount -t 9p -o trans=virtio,version=9p2000.L{ro} "
+            f"{tag} /mnt/{tag}")
 
 
 def _live_details(guest: Guest, pid: int) -> dict:

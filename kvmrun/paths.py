@@ -80,6 +80,11 @@ class RunPaths:
     state = property(lambda self: self._p("state.json"))
     events = property(lambda self: self._p("events.jsonl"))
     lock = property(lambda self: self._p("lock"))
+    cidata = property(lambda self: self._p("cidata.iso"))     # the cloud-init NoCloud seed
+
+    def overlay(self, index: int) -> Path:
+        """The throwaway qcow2 overlay of an ephemeral disk (deleted when the guest ends)."""
+        return self._p(f"overlay-disk{index}.qcow2")
 
     def sockets(self) -> list[Path]:
         return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice]

@@ -49,6 +49,28 @@ class Disk:
     interface: str = "virtio"
     cache: str | None = None
     readonly: bool = False
+    size: int | None = None          # MiB: create the image on first start when missing
+    backing: str | None = None       # a qcow2 overlay on this base image
+    ephemeral: bool = False          # writes go to an overlay deleted when the guest stops
+
+
+@dataclass(frozen=True)
+class Share:
+    path: str
+    tag: str
+    readonly: bool = False
+    security_model: str = "none"
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    user_data: str | None = None
+    user_data_file: str | None = None
+    meta_data: str | None = None
+    network_config: str | None = None
+    hostname: str | None = None
+    ssh_authorized_keys: tuple[str, ...] = ()
+    password: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,8 @@ class Profile:
     firmware: str | None = None
     disks: tuple[Disk, ...] = ()
     cdrom: str | None = None
+    shares: tuple[Share, ...] = ()
+    cloud_init: CloudInit | None = None
     network: tuple[Network, ...] = (Network(),)
     display: str = "none"
     serial: str = "log"
@@ -211,7 +235,58 @@ DISK = Obj(Disk, {
     "cache": Field(Enum(("none", "writeback", "writethrough", "directsync", "unsafe")),
                    "host cache mode; default: QEMU's (writeback)"),
     "readonly": Field(Bool(), "attach read-only"),
+    "size": Field(Size(1, 64 * 1024 * 1024), "create the image with this size on first start "
+                                             "when it is missing (20G)"),
+    "backing": Field(FilePath(), "base image: the disk is a qcow2 overlay on it (created on "
+                                 "first start when missing; the base is never written)"),
+    "ephemeral": Field(Bool(), "throwaway: writes go to an overlay in the run directory that is "
+                               "deleted when the guest stops"),
 })
+
+SHARE = Obj(Share, {
+    "path": Field(FilePath(), "host directory to share (virtio-9p)", required=True),
+    "tag": Field(Str(r"[A-Za-z0-9_.-]{1,31}", what="a mount tag (letters, digits, . _ -, at "
+                                                  "most 31)"),
+                 "mount tag the guest mounts: mount -t 9p -o trans=virtio TAG /mnt",
+                 required=True),
+    "readonly": Field(Bool(), "the guest cannot write"),
+    "security_model": Field(Enum(("none", "passthrough", "mapped-xattr", "mapped-file")),
+                            "how guest file ownership maps to the host (QEMU's security_model)"),
+})
+
+
+class YamlText(Spec):
+    """Text, or a mapping/list that is turned into YAML text (`prefix` first)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def check(self, value, ctx, path):
+        if isinstance(value, (dict, list)):
+            return self.prefix + yaml.safe_dump(value, sort_keys=False,
+                                                default_flow_style=False)
+        if isinstance(value, str):
+            return value
+        return ctx.error(path, f"expected text or a mapping, found {value!r}")
+
+    def schema(self):
+        return {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}]}
+
+
+CLOUD_INIT = Obj(CloudInit, {
+    "user_data": Field(YamlText("#cloud-config\n"),
+                       "user-data: text (#cloud-config …, a script) or a mapping "
+                       "(written as #cloud-config)"),
+    "user_data_file": Field(FilePath(), "user-data read from this file"),
+    "meta_data": Field(YamlText(), "meta-data: text or a mapping (instance-id and "
+                                   "local-hostname are filled in)"),
+    "network_config": Field(YamlText(), "network-config (version 1 or 2): text or a mapping"),
+    "hostname": Field(Str(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*",
+                          what="a host name"), "the guest's host name; default: the VM name"),
+    "ssh_authorized_keys": Field(List(Str(), scalar_ok=True),
+                                 "public keys for the default user (text or a .pub file path)"),
+    "password": Field(Str(), "password of the default user (ssh password login enabled)"),
+}, "a NoCloud seed attached as a read-only CD-ROM labelled cidata")
 
 NETWORK = Obj(Network, {
     "type": Field(Enum(("user", "none")), "user: NAT through QEMU, no root needed"),
@@ -262,6 +337,8 @@ PROFILE = Obj(Profile, {
                       "bios | uefi | path to a firmware image"),
     "disks": Field(List(DISK), "disks, in order"),
     "cdrom": Field(FilePath(), "ISO image attached as CD-ROM"),
+    "shares": Field(List(SHARE), "host directories shared with the guest (virtio-9p)"),
+    "cloud_init": Field(CLOUD_INIT, "cloud-init NoCloud seed (read-only CD-ROM)"),
     "network": Field(List(NETWORK), "NICs; default: one user-mode NIC; [] for none"),
     "display": Field(Enum(("none", "vnc", "gtk", "sdl", "spice")), "graphical console"),
     "serial": Field(Enum(("log", "stdio", "socket", "none")),
@@ -319,6 +396,18 @@ def _check_combinations(p: Profile, ctx: Ctx) -> None:
             ctx.error(("disks", i, "readonly"),
                       f"{ALWAYS_WRITABLE[disk.interface]} cannot be read-only",
                       hint="use interface virtio, scsi or nvme for a read-only disk")
+        if disk.backing and disk.format == "raw":
+            ctx.error(("disks", i, "format"), "a disk with a backing image is a qcow2 overlay",
+                      hint="leave format out, or write format: qcow2")
+        if disk.ephemeral and disk.readonly:
+            ctx.error(("disks", i, "ephemeral"), "a read-only disk is never written, so it "
+                                                 "cannot be ephemeral")
+        if disk.backing and os.path.realpath(disk.backing) == os.path.realpath(disk.path):
+            ctx.error(("disks", i, "backing"), "a disk cannot be its own backing image")
+    tags = [s.tag for s in p.shares]
+    for i, share in enumerate(p.shares):
+        if tags.index(share.tag) != i:
+            ctx.error(("shares", i, "tag"), f"tag {share.tag!r} is used twice")
 
 
 def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dict, Lines]:
@@ -447,7 +536,15 @@ def referenced_files(profile: Profile) -> Iterable[tuple[Location, str, str]]:
             if value:
                 yield profile.location("kernel", key), f"kernel {key}", value
     for i, disk in enumerate(profile.disks):
-        yield profile.location("disks", i, "path"), "disk", disk.path
+        if disk.backing:
+            yield profile.location("disks", i, "backing"), "backing image", disk.backing
+        elif not disk.size:           # a disk with a size is created when missing
+            yield profile.location("disks", i, "path"), "disk", disk.path
+    for i, share in enumerate(profile.shares):
+        yield profile.location("shares", i, "path"), "shared directory", share.path
+    if profile.cloud_init and profile.cloud_init.user_data_file:
+        yield (profile.location("cloud_init", "user_data_file"), "user-data file",
+               profile.cloud_init.user_data_file)
     if profile.cdrom:
         yield profile.location("cdrom"), "CD-ROM image", profile.cdrom
     if profile.firmware not in (None, "bios", "uefi"):

@@ -9,6 +9,8 @@
         qemu.pid                QEMU's -pidfile (QEMU holds a lock on it while it lives)
         qemu.log                QEMU's own stdout/stderr
         serial.log              the serial console
+        overlay-diskN.qcow2     the throwaway overlay of ephemeral disk N (gone when it ends)
+        cidata.iso              the cloud-init NoCloud seed (+ cidata.sha256 of its inputs)
         qmp.sock qmp-cli.sock console.sock [qga.sock vnc.sock]   mode 0600
 
 While a guest runs, everything is there. When it has stopped, the sockets, pidfile and
@@ -174,6 +176,8 @@ class Guest:
             return STOPPED, {}
         alive = self.qemu_pid(state) is not None
         recorded = state.get("state", STOPPED)
+        if not alive:
+            self.collect_orphans()
         if alive:
             if recorded not in LIVE_STATES:
                 recorded = RUNNING
@@ -221,6 +225,22 @@ class Guest:
             for p in (self.paths.state, self.paths.events, self.paths.serial_log,
                       self.paths.dir / "qemu.log", self.paths.dir / "launch.json"):
                 _unlink(p)
+        for p in self.paths.dir.glob("overlay-disk*.qcow2"):   # ephemeral disks' writes
+            _unlink(p)
+
+    def collect_orphans(self) -> None:
+        """Remove the throwaway overlays of a guest that ended without its supervisor
+        cleaning up (crash, kill -9, host reboot). Only under the guest's lock, so an
+        overlay a start has just made for its QEMU is never taken."""
+        if not any(self.paths.dir.glob("overlay-disk*.qcow2")):
+            return
+        try:
+            with self.lock(timeout=0):
+                if self.qemu_pid() is None:
+                    for p in self.paths.dir.glob("overlay-disk*.qcow2"):
+                        _unlink(p)
+        except (GuestTimeout, OSError):
+            pass
 
     def remove_dir(self) -> None:
         """Remove the whole run directory (a failed start leaves nothing behind)."""

@@ -1,0 +1,212 @@
+"""Storage verbs: disk create/info/resize, snapshot create/list/revert/delete, ssh.
+Thin: each parses, calls kvmrun.storage (or sshcmd), prints."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+import typer
+
+from kvmrun.cli import app, emit_json, err, out
+
+disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
+snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
+                           no_args_is_help=True)
+app.add_typer(disk_app, name="disk")
+app.add_typer(snapshot_app, name="snapshot")
+
+
+def _show_info(info: dict) -> None:
+    from kvmrun.storage import human
+    out(info["path"])
+    rows = [("format", info.get("format")),
+            ("size", f"{human(info.get('virtual_size'))} ({info.get('virtual_size')} bytes)"),
+            ("on disk", human(info.get("actual_size")))]
+    if info.get("backing_file"):
+        rows.append(("backing", f"{info['backing_file']} ({info.get('backing_format') or '?'})"))
+        for deeper in info.get("backing_chain", [])[1:]:
+            rows.append(("  then", deeper))
+    for snap in info.get("snapshots", []):
+        rows.append(("snapshot", snap["name"]))
+    for key, value in rows:
+        out(f"  {key:<9}{value}")
+
+
+@disk_app.command("create")
+def disk_create(
+    path: str = typer.Argument(..., metavar="PATH", help="The image to create."),
+    size: Optional[str] = typer.Option(None, "--size", "-s", metavar="SIZE",
+                                       help="Virtual size: 512M, 20G, 1.5T (default with "
+                                            "--backing: the base's)."),
+    fmt: str = typer.Option("qcow2", "--format", "-f", metavar="qcow2|raw"),
+    backing: Optional[str] = typer.Option(None, "--backing", "-b", metavar="BASE",
+                                          help="Make a qcow2 overlay on BASE (never written)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create a disk image (never overwrites; a failure leaves no file)."""
+    from kvmrun import storage
+    size_bytes = storage.parse_disk_size(size)[1] if size is not None else None
+    info = storage.create(path, size_bytes, fmt, backing)
+    if as_json:
+        emit_json(info)
+        return
+    out(f"created {info['path']} ({info['format']}, {storage.human(info['virtual_size'])}"
+        + (f", on {info['backing_file']})" if info.get("backing_file") else ")"))
+
+
+@disk_app.command("info")
+def disk_info(path: str = typer.Argument(..., metavar="PATH"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """Format, sizes, backing chain and snapshots of an image."""
+    from kvmrun import storage
+    info = storage.info(path)
+    user = storage.guest_using(path)
+    info["in_use_by"] = user[0] if user else None
+    if as_json:
+        emit_json(info)
+        return
+    _show_info(info)
+    if user:
+        out(f"  {'in use':<9}by running guest {user[0]} (disk{user[1]})")
+
+
+@disk_app.command("resize", context_settings={"ignore_unknown_options": True})  # -1G
+def disk_resize(
+    path: str = typer.Argument(..., metavar="PATH"),
+    size: str = typer.Argument(..., metavar="SIZE", help="New size (30G) or change (+5G, -1G)."),
+    shrink: bool = typer.Option(False, "--shrink", help="Allow making the disk smaller."),
+    live: Optional[str] = typer.Option(None, "--live", metavar="NAME",
+                                       help="Resize through this running guest's QEMU "
+                                            "(automatic when a running guest has the disk)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Grow (or with --shrink, shrink) a disk image. A disk a running guest has open is
+    resized live through QMP block_resize; the guest then sees the new size."""
+    from kvmrun import storage
+    result = storage.resize(path, size, shrink=shrink, live=live)
+    if as_json:
+        emit_json(result)
+        return
+    how = f" live in {result['live']}" if result.get("live") else ""
+    out(f"resized {result['path']}{how}: {storage.human(result['old_size'])} -> "
+        f"{storage.human(result['virtual_size'])}")
+
+
+# ---------------------------------------------------------------- snapshots
+
+def _snapshot_target(name: str):
+    """(disks [(path, skip)], running guest or None) for a guest name or profile."""
+    from kvmrun import store
+    from kvmrun.errors import KvmrunError
+    from kvmrun.runtime import Guest
+    guest = Guest(name) if "/" not in name and not name.endswith((".yaml", ".yml")) else None
+    if guest is not None and guest.qemu_pid() is not None:
+        launch = guest.read_launch()
+        shared = set(launch.get("shared_disks", []))
+        eph = set(launch.get("ephemeral_disks", []))
+        disks = [(str(guest.paths.overlay(i)), False) if i in eph else (p, p in shared)
+                 for i, p in enumerate(launch.get("disks", []))]
+        return disks, guest
+    try:
+        prof = store.resolve(name)
+    except KvmrunError:
+        if guest is not None and (guest.paths.dir / "launch.json").exists():
+            launch = guest.read_launch()
+            shared = set(launch.get("shared_disks", []))
+            return [(p, p in shared) for p in launch.get("disks", [])], None
+        raise
+    running = Guest(prof.name)
+    if running.qemu_pid() is not None:
+        return _snapshot_target(prof.name)
+    return [(d.path, d.readonly or d.ephemeral) for d in prof.disks], None
+
+
+def _snapshot_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        emit_json(rows)
+        return
+    from kvmrun.storage import human
+    out(f"{'NAME':<24} {'DATE':<19} {'VM STATE':>9}  DISKS")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["date"])) if r[
+            "date"] else "-"
+        out(f"{r['name']:<24} {when:<19} {human(r['vm_state_size']) if r['vm_state_size'] else '-':>9}"
+            f"  {', '.join(os.path.basename(d) for d in r['disks'])}")
+
+
+NameOrProfile = typer.Argument(..., metavar="NAME", help="A guest, defined VM or profile.")
+
+
+@snapshot_app.command("create")
+def snapshot_create(name: str = NameOrProfile,
+                    snap: Optional[str] = typer.Argument(None, metavar="[SNAP]",
+                                                         help="Default: snap-DATE-TIME.")) -> None:
+    """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
+    qemu-img while it is stopped."""
+    from kvmrun import storage
+    snap = snap or time.strftime("snap-%Y%m%d-%H%M%S")
+    disks, guest = _snapshot_target(name)
+    storage.snapshot("create", disks, snap, guest)
+    out(f"created snapshot {snap} of {name}" + (" (running: with VM state)" if guest else ""))
+
+
+@snapshot_app.command("list")
+def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False, "--json")
+                  ) -> None:
+    """The snapshots of a VM's disks."""
+    from kvmrun import storage
+    disks, guest = _snapshot_target(name)
+    _snapshot_rows(storage.snapshot("list", disks, None, guest), as_json)
+
+
+@snapshot_app.command("revert")
+def snapshot_revert(name: str = NameOrProfile,
+                    snap: str = typer.Argument(..., metavar="SNAP")) -> None:
+    """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped)."""
+    from kvmrun import storage
+    disks, guest = _snapshot_target(name)
+    storage.snapshot("revert", disks, snap, guest)
+    out(f"reverted {name} to {snap}")
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(name: str = NameOrProfile,
+                    snap: str = typer.Argument(..., metavar="SNAP")) -> None:
+    """Delete a snapshot."""
+    from kvmrun import storage
+    disks, guest = _snapshot_target(name)
+    storage.snapshot("delete", disks, snap, guest)
+    out(f"deleted snapshot {snap} of {name}")
+
+
+# ---------------------------------------------------------------- ssh
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def ssh(
+    name: str = typer.Argument(..., metavar="NAME", help="A running guest."),
+    command: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD...]"),
+    user: Optional[str] = typer.Option(None, "-l", "--user", help="Login name."),
+    identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="KEY",
+                                           help="Private key file."),
+    print_: bool = typer.Option(False, "--print", help="Print the ssh command instead of "
+                                                        "running it."),
+) -> None:
+    """ssh into a guest through its user-network forward to port 22 (host keys of
+    throwaway guests are not remembered)."""
+    import shlex
+    from kvmrun import runtime, sshcmd
+    from kvmrun.cli_guest import _guest
+    guest = _guest(name)
+    runtime.require_running(guest)
+    forwards = guest.read_launch().get("summary", {}).get("forwards", [])
+    argv = sshcmd.ssh_argv(name, forwards, user, identity, command or [])
+    if print_:
+        out(shlex.join(argv))
+        return
+    import shutil
+    if not shutil.which("ssh"):
+        from kvmrun.errors import HostError
+        raise HostError("ssh not found", hint="apt-get install openssh-client")
+    os.execvp("ssh", argv)
