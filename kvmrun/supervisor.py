@@ -108,7 +108,8 @@ class Supervisor:
                   ended=None, ready=False, unit=current_unit())
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         umask=0o177)     # its sockets and logs: 0600
         except OSError as err:
             return self.launch_failed(f"cannot run {argv[0]}: {err.strerror}")
         finally:

@@ -12,6 +12,7 @@ import os
 import random
 import select
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -87,6 +88,9 @@ def test_start_status_stop(kr, tiny_guest):
     qemu = info["pid"]
     assert pid_alive(qemu) and qemu_processes(kr) == [qemu]
     assert SOCKETS | {"qemu.pid"} <= files(kr.guest_dir("g1"))
+    for sock in SOCKETS:                      # private: the run directory and its sockets
+        assert stat.S_IMODE((kr.guest_dir("g1") / sock).stat().st_mode) == 0o600, sock
+    assert stat.S_IMODE(kr.guest_dir("g1").stat().st_mode) == 0o700
 
     listed = json.loads(kr.ok("list", "--json").out)
     assert [(g["name"], g["state"], g["pid"]) for g in listed] == [("g1", "running", qemu)]
