@@ -158,6 +158,19 @@ def test_stop_of_a_guest_that_ignores_acpi(kr, noacpi_guest):
     assert recorded_state(kr, "deaf")["supervisor_exit"] == 10
 
 
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_stop_while_booting_resends_the_power_button(kr, tiny_guest):
+    """A guest misses ACPI requests sent before acpid runs; stop keeps asking."""
+    kr.ok("start", kr.profile("early", tiny_guest), "--no-wait-ready")   # returns once QMP is up
+
+    assert "stopped early: the guest powered off" in kr.ok("stop", "early").out
+    names = [e["event"] for e in events(kr, "early")]
+    assert "POWERDOWN" in names and names[-1] == "SHUTDOWN"
+    assert events(kr, "early")[-1]["data"]["reason"] == "guest-shutdown"
+    assert kr.status("early")["ended"]["stage"] == "acpi"
+
+
 # ---------------------------------------------------------------- when processes die
 
 @pytest.mark.slow
