@@ -16,6 +16,9 @@ snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
                            no_args_is_help=True)
 app.add_typer(disk_app, name="disk")
 app.add_typer(snapshot_app, name="snapshot")
+pool_app = typer.Typer(help="Storage pools: named directories of disk images.",
+                       no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
 
 
 def _show_info(info: dict) -> None:
@@ -36,7 +39,10 @@ def _show_info(info: dict) -> None:
 
 @disk_app.command("create")
 def disk_create(
-    path: str = typer.Argument(..., metavar="PATH", help="The image to create."),
+    path: str = typer.Argument(..., metavar="PATH|VOLUME",
+                               help="The image to create (a volume name with --pool)."),
+    pool: Optional[str] = typer.Option(None, "--pool", metavar="NAME",
+                                       help="Create the volume in this storage pool."),
     size: Optional[str] = typer.Option(None, "--size", "-s", metavar="SIZE",
                                        help="Virtual size: 512M, 20G, 1.5T (default with "
                                             "--backing: the base's)."),
@@ -47,6 +53,9 @@ def disk_create(
 ) -> None:
     """Create a disk image (never overwrites; a failure leaves no file)."""
     from kvmrun import storage
+    if pool:
+        from kvmrun import pools
+        path = pools.volume_path(pool, path)
     size_bytes = storage.parse_disk_size(size)[1] if size is not None else None
     info = storage.create(path, size_bytes, fmt, backing)
     if as_json:
@@ -210,3 +219,60 @@ def ssh(
         from kvmrun.errors import HostError
         raise HostError("ssh not found", hint="apt-get install openssh-client")
     os.execvp("ssh", argv)
+
+
+# ---------------------------------------------------------------- pools
+
+@pool_app.command("define")
+def pool_define(name: str = typer.Argument(..., metavar="NAME"),
+                directory: str = typer.Argument(..., metavar="DIRECTORY",
+                                                help="Made if missing.")) -> None:
+    """Define a directory pool."""
+    from kvmrun import pools
+    pool = pools.define(name, directory)
+    out(f"defined pool {name} at {pool['path']}")
+
+
+@pool_app.command("undefine")
+def pool_undefine(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Forget a pool (its directory and volumes stay)."""
+    from kvmrun import pools
+    pool = pools.undefine(name)
+    out(f"undefined pool {name} (its volumes stay in {pool['path']})")
+
+
+@pool_app.command("list")
+def pool_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The defined pools: directory, volumes, free space."""
+    from kvmrun import pools
+    from kvmrun.storage import human
+    rows = []
+    for name in pools.names():
+        pool = pools.usage(name)
+        rows.append({**pool, "volumes": len(pools.volumes(name)) if pool["available"] else 0})
+    if as_json:
+        emit_json(rows)
+        return
+    out(f"{'NAME':<16} {'VOLUMES':>7} {'FREE':>10}  PATH")
+    for r in rows:
+        out(f"{r['name']:<16} {r['volumes']:>7} {human(r['free']):>10}  {r['path']}"
+            + ("" if r["available"] else "  (missing)"))
+
+
+@pool_app.command("info")
+def pool_info(name: str = typer.Argument(..., metavar="NAME"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """A pool's directory, space and volumes."""
+    from kvmrun import pools
+    from kvmrun.storage import human
+    info = {**pools.usage(name), "volumes": pools.volumes(name)}
+    if as_json:
+        emit_json(info)
+        return
+    out(f"{name}")
+    out(f"  {'path':<9}{info['path']}")
+    out(f"  {'space':<9}{human(info['free'])} free of {human(info['capacity'])}")
+    for v in info["volumes"]:
+        out(f"  {'volume':<9}{v['name']}  {v['format']}  {human(v['virtual_size'])}"
+            + (f"  on {v['backing_file']}" if v["backing_file"] else "")
+            + (f"  in use by {v['in_use_by']}" if v["in_use_by"] else ""))

@@ -44,7 +44,7 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Disk:
-    path: str
+    path: str = ""                   # or pool + volume
     format: str | None = None
     interface: str = "virtio"
     cache: str | None = None
@@ -52,6 +52,8 @@ class Disk:
     size: int | None = None          # MiB: create the image on first start when missing
     backing: str | None = None       # a qcow2 overlay on this base image
     ephemeral: bool = False          # writes go to an overlay deleted when the guest stops
+    pool: str | None = None          # a storage pool (kvmrun pool define) …
+    volume: str | None = None        # … and the volume in it: the path is resolved at load
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ KERNEL = Obj(Kernel, {
 }, "direct kernel boot")
 
 DISK = Obj(Disk, {
-    "path": Field(FilePath(), "disk image or block device", required=True),
+    "path": Field(FilePath(), "disk image or block device (or pool + volume)"),
     "format": Field(Enum(("qcow2", "raw")), "image format; default: detected with qemu-img"),
     "interface": Field(Enum(DISK_INTERFACES), "how the guest sees the disk"),
     "cache": Field(Enum(("none", "writeback", "writethrough", "directsync", "unsafe")),
@@ -241,6 +243,10 @@ DISK = Obj(Disk, {
                                  "first start when missing; the base is never written)"),
     "ephemeral": Field(Bool(), "throwaway: writes go to an overlay in the run directory that is "
                                "deleted when the guest stops"),
+    "pool": Field(Str(NAME_RE, MAX_NAME, "a pool name"), "storage pool holding the volume "
+                                                         "(kvmrun pool define)"),
+    "volume": Field(Str(r"[A-Za-z0-9][A-Za-z0-9._+-]*", what="a volume (file) name"),
+                    "volume (image file name) in the pool"),
 })
 
 SHARE = Obj(Share, {
@@ -380,8 +386,28 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
     profile = PROFILE.check(data, ctx, ())
     if profile is not None:
         _check_combinations(profile, ctx)
+        profile = _resolve_pools(profile, ctx)
     ctx.raise_errors()
     return dataclasses.replace(profile, source=source, lines=dict(lines))
+
+
+def _resolve_pools(p: Profile, ctx: Ctx) -> Profile:
+    """Disks given as pool + volume get the volume's path (from the pool's definition)."""
+    disks = []
+    for i, disk in enumerate(p.disks):
+        if disk.pool and disk.volume:
+            from kvmrun import pools
+            try:
+                disk = dataclasses.replace(disk, path=pools.volume_path(disk.pool, disk.volume))
+            except pools.PoolError as err:
+                ctx.error(("disks", i, "pool"), err.message, err.hint)
+        elif disk.pool or disk.volume:
+            ctx.error(("disks", i), "pool and volume go together",
+                      hint="write both (pool: NAME, volume: FILE), or a path")
+        elif not disk.path:
+            ctx.error(("disks", i), "missing required key 'path'")
+        disks.append(disk)
+    return dataclasses.replace(p, disks=tuple(disks))
 
 
 def _check_combinations(p: Profile, ctx: Ctx) -> None:

@@ -408,3 +408,41 @@ def test_ssh_argv():
     from kvmrun.errors import GuestError
     with pytest.raises(GuestError, match="no port forward to guest port 22"):
         ssh_argv("web", ["tcp:127.0.0.1:2222-:2222"])
+
+
+# ---------------------------------------------------------------- pools
+
+def test_directory_pools(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KVMRUN_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("KVMRUN_RUN_DIR", str(tmp_path / "run"))
+    code, out, _ = cli(capsys, "pool", "define", "fast", tmp_path / "images")
+    assert code == 0 and out == f"defined pool fast at {tmp_path}/images\n"
+    code, _, err = cli(capsys, "pool", "define", "fast", tmp_path / "else")
+    assert code == 1 and "already defined" in err
+    code, out, _ = cli(capsys, "disk", "create", "--pool", "fast", "web.qcow2", "--size", "2G")
+    assert code == 0 and out == f"created {tmp_path}/images/web.qcow2 (qcow2, 2 GiB)\n"
+    code, _, err = cli(capsys, "disk", "create", "--pool", "fast", "../escape", "-s", "1G")
+    assert code == 1 and "not a valid volume name" in err
+    code, _, err = cli(capsys, "disk", "create", "--pool", "slow", "a.qcow2", "-s", "1G")
+    assert code == 1 and "no storage pool named 'slow'" in err and "pools: fast" in err
+    code, out, _ = cli(capsys, "pool", "info", "fast", "--json")
+    info = json.loads(out)
+    assert info["path"] == str(tmp_path / "images") and info["free"] > 0
+    assert [(v["name"], v["format"], v["virtual_size"]) for v in info["volumes"]] == [
+        ("web.qcow2", "qcow2", 2 * GiB)]
+    code, out, _ = cli(capsys, "pool", "list", "--json")
+    assert [(r["name"], r["volumes"]) for r in json.loads(out)] == [("fast", 1)]
+
+    prof = load(write(tmp_path, "arch: x86_64\ndisks: [{pool: fast, volume: web.qcow2}]\n"))
+    assert prof.disks[0].path == str(tmp_path / "images" / "web.qcow2")
+    with pytest.raises(ProfileError, match=r"disks\[0\]: pool and volume go together"):
+        load(write(tmp_path, "arch: x86_64\ndisks: [{pool: fast}]\n"))
+    with pytest.raises(ProfileError, match=r"disks\[0\].pool: no storage pool named 'x'"):
+        load(write(tmp_path, "arch: x86_64\ndisks: [{pool: x, volume: a}]\n"))
+    with pytest.raises(ProfileError, match=r"disks\[0\]: missing required key 'path'"):
+        load(write(tmp_path, "arch: x86_64\ndisks: [{format: raw}]\n"))
+
+    code, out, _ = cli(capsys, "pool", "undefine", "fast")
+    assert code == 0 and (tmp_path / "images" / "web.qcow2").exists()
+    code, out, _ = cli(capsys, "pool", "list", "--json")
+    assert json.loads(out) == []
