@@ -99,6 +99,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ launch
     def start_qemu(self) -> bool:
+        if self.foreground:       # a SIGTERM from now on stops the guest (loop() acts on it)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self.on_signal)
         argv = self.launch["argv"]
         qemu_log = open(self.paths.dir / "qemu.log", "wb")
         self.save(name=self.guest.name, state=runtime.STARTING, boot_id=runtime.boot_id(),

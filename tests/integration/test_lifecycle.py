@@ -434,6 +434,25 @@ def test_run_in_foreground_stops_gracefully_on_sigterm(kr, tiny_guest):
 
 @pytest.mark.slow
 @pytest.mark.qemu
+def test_run_in_foreground_sigterm_while_qemu_starts(kr, tiny_guest):
+    """SIGTERM as soon as QEMU exists (before QMP is up, if the timing allows): the guest
+    is still stopped through the ladder, never left running without its supervisor."""
+    runner = kr.popen("run", kr.profile("early", tiny_guest))
+    pidfile = kr.guest_dir("early") / "qemu.pid"
+    deadline = time.monotonic() + 120
+    while not pidfile.exists() and runner.poll() is None:
+        assert time.monotonic() < deadline, "QEMU never wrote its pidfile"
+        time.sleep(0.01)
+    runner.send_signal(signal.SIGTERM)
+    _, err = runner.communicate(timeout=240)
+    assert runner.returncode == 0, err.decode()
+    assert qemu_processes(kr) == []
+    info = kr.status("early")
+    assert info["state"] == "stopped" and info["ended"]["by"] == "SIGTERM"
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
 def test_run_in_foreground_escalates_when_the_guest_ignores_acpi(kr, noacpi_guest):
     profile = kr.profile("fg", noacpi_guest, shutdown={"timeout": 3})
     runner = kr.popen("run", profile)
