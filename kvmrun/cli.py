@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from typing import List, Optional
@@ -133,6 +134,12 @@ def _oneoff_options():
         kernel=typer.Option(None, "--kernel", metavar="FILE", help="Direct kernel boot."),
         initrd=typer.Option(None, "--initrd", metavar="FILE", help="Initial ramdisk."),
         append=typer.Option(None, "--append", metavar="CMDLINE", help="Kernel command line."),
+        gdb=typer.Option(None, "--gdb", metavar="[PORT]",
+                         help="gdb stub on 127.0.0.1:1234, or on PORT / HOST:PORT "
+                              "(`target remote :1234`)."),
+        halted=typer.Option(False, "--halted",
+                            help="Start with vCPUs stopped (`kvmrun resume` or gdb's "
+                                 "`continue` starts them)."),
     )
 
 
@@ -153,6 +160,7 @@ def cmdline(
     machine: Optional[str] = _ONEOFF["machine"], accel: Optional[str] = _ONEOFF["accel"],
     cpu: Optional[str] = _ONEOFF["cpu"], kernel: Optional[str] = _ONEOFF["kernel"],
     initrd: Optional[str] = _ONEOFF["initrd"], append: Optional[str] = _ONEOFF["append"],
+    gdb: Optional[str] = _ONEOFF["gdb"], halted: bool = _ONEOFF["halted"],
 ) -> None:
     """Print the exact QEMU command line a profile compiles to.
 
@@ -160,12 +168,12 @@ def cmdline(
     `kvmrun cmdline --hda test.img --cdrom install.iso --boot d -m 2048`.
     """
     from kvmrun import compile as compiler, host, paths, storage
-    from kvmrun.profile import missing_files
+    from kvmrun.profile import missing_files, warnings
     prof = _profile_from(profile_ref, sets, dict(
         name=name, hda=hda, disk=disk, cdrom=cdrom, boot=boot, memory=memory, smp=smp,
         arch=arch, machine=machine, accel=accel, cpu=cpu, kernel=kernel, initrd=initrd,
-        append=append))
-    for problem in missing_files(prof):
+        append=append, gdb=gdb, halted=halted or None))
+    for problem in missing_files(prof) + warnings(prof):
         err(f"kvmrun: warning: {problem}")
     prof = storage.with_formats(prof)
     argv = compiler.compile(prof, host.probe(), paths.RunPaths.for_guest(prof.name))
@@ -199,15 +207,21 @@ def validate(
     and CPU model against the installed QEMU. Exit code 2 if any profile is wrong."""
     from kvmrun import checks, store
     from kvmrun.errors import ProfileError
+    from kvmrun.profile import warnings
     from kvmrun.spec import ProfileErrors
     results = []
     worst = 0
     for ref in profiles:
         try:
-            checks.check(store.resolve(ref, sets or []))
-            results.append({"profile": ref, "ok": True, "errors": []})
+            loaded = store.resolve(ref, sets or [])
+            checks.check(loaded)
+            warned = warnings(loaded)
+            results.append({"profile": ref, "ok": True, "errors": [], "warnings": [
+                {"key": w.location.key, "message": w.reason, "hint": w.hint} for w in warned]})
             if not as_json:
                 out(f"{ref}: ok")
+                for warning in warned:
+                    err(f"warning: {warning}")
         except ProfileError as e:
             errors = e.errors if isinstance(e, ProfileErrors) else [e]
             results.append({"profile": ref, "ok": False, "errors": [
@@ -238,8 +252,24 @@ from kvmrun import cli_storage  # noqa: E402,F401  (registers disk, snapshot, ss
 
 # ---------------------------------------------------------------- entry point
 
+GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """`--gdb` takes an optional value: `--gdb` alone (or before a non-port) means 1234."""
+    fixed = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return fixed + argv[i:]
+        if arg == "--gdb" and not (i + 1 < len(argv) and GDB_VALUE.fullmatch(argv[i + 1])):
+            arg = "--gdb=1234"
+        fixed.append(arg)
+    return fixed
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
+    argv = optional_values(sys.argv[1:] if argv is None else argv)
     try:
         result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
         code = result if isinstance(result, int) else 0

@@ -56,14 +56,16 @@ def start(
     hda: Optional[str] = _ONEOFF["hda"], cdrom: Optional[str] = _ONEOFF["cdrom"],
     memory: Optional[str] = _ONEOFF["memory"], kernel: Optional[str] = _ONEOFF["kernel"],
     initrd: Optional[str] = _ONEOFF["initrd"], append: Optional[str] = _ONEOFF["append"],
+    gdb: Optional[str] = _ONEOFF["gdb"], halted: bool = _ONEOFF["halted"],
 ) -> None:
     """Start a guest in the background under its own supervisor.
 
     Returns once QEMU's monitor answers (and, with `ready: {console: REGEX}` in the
-    profile, once the serial console printed a match)."""
+    profile, once the serial console printed a match; not with --halted)."""
     from kvmrun import control
     prof = _load(profile_ref, sets, name, dict(hda=hda, cdrom=cdrom, memory=memory,
-                                                kernel=kernel, initrd=initrd, append=append))
+                                                kernel=kernel, initrd=initrd, append=append,
+                                                gdb=gdb, halted=halted or None))
     if ephemeral:
         from kvmrun.storage import all_ephemeral
         prof = all_ephemeral(prof)
@@ -79,6 +81,10 @@ def start(
                                                             else ""))
     out(f"  console: kvmrun console {prof.name}   log: {info['console_log']}")
     out(f"  qmp:     {info['qmp']}")
+    if prof.gdb:
+        out(f"  gdb:     target remote {prof.gdb}")
+    if prof.halted:
+        out(f"  halted:  vCPUs stopped; `kvmrun resume {prof.name}` or gdb's continue starts them")
 
 
 @app.command()
@@ -93,6 +99,7 @@ def run(
                                                 "and the run directory is removed at the end."),
     kernel: Optional[str] = _ONEOFF["kernel"], initrd: Optional[str] = _ONEOFF["initrd"],
     append: Optional[str] = _ONEOFF["append"], memory: Optional[str] = _ONEOFF["memory"],
+    gdb: Optional[str] = _ONEOFF["gdb"], halted: bool = _ONEOFF["halted"],
 ) -> None:
     """Run a guest in the foreground (for systemd, scripts and embedded work).
 
@@ -101,7 +108,7 @@ def run(
     10 stop escalated, 11 killed."""
     from kvmrun import control
     prof = _load(profile_ref, sets, name, dict(kernel=kernel, initrd=initrd, append=append,
-                                                memory=memory))
+                                                memory=memory, gdb=gdb, halted=halted or None))
     if not rm:
         raise typer.Exit(control.run_foreground(prof, note=err, console=console))
     from kvmrun.storage import all_ephemeral
@@ -155,7 +162,7 @@ def stop(
                "console": "the guest powered off from its console",
                "already-exited": "it had already exited"}.get(
                    result["stage"], f"ended by {result['stage']}")
-        out(f"stopped {name}: {how}")
+        out(f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})")
 
 
 @app.command("kill")

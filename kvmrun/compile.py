@@ -69,7 +69,7 @@ def boot_indexes(profile: Profile) -> dict[str, int]:
 
 
 def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
-    a = archmod.get(profile.arch)
+    a = archmod.for_machine(profile.arch, profile.machine)
     accel = resolve_accel(profile, host)
     argv = [a.qemu]
     for part in (_identity(profile), _machine(profile, a, accel),
@@ -88,7 +88,11 @@ def _identity(p: Profile) -> Args:
 
 
 def _machine(p: Profile, a: Arch, accel: str) -> Args:
-    yield from ("-machine", p.machine or a.machine)
+    machine = p.machine or a.machine
+    if accel == "tcg" and a.tcg_machine_opts and (machine == a.machine
+                                                  or machine.startswith(a.machine + "-")):
+        machine = f"{machine},{a.tcg_machine_opts}"
+    yield from ("-machine", machine)
     thread = "multi" if accel == "tcg" and a.mttcg and p.smp > 1 else None
     yield from ("-accel", opts(accel, thread=thread))
     yield from ("-cpu", p.cpu or (a.cpu_kvm if accel == "kvm" else a.cpu_tcg))
@@ -239,9 +243,13 @@ def _network(p: Profile, a: Arch) -> Args:
         if net.type == "none":
             continue
         netdev = f"net{i}"
-        yield from ("-netdev", ",".join([f"user,id={netdev}"]
-                                        + [f"hostfwd={fwd}" for fwd in net.forward]))
-        yield from ("-device", opts(net.model or a.nic, netdev=netdev, id=f"nic{i}",
+        user = [f"user,id={netdev}"] + [f"hostfwd={fwd}" for fwd in net.forward]
+        model = net.model or a.nic
+        if model == a.onboard_nic:      # built into the board: not a -device, but -nic
+            yield from ("-nic", opts(*user, model=model, mac=net.mac or stable_mac(p.name, i)))
+            continue
+        yield from ("-netdev", ",".join(user))
+        yield from ("-device", opts(model, netdev=netdev, id=f"nic{i}",
                                     mac=net.mac or stable_mac(p.name, i),
                                     bootindex=boot.get("n") if i == 0 else None))
 

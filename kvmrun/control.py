@@ -31,7 +31,10 @@ Progress = Callable[[str], None]
 def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile, list[str]]:
     """Check the profile against the host and compile it (no side effects on guests)."""
     from kvmrun import checks, compile as compiler, host, storage
+    from kvmrun.profile import warnings
     checks.check(profile)
+    for warning in warnings(profile):
+        note(f"kvmrun: warning: {warning}")
     profile = storage.with_formats(profile)
     binary = host.qemu_binary(profile.arch)
     facts = host.probe(verify_kvm=profile.accel == "auto", note=note)
@@ -107,6 +110,9 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
     guest = Guest(profile.name)
     runtime.prepare_run_dir()
     created = not guest.paths.dir.exists()
+    if profile.halted and wait_ready and profile.ready.console:
+        note("kvmrun: halted: not waiting for the console (resume the guest first)")
+        wait_ready = False
     with guest.lock():
         made: list[str] = []
         try:
@@ -183,7 +189,8 @@ def _write_launch(profile: Profile, guest: Guest, argv: list[str]) -> None:
         "shutdown_method": profile.shutdown.method,
         "shutdown_command": profile.shutdown.command,
         "summary": {
-            "arch": profile.arch, "machine": argv[argv.index("-machine") + 1],
+            "arch": profile.arch,
+            "machine": argv[argv.index("-machine") + 1].split(",")[0],
             "accel": argv[argv.index("-accel") + 1].split(",")[0], "smp": profile.smp,
             "memory": profile.memory, "source": profile.source,
             "forwards": [f for n in profile.network for f in n.forward],
@@ -358,7 +365,8 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
     _record_end_without_supervisor(guest, state, {"reason": "stopped", "by": "kvmrun stop",
                                                   "stage": stage,
                                                   "detail": f"stopped by kvmrun stop ({stage})"})
-    return {"name": guest.name, "stage": stage, "state": guest.live_state()[0]}
+    return {"name": guest.name, "stage": stage, "state": guest.live_state()[0],
+            "method": launch.get("shutdown_method", "acpi")}
 
 
 def kill(guest: Guest) -> dict:

@@ -74,11 +74,8 @@ def qemu_binary(arch_name: str) -> str:
     a = archmod.get(arch_name)
     found = shutil.which(a.qemu)
     if not found:
-        package = {"x86_64": "qemu-system-x86", "i386": "qemu-system-x86",
-                   "aarch64": "qemu-system-arm", "arm": "qemu-system-arm"}.get(
-                       a.name, "qemu-system-misc")
         raise HostError(f"{a.qemu} not found on PATH",
-                        hint=f"install it: apt-get install {package}")
+                        hint=f"install it: apt-get install {a.package}")
     return found
 
 
@@ -133,7 +130,8 @@ def qemu_machines(binary: str) -> list[str]:
 
 
 def qemu_cpus(binary: str) -> list[str]:
-    """CPU model names the binary supports (x86 prints `x86 NAME`, others `  NAME`)."""
+    """CPU model names the binary supports (x86 prints `x86 NAME`, s390x `s390 NAME`, ppc
+    `PowerPC NAME`, others `  NAME`)."""
     def compute():
         names = {"host", "max"}
         for line in _ask_qemu(binary, "-cpu", "help").splitlines():
@@ -142,6 +140,7 @@ def qemu_cpus(binary: str) -> list[str]:
             words = line.split()
             if not words or line.rstrip().endswith(":"):
                 continue
-            names.add(words[1] if words[0] == "x86" and len(words) > 1 else words[0])
+            prefixed = words[0] in ("x86", "s390", "PowerPC") and len(words) > 1
+            names.add(words[1] if prefixed else words[0])
         return sorted(names)
-    return _cached(binary, "cpus", compute)
+    return _cached(binary, "cpus-v2", compute)     # v2: s390/PowerPC prefixes

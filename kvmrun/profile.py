@@ -391,6 +391,53 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
     return dataclasses.replace(profile, source=source, lines=dict(lines))
 
 
+PCI_ONLY_DISKS = ("ide", "nvme", "sd")       # need an AHCI, NVMe or SDHCI controller on PCI
+
+
+def _check_board(p: Profile, ctx: Ctx) -> None:
+    """A board without PCI (e.g. vexpress-a9) takes virtio-mmio devices and its on-board NIC."""
+    board = archmod.get(p.arch).board(p.machine)
+    if board is None or board.virtio == "pci":
+        return
+    why = board.note or f"{board.name} has no PCI bus"
+    for i, disk in enumerate(p.disks):
+        if disk.interface in PCI_ONLY_DISKS:
+            ctx.error(("disks", i, "interface"), f"{why}: no place for {disk.interface} disks",
+                      hint="use interface: virtio (virtio-mmio)" if board.virtio else None)
+    if "tablet" in p.devices:
+        ctx.error(("devices",), f"{why}: no USB controller for the tablet")
+    if board.virtio is None:
+        for i, net in enumerate(p.network):
+            if net.type == "user" and (net.model or board.nic) != board.nic:
+                ctx.error(("network", i), f"{why} and no virtio: only its on-board NIC "
+                                          f"({board.nic or 'none'}) fits",
+                          hint="network: []" if not board.nic else f"model: {board.nic}")
+        if p.devices:
+            ctx.error(("devices",), f"{why} and no virtio: virtio devices do not fit",
+                      hint="devices: []")
+
+
+def power_button_problem(p: Profile) -> str | None:
+    """What is wrong with shutdown.method acpi on a machine without a power button."""
+    a = archmod.get(p.arch)
+    machine = p.machine or a.machine
+    if p.shutdown.method != "acpi" or a.has_power_button(machine):
+        return None
+    return (f"the {machine} machine has no power button, so shutdown.method acpi "
+            f"(QEMU's system_powerdown) never reaches the guest")
+
+
+POWER_BUTTON_HINT = ("set shutdown.method: console (with shutdown.command, e.g. 'poweroff -f'), "
+                     "agent (QEMU guest agent) or none (kvmrun stop --force ends it)")
+
+
+def warnings(p: Profile) -> list[ProfileError]:
+    """Things that work but probably not as meant (printed by validate, cmdline, start)."""
+    problem = power_button_problem(p)
+    return [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
+            ] if problem else []
+
+
 def _resolve_pools(p: Profile, ctx: Ctx) -> Profile:
     """Disks given as pool + volume get the volume's path (from the pool's definition)."""
     disks = []
@@ -413,6 +460,10 @@ def _resolve_pools(p: Profile, ctx: Ctx) -> Profile:
 def _check_combinations(p: Profile, ctx: Ctx) -> None:
     """Values that are each valid but that QEMU refuses together."""
     a = archmod.ARCHES.get(p.arch)
+    _check_board(p, ctx)
+    if ("shutdown", "method") in ctx.lines and power_button_problem(p):
+        # written out: an error; left at the default: a warning (see warnings())
+        ctx.error(("shutdown", "method"), power_button_problem(p), hint=POWER_BUTTON_HINT)
     if p.semihosting and a and not a.semihosting:
         ctx.error(("semihosting",), f"semihosting is not available for {a.name} guests",
                   hint="QEMU offers it for " + ", ".join(

@@ -39,12 +39,26 @@ def wait_pidfd(pidfd: int, timeout: float | None) -> bool:
     return bool(poller.poll(ms))
 
 
-def type_on_console(console_sock: str, command: str) -> None:
-    """Type a command line on the serial console (shutdown.method: console)."""
+def type_on_console(console_sock: str, command: str, settle: float = 5.0) -> None:
+    """Type a command line on the serial console (shutdown.method: console).
+
+    QEMU moves bytes from the socket to the guest's UART only as fast as the UART takes
+    them (a PL011 holds 16), and drops what it has not read yet when the client hangs up.
+    So the line is sent, our side half-closed, and the socket kept open until QEMU has
+    read it all and closes its end at our EOF (at most `settle` seconds)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(2)
         sock.connect(console_sock)
         sock.sendall(b"\r\n" + command.encode() + b"\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + settle
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                if not sock.recv(4096):
+                    break
+            except OSError:             # timeout or reset: nothing more to wait for
+                break
 
 
 def agent_shutdown(qga_sock: str) -> None:

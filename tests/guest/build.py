@@ -418,12 +418,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="x86_64", choices=sorted(ARCHES))
     parser.add_argument("--variant", default="default", choices=VARIANTS)
     parser.add_argument("--print", action="store_true", help="print the GuestImage as JSON")
+    parser.add_argument("--link", action="store_true",
+                        help="point build/guest/ARCH at the guest (the example profiles in "
+                             "profiles/ use it)")
     args = parser.parse_args(argv)
     try:
         image = build_guest(args.arch, args.variant)
     except GuestBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.link:
+        link = Path(__file__).resolve().parents[2] / "build" / "guest" / args.arch
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{args.arch}.tmp")
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(image.kernel.parent)
+        os.replace(tmp, link)
     if args.print:
         print(json.dumps({k: str(v) for k, v in dataclasses.asdict(image).items()}, indent=2))
     else:
