@@ -192,7 +192,7 @@ def snapshot_delete(name: str = NameOrProfile,
 
 # ---------------------------------------------------------------- ssh
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command()
 def ssh(
     name: str = typer.Argument(..., metavar="NAME", help="A running guest."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD...]"),

@@ -40,6 +40,13 @@ def overlays(kr, name: str) -> list[str]:
     return sorted(p.name for p in directory.glob("overlay-*")) if directory.exists() else []
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def raw_disk(path: Path, mib: int = 4) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), f"{mib}M"], check=True)
     return path
@@ -138,7 +145,8 @@ def test_seed_share_created_disk_and_live_resize(kr, tiny_guest):
         "echo \"DISK: $(cat /sys/block/vda/size)\""),
         disks=[{"path": str(disk), "size": "64M"}],
         shares=[{"path": "src", "tag": "src", "readonly": True}],
-        cloud_init={"hostname": "seedbox", "user_data": {"runcmd": [["echo", "hi"]]}})
+        cloud_init={"hostname": "seedbox", "user_data": {"runcmd": [["echo", "hi"]]}},
+        network=[{"forward": [f"{free_port()}:22"]}])
     kr.start(profile)
     log = serial(kr, "seed")
     assert "SHARE: written on the host" in log
@@ -153,6 +161,12 @@ def test_seed_share_created_disk_and_live_resize(kr, tiny_guest):
     status = kr.ok("status", "seed").out
     assert ("share    " + str(shared) + " as src (ro); in the guest: mkdir -p /mnt/src && "
             "mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src") in status
+
+    port = json.loads(kr.ok("status", "seed", "--json").out)["forwards"][0].split(":")[2]
+    port = port.split("-")[0]
+    assert kr.ok("ssh", "seed", "--print", "-l", "root", "--", "cat", "/etc/hostname").out == (
+        f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+        "-o LogLevel=ERROR -l root 127.0.0.1 -- cat /etc/hostname\n")
 
     # resize while running: live, through QMP block_resize
     resized = kr.ok("disk", "resize", disk, "+64M")
