@@ -6,6 +6,7 @@ when a guest's supervisor has died.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -113,11 +114,14 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
     if profile.halted and wait_ready and profile.ready.console:
         note("kvmrun: halted: not waiting for the console (resume the guest first)")
         wait_ready = False
-    with guest.lock():
+    with guest.lock() as lock_fd:
         made: list[str] = []
         try:
             made = _claim(profile, guest, argv)
-            return _spawn_and_wait(profile, guest, argv, wait_ready)
+            # the lock is released once QMP answers: a second start of the name then fails
+            # at once with "already running" instead of waiting for this guest's boot
+            return _spawn_and_wait(profile, guest, argv, wait_ready,
+                                   unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN))
         except BaseException:
             _cleanup_failed(guest, created, made)
             raise
@@ -204,7 +208,8 @@ def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "kvmrun.supervisor", name, "--run-dir", str(base), *extra]
 
 
-def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool) -> dict:
+def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
+                    unlock: Callable[[], None] = lambda: None) -> dict:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     errlog = open(guest.paths.dir / "supervisor.log", "ab")
     try:
@@ -238,6 +243,7 @@ def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready:
                                   hint=_launch_hint(message.get("stderr", "")))
             if event == "qmp":
                 result["pid"] = message["pid"]
+                unlock()
                 if not wait_ready or not profile.ready.console:
                     break
             if event == "ready":
