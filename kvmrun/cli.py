@@ -248,6 +248,7 @@ from kvmrun import cli_store  # noqa: E402,F401  (registers the store verbs)
 from kvmrun import cli_host  # noqa: E402,F401  (registers doctor)
 from kvmrun import cli_systemd  # noqa: E402,F401  (registers the systemd verbs)
 from kvmrun import cli_storage  # noqa: E402,F401  (registers disk, snapshot, ssh)
+from kvmrun import cli_net  # noqa: E402,F401  (registers net define/start/stop/list/status)
 
 
 # ---------------------------------------------------------------- entry point

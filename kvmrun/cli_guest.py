@@ -204,6 +204,13 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
                              f"{', ro' if disk['readonly'] else ''})"))
     for fwd in info["forwards"]:
         rows.append(("forward", fwd))
+    for nic in info.get("nics", []):
+        where = {"user": "user network", "bridge": f"bridge {nic.get('bridge')}"}.get(
+            nic["type"], f"{nic['type']} network {nic.get('network')}")
+        lease = nic.get("lease")
+        rows.append(("nic", f"net{nic['index']}: {nic['mac']} on {where}"
+                            + (f" (tap {nic['tap']})" if nic.get("tap") else "")
+                            + (f", lease {lease['ip']}" if lease else "")))
     for i in info.get("ephemeral_disks", []):
         rows.append(("overlay", f"disk{i} is ephemeral: its writes go to a throwaway overlay"))
     for share in info.get("shares", []):

@@ -28,6 +28,7 @@ class HostFacts:
     machine: str = "x86_64"                     # `uname -m`
     kvm: bool = False                           # /dev/kvm usable and guests boot under it
     forced_accel: str | None = None             # KVMRUN_ACCEL
+    net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
 
 
@@ -75,7 +76,7 @@ def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
     for part in (_identity(profile), _machine(profile, a, accel),
                  _display(profile, a, paths), _firmware(profile, a, host, paths),
                  _kernel(profile), _storage(profile, a, paths), _shares(profile, a),
-                 _network(profile, a),
+                 _network(profile, a, host, paths),
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths), profile.qemu_args):
         argv.extend(part)
@@ -237,13 +238,40 @@ def _shares(p: Profile, a: Arch) -> Args:
                                     f"mount_tag={share.tag}", id=f"share{i}"))
 
 
-def _network(p: Profile, a: Arch) -> Args:
+def netdev_parts(p: Profile, i: int, host: HostFacts, paths: RunPaths) -> list[str]:
+    """The backend of NIC i: type, id and options (the taps, hub and NAT networks named here
+    are made by kvmrun.network before launch)."""
+    from kvmrun import network as netmod
+    net, netdev = p.network[i], f"net{i}"
+    if net.type == "isolated":
+        return [f"dgram,id={netdev}", "local.type=unix",
+                f"local.path={qemu_escape(netmod.port_socket(paths, i))}", "remote.type=unix",
+                f"remote.path={qemu_escape(netmod.hub_socket(paths, net.name))}"]
+    if net.type == "nat" or (net.type == "bridge" and host.net_admin):
+        return [f"tap,id={netdev}", f"ifname={netmod.tap_name(p.name, i)}", "script=no",
+                "downscript=no"]
+    if net.type == "bridge":            # without root: QEMU's setuid qemu-bridge-helper
+        return [f"bridge,id={netdev}", f"br={net.bridge}"]
+    user = [f"user,id={netdev}"]
+    for key in ("net", "dhcpstart"):
+        if getattr(net, key):
+            user.append(f"{key}={getattr(net, key)}")
+    if net.restrict:
+        user.append("restrict=on")
+    if net.tftp:
+        user.append(f"tftp={qemu_escape(net.tftp)}")
+    if net.bootfile:
+        user.append(f"bootfile={qemu_escape(net.bootfile)}")
+    return user + [f"hostfwd={fwd}" for fwd in net.forward]
+
+
+def _network(p: Profile, a: Arch, host: HostFacts, paths: RunPaths) -> Args:
     boot = boot_indexes(p)
     for i, net in enumerate(p.network):
         if net.type == "none":
             continue
         netdev = f"net{i}"
-        user = [f"user,id={netdev}"] + [f"hostfwd={fwd}" for fwd in net.forward]
+        user = netdev_parts(p, i, host, paths)
         model = net.model or a.nic
         if model == a.onboard_nic:      # built into the board: not a -device, but -nic
             yield from ("-nic", opts(*user, model=model, mac=net.mac or stable_mac(p.name, i)))

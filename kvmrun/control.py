@@ -92,10 +92,13 @@ def _claim(profile: Profile, guest: Guest, argv: list[str]) -> list[str]:
         path, other = next(iter(busy.items()))
         raise GuestError(f"disk {path} is in use by running guest {other!r}",
                          hint="stop that guest first, or give this one its own disk")
+    from kvmrun import network
+    network.check(profile)
     guest.clear_runtime(keep_logs=False)
     from kvmrun import storage
     made = storage.prepare_guest(profile, guest.paths)
     try:
+        network.setup(profile, guest.paths)
         _prepare_nvram(profile, guest)
         _write_launch(profile, guest, argv)
     except BaseException:
@@ -272,7 +275,8 @@ def _cleanup_failed(guest: Guest, created: bool, made: list[str] = ()) -> None:
     pid = guest.qemu_pid()
     if pid is not None:
         return                       # a guest is up (e.g. ready timeout): leave it running
-    from kvmrun import storage
+    from kvmrun import network, storage
+    network.teardown(guest.paths)
     storage.remove_created(made)
     if created:
         guest.remove_dir()
@@ -332,6 +336,8 @@ def _record_end_without_supervisor(guest: Guest, state: dict, ended: dict) -> No
                  ended={**ended, "at": time.time(), "note": "recorded by the CLI: the "
                         "guest's supervisor was not running"})
     guest.write_state(final)
+    from kvmrun import network
+    network.teardown(guest.paths)
     guest.clear_runtime()
 
 
@@ -445,6 +451,8 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     except (OSError, ValueError):
         launch = {}
     info["ephemeral_disks"] = launch.get("ephemeral_disks", [])
+    from kvmrun import network
+    info["nics"] = network.nic_status(guest.paths)
     info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
                       for s in launch.get("shares", [])]
     if pid and detailed:

@@ -61,7 +61,8 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
         found = next((c for c in a.uefi_code if os.path.exists(c)), None)
         if found:
             uefi[a.name] = found
-    return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi)
+    return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
+                     net_admin=os.geteuid() == 0)
 
 
 def uefi_vars_template(arch_name: str) -> str | None:

@@ -81,6 +81,13 @@ class Network:
     forward: tuple[str, ...] = ()
     mac: str | None = None
     model: str | None = None
+    name: str | None = None          # isolated / nat: the named network
+    bridge: str | None = None        # bridge: an existing host bridge
+    restrict: bool = False           # user: the guest reaches nothing beyond QEMU's NAT
+    net: str | None = None           # user: the guest address range, 10.0.2.0/24
+    dhcpstart: str | None = None     # user: first address handed out by DHCP
+    tftp: str | None = None          # user: directory served over TFTP
+    bootfile: str | None = None      # user: boot file announced by DHCP (network boot)
 
 
 @dataclass(frozen=True)
@@ -294,8 +301,61 @@ CLOUD_INIT = Obj(CloudInit, {
     "password": Field(Str(), "password of the default user (ssh password login enabled)"),
 }, "a NoCloud seed attached as a read-only CD-ROM labelled cidata")
 
+NET_TYPES = ("user", "isolated", "bridge", "nat", "none")
+NET_NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
+USER_ONLY = ("forward", "restrict", "net", "dhcpstart", "tftp", "bootfile")
+
+
+class IPv4Net(Str):
+    """An IPv4 network in CIDR form (10.0.2.0/24); host bits must be zero."""
+
+    def check(self, value, ctx, path):
+        value = super().check(value, ctx, path)
+        if value is None:
+            return None
+        import ipaddress
+        try:
+            net = ipaddress.IPv4Network(value)
+        except ValueError as err:
+            return ctx.error(path, f"{value!r} is not an IPv4 network: {err}",
+                             hint="write ADDRESS/PREFIX, e.g. 10.0.2.0/24")
+        if net.prefixlen > 29:
+            return ctx.error(path, f"{value!r} is too small (a /29 at most)")
+        return str(net)
+
+
+class IPv4Addr(Str):
+    def check(self, value, ctx, path):
+        value = super().check(value, ctx, path)
+        if value is None:
+            return None
+        import ipaddress
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            return ctx.error(path, f"{value!r} is not an IPv4 address")
+
+
 NETWORK = Obj(Network, {
-    "type": Field(Enum(("user", "none")), "user: NAT through QEMU, no root needed"),
+    "type": Field(Enum(NET_TYPES),
+                  "user: NAT through QEMU, no root needed; isolated: a named network of "
+                  "guests only (no root); bridge: a tap on a host bridge; nat: a "
+                  "kvmrun-managed NAT network with DHCP (root); none"),
+    "name": Field(Str(NET_NAME_RE, 32, "a network name (letters, digits and . _ - between "
+                                       "them, at most 32)"),
+                  "isolated, nat: the named network (nat: default 'default')"),
+    "bridge": Field(Str(r"[A-Za-z0-9_.-]{1,15}", what="a bridge name (at most 15 "
+                                                      "characters)"),
+                    "bridge: the existing host bridge the guest's tap joins"),
+    "restrict": Field(Bool(), "user: isolate the guest from the host and the outside "
+                              "(forwards still work)"),
+    "net": Field(IPv4Net(what="an IPv4 network"), "user: the guest address range "
+                                                  "(default 10.0.2.0/24)"),
+    "dhcpstart": Field(IPv4Addr(what="an IPv4 address"),
+                       "user: first address QEMU's DHCP hands out (default .15)"),
+    "tftp": Field(FilePath(), "user: a directory QEMU serves over TFTP"),
+    "bootfile": Field(Str(r"[^,\s]+", what="a file name"),
+                      "user: the boot file DHCP announces (network boot with boot: n)"),
     "forward": Field(List(Forward(), scalar_ok=True),
                      "port forwards HOSTPORT:GUESTPORT or tcp:ADDR:HOSTPORT-:GUESTPORT"),
     "mac": Field(Str(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", what="a MAC address"),
@@ -481,10 +541,48 @@ def _check_combinations(p: Profile, ctx: Ctx) -> None:
                                                  "cannot be ephemeral")
         if disk.backing and os.path.realpath(disk.backing) == os.path.realpath(disk.path):
             ctx.error(("disks", i, "backing"), "a disk cannot be its own backing image")
+    _check_networks(p, ctx)
     tags = [s.tag for s in p.shares]
     for i, share in enumerate(p.shares):
         if tags.index(share.tag) != i:
             ctx.error(("shares", i, "tag"), f"tag {share.tag!r} is used twice")
+
+
+def _check_networks(p: Profile, ctx: Ctx) -> None:
+    """Keys that belong to one network type, names and bridges, and forwards that collide."""
+    import ipaddress
+    bound: dict[str, tuple[int, int]] = {}
+    for i, net in enumerate(p.network):
+        if net.type != "user":
+            for key in USER_ONLY:
+                if getattr(net, key) not in (None, (), False):
+                    ctx.error(("network", i, key), f"{key} is for type: user, not "
+                                                   f"type: {net.type}")
+        if net.name and net.type not in ("isolated", "nat"):
+            ctx.error(("network", i, "name"), f"name is for type: isolated or nat, not "
+                                              f"type: {net.type}")
+        if net.type == "isolated" and not net.name:
+            ctx.error(("network", i), "type: isolated needs the network's name",
+                      hint="name: lab1 (guests with the same name share the network)")
+        if net.bridge and net.type != "bridge":
+            ctx.error(("network", i, "bridge"), f"bridge is for type: bridge, not "
+                                                f"type: {net.type}")
+        if net.type == "bridge" and not net.bridge:
+            ctx.error(("network", i), "type: bridge needs the host bridge's name",
+                      hint="bridge: br0")
+        if net.dhcpstart:
+            within = ipaddress.IPv4Network(net.net or "10.0.2.0/24")
+            if ipaddress.IPv4Address(net.dhcpstart) not in within:
+                ctx.error(("network", i, "dhcpstart"),
+                          f"{net.dhcpstart} is not in the guest network {within}")
+        for j, fwd in enumerate(net.forward):
+            proto, haddr, rest = fwd.split(":", 2)
+            key = f"{proto}:{haddr}:{rest.split('-')[0]}"
+            if key in bound:
+                ctx.error(("network", i, "forward", j),
+                          f"host port {rest.split('-')[0]}/{proto} on {haddr} is forwarded "
+                          "twice")
+            bound.setdefault(key, (i, j))
 
 
 def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dict, Lines]:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvmrun import runtime
+from kvmrun import network, runtime
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.qmp import QMPClient
 from kvmrun.shutdown import GRACE, HARD_STAGES, RESEND, Ladder, open_pidfd
@@ -318,6 +318,7 @@ class Supervisor:
                                                         "panicked") else runtime.STOPPED
         self.save(state=state, ended=ended, supervisor_exit=code)
         self.guest.clear_runtime()
+        network.teardown(self.paths)
         log(f"{self.guest.name}: ended: {ended['detail']}")
         notify(f"STATUS=guest ended: {ended['detail']}")
         return code
@@ -326,6 +327,7 @@ class Supervisor:
         try:
             if not self.start_qemu():
                 self.guest.clear_runtime()
+                network.teardown(self.paths)
                 return EXIT_LAUNCH
             self.loop()
             return self.finish()

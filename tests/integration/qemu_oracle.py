@@ -273,7 +273,7 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
     bootable = {"d": "cdrom0" if profile.cdrom else None,
                 "c": "disk0" if profile.disks and profile.disks[0].interface != "sd"
                 else None,
-                "n": "nic0" if profile.network and profile.network[0].type == "user"
+                "n": "nic0" if profile.network and profile.network[0].type != "none"
                 else None}
     for letter, dev_id in bootable.items():
         if dev_id in peripherals:             # an on-board NIC (-nic) has no bootindex
@@ -283,7 +283,7 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
     nics = {mac: model for model, mac in re.findall(r"type=nic,model=([^,]+),macaddr=(\S+)",
                                                     network)}
     expected = {net.mac or stable_mac(profile.name, i): net.model
-                for i, net in enumerate(profile.network) if net.type == "user"}
+                for i, net in enumerate(profile.network) if net.type != "none"}
     assert set(nics) == set(expected), "NIC MAC addresses"
     for mac, model in expected.items():
         assert model is None or nics[mac] == model, f"model of NIC {mac}"

@@ -1,0 +1,152 @@
+"""The hub of an isolated network: a tiny learning Ethernet switch between unix sockets.
+
+Each guest NIC on isolated network NAME is a QEMU `-netdev dgram` bound to a unix datagram
+socket in the guest's run directory and sending to <run dir>/.net/NAME/hub.sock. The hub
+forwards each frame to the port that owns the destination MAC, or floods it to every other
+port. Ports are the symlinks in <run dir>/.net/NAME/ports/ (made by kvmrun.network.setup,
+removed at teardown); frames from anything else are dropped. No IP, no host interface, no
+root: guests on the network reach each other and nothing else.
+
+The hub exits after IDLE seconds without ports. Standard library only.
+
+    python -m kvmrun.hub <run dir>/.net/NAME
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import sys
+import time
+from pathlib import Path
+
+IDLE = 30.0              # seconds without ports before the hub exits
+REFRESH = 1.0            # seconds between re-reads of the ports directory
+MAC_AGE = 300.0          # seconds a learnt MAC stays
+
+
+class Hub:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.ports_dir = directory / "ports"
+        self.ports: set[str] = set()          # socket paths of attached NICs
+        self.macs: dict[bytes, tuple[str, float]] = {}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.path = directory / "hub.sock"
+        self.refreshed = 0.0
+        self.empty_since = time.monotonic()
+
+    def bind(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        from kvmrun.runtime import atomic_write, proc_starttime
+        atomic_write(self.dir / "hub.json", json.dumps(
+            {"pid": os.getpid(), "starttime": proc_starttime(os.getpid())}))
+
+    def refresh(self) -> None:
+        ports = set()
+        try:
+            for link in self.ports_dir.iterdir():
+                try:
+                    ports.add(os.readlink(link))
+                except OSError:
+                    continue
+        except FileNotFoundError:
+            pass
+        self.ports = ports
+        self.macs = {m: v for m, v in self.macs.items() if v[0] in ports}
+        self.refreshed = time.monotonic()
+        if ports:
+            self.empty_since = self.refreshed
+
+    def send(self, frame: bytes, port: str) -> None:
+        try:
+            self.sock.sendto(frame, port)
+        except OSError as err:
+            if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return                       # that guest's QEMU is gone or not bound yet
+            if err.errno in (errno.EAGAIN, errno.ENOBUFS):
+                return                       # a full receiver drops, as a switch would
+            raise
+
+    def forward(self, frame: bytes, sender: str) -> None:
+        if sender not in self.ports:
+            self.refresh()
+            if sender not in self.ports:
+                return                       # not a member: dropped
+        if len(frame) < 14:
+            return
+        now = time.monotonic()
+        dst, src = frame[0:6], frame[6:12]
+        if not src[0] & 1:
+            self.macs[src] = (sender, now)
+        known = self.macs.get(dst)
+        if not dst[0] & 1 and known and now - known[1] < MAC_AGE:
+            if known[0] != sender:
+                self.send(frame, known[0])
+            return
+        for port in self.ports:
+            if port != sender:
+                self.send(frame, port)
+
+    def idle_exit(self) -> bool:
+        """Exit (under the network's lock, so no guest is attaching) when no ports are left."""
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            self.refresh()
+            if self.ports:
+                return False
+            for leaf in ("hub.sock", "hub.json"):
+                try:
+                    (self.dir / leaf).unlink()
+                except FileNotFoundError:
+                    pass
+            return True
+        finally:
+            os.close(fd)
+
+    def run(self) -> int:
+        self.bind()
+        self.refresh()
+        while True:
+            readable, _, _ = select.select([self.sock], [], [], REFRESH)
+            if readable:
+                for _ in range(256):         # drain a burst before looking around again
+                    try:
+                        frame, sender = self.sock.recvfrom(65536, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    self.forward(frame, sender)
+            now = time.monotonic()
+            if now - self.refreshed >= REFRESH:
+                self.refresh()
+                if not self.ports and now - self.empty_since > IDLE and self.idle_exit():
+                    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m kvmrun.hub <run dir>/.net/NAME\n")
+        return 2
+    return Hub(Path(args[0])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
