@@ -125,6 +125,11 @@ def x86_profiles(draw):
         "mac": st.from_regex(r"52:54:00(:[0-9a-f]{2}){3}", fullmatch=True),
         "model": st.sampled_from(["virtio-net-pci", "e1000", "rtl8139"]),
     }), max_size=2))
+    taken: set[str] = set()               # a host port forwarded twice is a profile error
+    for net in nets:
+        if "forward" in net:
+            net["forward"] = [f for f in net["forward"] if f not in taken]
+            taken.update(net["forward"])
     data["network"] = nets
     data["serial"] = draw(st.sampled_from(["log", "stdio", "socket", "none"]))
     data["display"] = draw(st.sampled_from(["none", "vnc"]))
