@@ -331,6 +331,14 @@ def check(profile) -> None:
             from kvmrun.errors import ProfileError
             raise ProfileError(profile.location("network", i, "tftp"),
                                f"TFTP directory {net.tftp!r} not found")
+        if (net.tftp and net.bootfile and "://" not in net.bootfile
+                and not os.path.isfile(os.path.join(net.tftp, net.bootfile.lstrip("/")))):
+            from kvmrun.errors import ProfileError
+            raise ProfileError(profile.location("network", i, "bootfile"),
+                               f"boot file {net.bootfile!r} not found in the TFTP directory "
+                               f"{net.tftp!r}",
+                               hint="bootfile names a file relative to the tftp directory, "
+                                    "or a URL")
         if net.type == "bridge":
             _check_bridge(profile, i, net.bridge)
         elif net.type == "nat":

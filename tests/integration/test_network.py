@@ -1,7 +1,9 @@
 """Networks against real QEMU (TCG) and the tiny guest.
 
     user        a forward reaches busybox httpd in the guest from 127.0.0.1; a forward on a
-                port already in use fails before QEMU starts and leaves nothing behind
+                port already in use fails before QEMU starts and leaves nothing behind;
+                PXE: boot: n fetches an iPXE script, kernel and initrd over the user
+                network's TFTP server
     isolated    two guests on one named network ping each other by static addresses; a
                 third on another network reaches neither (no root, no host interface)
     bridge      (root) inside a network namespace of the test's own: a bridged guest reaches
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +32,7 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
+import yaml
 
 from tests.integration.conftest import pid_alive
 from kvmrun.compile import stable_mac
@@ -156,6 +160,39 @@ def test_restricted_user_network_still_forwards(kr, tiny_guest):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as reply:
         assert reply.read().decode() == "KVMRUN-HTTP-kvmrun-guest\n"
     kr.ok("stop", "rst")
+
+
+def test_pxe_boot_over_user_network_tftp(kr, tiny_guest):
+    """boot: n and no kernel: SeaBIOS boots the NIC's iPXE option ROM, which takes a DHCP
+    lease from QEMU's user network and fetches the boot file (an iPXE script), the kernel
+    and the initrd from its built-in TFTP server (tftp: relative to the profile)."""
+    tftp = kr.base / "tftpboot"
+    tftp.mkdir()
+    shutil.copy(tiny_guest.kernel, tftp / "vmlinuz")
+    shutil.copy(tiny_guest.initrd, tftp / "initrd.img")
+    (tftp / "boot.ipxe").write_text(
+        "#!ipxe\n"
+        f"kernel vmlinuz console={tiny_guest.console} quiet kvmrun.pxe=1\n"
+        "initrd initrd.img\n"
+        "boot\n")
+    profile = kr.base / "pxe.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "pxe", "accel": "tcg", "memory": "256M", "boot": "n",
+        "network": [{"type": "user", "tftp": "tftpboot", "bootfile": "boot.ipxe"}],
+        "ready": {"console": tiny_guest.ready_marker, "timeout": 180},
+    }, sort_keys=False))
+
+    argv = kr.ok("cmdline", profile).out
+    assert "-kernel" not in argv
+    assert f"tftp={tftp},bootfile=boot.ipxe" in argv and "bootindex=0" in argv
+
+    kr.start(profile)                       # returns once the network-booted guest is ready
+    assert tiny_guest.ready_marker in serial(kr, "pxe")
+    assert guest_check(kr, "pxe", "grep -q kvmrun.pxe=1 /proc/cmdline", "PXE")
+
+    assert "stopped pxe: the guest powered off" in kr.ok("stop", "pxe").out
+    ended = kr.status("pxe")["ended"]
+    assert ended["stage"] == "acpi" and ended["shutdown_reason"] == "guest-shutdown"
 
 
 # ---------------------------------------------------------------- isolated

@@ -169,6 +169,15 @@ def test_missing_bridge_and_tftp_dir(tmp_path):
     p = profile(tmp_path, "network:\n  - {tftp: nothere}\n")
     with pytest.raises(ProfileError, match="network\\[0\\].tftp: TFTP directory .* not found"):
         network.check(p)
+    (tmp_path / "tftp").mkdir()
+    p = profile(tmp_path, "network:\n  - {tftp: tftp, bootfile: boot.ipxe}\n")
+    with pytest.raises(ProfileError, match="network\\[0\\].bootfile: boot file 'boot.ipxe' "
+                                           "not found in the TFTP directory"):
+        network.check(p)
+    (tmp_path / "tftp" / "boot.ipxe").write_text("#!ipxe\n")
+    network.check(p)
+    p = profile(tmp_path, "network:\n  - {tftp: tftp, bootfile: 'http://10.0.2.2/x.ipxe'}\n")
+    network.check(p)                    # a URL: nothing to look for
 
 
 def test_nat_needs_root(tmp_path, monkeypatch):
