@@ -16,7 +16,8 @@ snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
                            no_args_is_help=True)
 app.add_typer(disk_app, name="disk")
 app.add_typer(snapshot_app, name="snapshot")
-pool_app = typer.Typer(help="Storage pools: named directories of disk images.",
+pool_app = typer.Typer(help="Storage pools: directories of disk images, or LVM volume "
+                            "groups.",
                        no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
@@ -42,27 +43,43 @@ def disk_create(
     path: str = typer.Argument(..., metavar="PATH|VOLUME",
                                help="The image to create (a volume name with --pool)."),
     pool: Optional[str] = typer.Option(None, "--pool", metavar="NAME",
-                                       help="Create the volume in this storage pool."),
+                                       help="Create the volume in this storage pool (in an "
+                                            "lvm pool: a logical volume, raw)."),
     size: Optional[str] = typer.Option(None, "--size", "-s", metavar="SIZE",
                                        help="Virtual size: 512M, 20G, 1.5T (default with "
                                             "--backing: the base's)."),
-    fmt: str = typer.Option("qcow2", "--format", "-f", metavar="qcow2|raw"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", metavar="qcow2|raw",
+                                      help="Default: qcow2 (raw in an lvm pool)."),
     backing: Optional[str] = typer.Option(None, "--backing", "-b", metavar="BASE",
                                           help="Make a qcow2 overlay on BASE (never written)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Create a disk image (never overwrites; a failure leaves no file)."""
+    """Create a disk image (never overwrites; a failure leaves no file or volume)."""
     from kvmrun import storage
+    size_bytes = storage.parse_disk_size(size)[1] if size is not None else None
     if pool:
         from kvmrun import pools
-        path = pools.volume_path(pool, path)
-    size_bytes = storage.parse_disk_size(size)[1] if size is not None else None
-    info = storage.create(path, size_bytes, fmt, backing)
+        info = pools.create_volume(pool, path, size_bytes, fmt, backing)
+    else:
+        info = storage.create(path, size_bytes, fmt, backing)
     if as_json:
         emit_json(info)
         return
     out(f"created {info['path']} ({info['format']}, {storage.human(info['virtual_size'])}"
         + (f", on {info['backing_file']})" if info.get("backing_file") else ")"))
+
+
+@disk_app.command("delete")
+def disk_delete(
+    path: str = typer.Argument(..., metavar="PATH|VOLUME",
+                               help="The image file (a volume name with --pool)."),
+    pool: Optional[str] = typer.Option(None, "--pool", metavar="NAME",
+                                       help="Delete the volume from this storage pool."),
+) -> None:
+    """Delete a disk image or a pool's volume (refused while a running guest uses it)."""
+    from kvmrun import pools
+    gone = pools.delete_volume(pool, path)
+    out(f"deleted {gone['path']}")
 
 
 @disk_app.command("info")
@@ -225,54 +242,80 @@ def ssh(
 
 @pool_app.command("define")
 def pool_define(name: str = typer.Argument(..., metavar="NAME"),
-                directory: str = typer.Argument(..., metavar="DIRECTORY",
-                                                help="Made if missing.")) -> None:
-    """Define a directory pool."""
+                directory: Optional[str] = typer.Argument(None, metavar="[DIRECTORY]",
+                                                          help="A dir pool's directory (made "
+                                                               "if missing)."),
+                type_: str = typer.Option("dir", "--type", "-t", metavar="dir|lvm",
+                                          help="dir: image files in DIRECTORY; lvm: logical "
+                                               "volumes of the volume group --vg."),
+                vg: Optional[str] = typer.Option(None, "--vg", metavar="VGNAME",
+                                                 help="An lvm pool's (existing) volume group."),
+                ) -> None:
+    """Define a directory pool (NAME DIRECTORY) or an LVM pool (NAME --type lvm --vg VG)."""
     from kvmrun import pools
-    pool = pools.define(name, directory)
-    out(f"defined pool {name} at {pool['path']}")
+    pool = pools.define(name, directory, type=type_, vg=vg)
+    if pool["type"] == "lvm":
+        out(f"defined pool {name} on LVM volume group {pool['vg']}")
+    else:
+        out(f"defined pool {name} at {pool['path']}")
 
 
 @pool_app.command("undefine")
 def pool_undefine(name: str = typer.Argument(..., metavar="NAME")) -> None:
-    """Forget a pool (its directory and volumes stay)."""
+    """Forget a pool (its directory or volume group, and its volumes, stay)."""
     from kvmrun import pools
     pool = pools.undefine(name)
-    out(f"undefined pool {name} (its volumes stay in {pool['path']})")
+    if pool.get("type") == "lvm":
+        out(f"undefined pool {name} (its volumes stay in volume group {pool['vg']})")
+    else:
+        out(f"undefined pool {name} (its volumes stay in {pool['path']})")
 
 
 @pool_app.command("list")
 def pool_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The defined pools: directory, volumes, free space."""
+    """The defined pools: type, volumes, free space, directory or volume group."""
     from kvmrun import pools
+    from kvmrun.errors import KvmrunError
     from kvmrun.storage import human
     rows = []
     for name in pools.names():
         pool = pools.usage(name)
-        rows.append({**pool, "volumes": len(pools.volumes(name)) if pool["available"] else 0})
+        try:
+            count = len(pools.volumes(name)) if pool["available"] else 0
+        except KvmrunError:
+            count = 0
+        rows.append({**pool, "type": pool.get("type", "dir"), "volumes": count})
     if as_json:
         emit_json(rows)
         return
-    out(f"{'NAME':<16} {'VOLUMES':>7} {'FREE':>10}  PATH")
+    out(f"{'NAME':<16} {'TYPE':<4} {'VOLUMES':>7} {'FREE':>10}  PATH")
     for r in rows:
-        out(f"{r['name']:<16} {r['volumes']:>7} {human(r['free']):>10}  {r['path']}"
+        where = f"{r['path']} (VG {r['vg']})" if r["type"] == "lvm" else r["path"]
+        out(f"{r['name']:<16} {r['type']:<4} {r['volumes']:>7} {human(r['free']):>10}  {where}"
             + ("" if r["available"] else "  (missing)"))
 
 
 @pool_app.command("info")
 def pool_info(name: str = typer.Argument(..., metavar="NAME"),
               as_json: bool = typer.Option(False, "--json")) -> None:
-    """A pool's directory, space and volumes."""
+    """A pool's directory or volume group, space and volumes."""
     from kvmrun import pools
     from kvmrun.storage import human
-    info = {**pools.usage(name), "volumes": pools.volumes(name)}
+    usage = pools.usage(name)
+    if usage.get("type") == "lvm" and not usage["available"]:
+        pools.vg_report(usage["vg"])           # raises the reason (VG gone, no LVM, not root)
+    info = {**usage, "type": usage.get("type", "dir"), "volumes": pools.volumes(name)}
     if as_json:
         emit_json(info)
         return
     out(f"{name}")
-    out(f"  {'path':<9}{info['path']}")
+    if info["type"] == "lvm":
+        out(f"  {'type':<9}lvm (volume group {info['vg']}, volumes are {info['path']}/NAME)")
+    else:
+        out(f"  {'path':<9}{info['path']}")
     out(f"  {'space':<9}{human(info['free'])} free of {human(info['capacity'])}")
     for v in info["volumes"]:
         out(f"  {'volume':<9}{v['name']}  {v['format']}  {human(v['virtual_size'])}"
             + (f"  on {v['backing_file']}" if v["backing_file"] else "")
-            + (f"  in use by {v['in_use_by']}" if v["in_use_by"] else ""))
+            + (f"  in use by {v['in_use_by']}" if v["in_use_by"] else "")
+            + ("  open" if v.get("open") and not v["in_use_by"] else ""))

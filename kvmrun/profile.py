@@ -25,7 +25,7 @@ from kvmrun.spec import (COMMAND_LINE, Bool, Ctx, Either, Enum, Field, FilePath,
                          Size, Spec, Str, defaults, suggest, type_name)
 from kvmrun.yamlsrc import KeyPath, Lines, load_yaml, parse_scalar
 
-from kvmrun.paths import NAME_RE  # noqa: E402  (VM names are run-directory names)
+NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
 MAX_NAME = 64
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 DEVICES = ("rng", "balloon", "agent", "tablet")
@@ -505,9 +505,9 @@ def _resolve_pools(p: Profile, ctx: Ctx) -> Profile:
         if disk.pool and disk.volume:
             from kvmrun import pools
             try:
-                disk = dataclasses.replace(disk, path=pools.volume_path(disk.pool, disk.volume))
+                disk = pools.resolve_disk(disk)      # an lvm volume: /dev/VG/VOLUME, raw
             except pools.PoolError as err:
-                ctx.error(("disks", i, "pool"), err.message, err.hint)
+                ctx.error(("disks", i, err.key), err.message, err.hint)
         elif disk.pool or disk.volume:
             ctx.error(("disks", i), "pool and volume go together",
                       hint="write both (pool: NAME, volume: FILE), or a path")

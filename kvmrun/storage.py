@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -45,13 +46,24 @@ def image_info(path: str) -> dict:
     return json.loads(out.stdout)
 
 
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def with_formats(profile: Profile) -> Profile:
     """The profile with every disk's format set, detected with qemu-img where the profile
-    left it out. Disks that do not exist keep format None (QEMU will be told to probe)."""
+    left it out. Disks that do not exist keep format None (QEMU will be told to probe).
+    A block device without a format is raw: it is not probed, since what a guest wrote on
+    a raw device (a qcow2 header, say) must not change how the next start opens it."""
     disks = []
     for i, disk in enumerate(profile.disks):
         if not Path(disk.path).exists() and (disk.size or disk.backing):
             disk = dataclasses.replace(disk, format=disk.format or "qcow2")   # made at start
+        if disk.format is None and is_block_device(disk.path):
+            disk = dataclasses.replace(disk, format="raw")
         if disk.format is None and Path(disk.path).exists():
             try:
                 fmt = image_info(disk.path)["format"]
@@ -138,6 +150,8 @@ def _qemu_img(*args: str, what: str, path: str, timeout: float = 600) -> str:
 def detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise StorageError(f"no such disk image: {path}")
+    if is_block_device(path):
+        return "raw"                          # not probed (see with_formats)
     try:
         fmt = image_info(path)["format"]
     except HostError as err:
