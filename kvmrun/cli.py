@@ -268,9 +268,43 @@ def optional_values(argv: list[str]) -> list[str]:
     return fixed
 
 
+def _verb(argv: list[str]) -> str | None:
+    """The verb of `kvmrun [--debug] [--run-dir DIR] VERB …`, or None (help, no verb)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--run-dir":
+            i += 2
+        elif arg == "--debug" or arg.startswith("--run-dir="):
+            i += 1
+        else:
+            return None if arg.startswith("-") else arg
+    return None
+
+
+def build_command(argv: list[str]):
+    """The click command for this call, with only the verb it runs: typer builds every
+    command's parameters from its signature, ~20 ms of each call for ~50 verbs. Without a
+    known verb (--help, a typo) all of them, so typer lists them and suggests names."""
+    verb = _verb(argv)
+    commands = [c for c in app.registered_commands
+                if (c.name or typer.main.get_command_name(c.callback.__name__)) == verb]
+    groups = [g for g in app.registered_groups if g.name == verb]
+    if not (commands or groups):
+        return typer.main.get_command(app)
+    saved = app.registered_commands, app.registered_groups
+    app.registered_commands, app.registered_groups = commands, groups
+    try:
+        return typer.main.get_command(app)
+    finally:
+        app.registered_commands, app.registered_groups = saved
+
+
 def main(argv: list[str] | None = None) -> None:
-    command = typer.main.get_command(app)
+    from kvmrun import clifast
+    clifast.install()                # plain values skip typer's pydantic (see clifast)
     argv = optional_values(sys.argv[1:] if argv is None else argv)
+    command = build_command(argv)
     try:
         result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
         code = result if isinstance(result, int) else 0

@@ -17,7 +17,7 @@ NameArg = typer.Argument(..., metavar="NAME", help="The guest's name.")
 
 def _guest(name: str):
     from kvmrun.runtime import Guest
-    from kvmrun.profile import NAME_RE
+    from kvmrun.paths import NAME_RE          # not kvmrun.profile: no yaml for status, list…
     import re
     if not re.fullmatch(NAME_RE, name):
         from kvmrun.errors import GuestError
@@ -218,7 +218,8 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
                               f"{' (ro)' if share['readonly'] else ''}; in the guest: "
                               f"{share['mount']}"))
     if "cpu_percent" in info:
-        rows.append(("host", f"cpu {info['cpu_percent']}%  rss {info['rss_mib']} MiB"))
+        rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
+                             f"rss {info['rss_mib']} MiB"))
     rows += [("shutdown", info["shutdown_method"]), ("console", info["console"]),
              ("log", info["serial_log"]), ("qmp", info["qmp"])]
     if info["ended"]:

@@ -15,14 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kvmrun import runtime
 from kvmrun.errors import GuestError, GuestTimeout, HostError, LaunchError, QMPError
-from kvmrun.profile import Profile
 from kvmrun.qmp import QMPClient, query
 from kvmrun.runtime import Guest
 from kvmrun.shutdown import Ladder, open_pidfd, wait_pidfd
+
+if TYPE_CHECKING:          # status, list, stop… never load profiles (yaml): keep them quick
+    from kvmrun.profile import Profile
 
 Progress = Callable[[str], None]
 
@@ -487,15 +489,25 @@ def _live_details(guest: Guest, pid: int) -> dict:
                 for b in client.execute("query-block") if b.get("inserted")]
     except (QMPError, GuestError) as err:
         details["qmp_error"] = str(err)
-    try:
-        import psutil
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            details["cpu_percent"] = proc.cpu_percent(interval=0.1)
-            details["rss_mib"] = round(proc.memory_info().rss / 2**20, 1)
-    except Exception:          # psutil is best-effort decoration
-        pass
+    details.update(_proc_usage(pid))
     return details
+
+
+def _proc_usage(pid: int) -> dict:
+    """QEMU's CPU use averaged over its lifetime (as ps(1) shows it, so there is no
+    sampling interval to sleep through) and its RSS, from /proc; {} if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        fields = stat[stat.rindex(")") + 2:].split()
+        hz, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        cpu = (int(fields[11]) + int(fields[12])) / hz          # utime + stime
+        elapsed = uptime - int(fields[19]) / hz                 # since its start time
+        return {"cpu_percent": round(100 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
+                "rss_mib": round(int(fields[21]) * page / 2**20, 1)}
+    except (OSError, ValueError, IndexError):
+        return {}
 
 
 def list_guests(include_ended: bool = True) -> list[dict]:

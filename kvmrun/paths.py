@@ -13,6 +13,7 @@ from pathlib import Path
 from kvmrun.errors import HostError
 
 UNIX_PATH_MAX = 107          # sun_path is 108 bytes including the terminating NUL
+NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"    # VM names (run-directory names)
 
 
 def _root() -> bool:

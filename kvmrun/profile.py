@@ -25,7 +25,7 @@ from kvmrun.spec import (COMMAND_LINE, Bool, Ctx, Either, Enum, Field, FilePath,
                          Size, Spec, Str, defaults, suggest, type_name)
 from kvmrun.yamlsrc import KeyPath, Lines, load_yaml, parse_scalar
 
-NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
+from kvmrun.paths import NAME_RE  # noqa: E402  (VM names are run-directory names)
 MAX_NAME = 64
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 DEVICES = ("rng", "balloon", "agent", "tablet")
