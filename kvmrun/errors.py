@@ -14,7 +14,6 @@ The CLI maps each class to its exit code; library code raises, never exits.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 
 
 class KvmrunError(Exception):
@@ -29,13 +28,33 @@ class KvmrunError(Exception):
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
 
-@dataclass(frozen=True)
 class Location:
-    """Where a value came from: file, key path, line (1-based)."""
+    """Where a value came from: file, key path, line (1-based). Immutable.
 
-    file: str
-    path: tuple[str | int, ...] = ()
-    line: int | None = None
+    A plain class rather than a dataclass: every supervisor imports this module, and
+    `dataclasses` brings inspect, ast and dis along (~1.4 MiB per guest)."""
+
+    __slots__ = ("file", "path", "line")
+
+    def __init__(self, file: str, path: tuple[str | int, ...] = (), line: int | None = None):
+        object.__setattr__(self, "file", file)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "line", line)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Location is immutable (cannot set {name})")
+
+    def _key(self) -> tuple:
+        return (self.file, self.path, self.line)
+
+    def __eq__(self, other) -> bool:
+        return self._key() == other._key() if type(other) is Location else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Location(file={self.file!r}, path={self.path!r}, line={self.line!r})"
 
     @property
     def key(self) -> str:

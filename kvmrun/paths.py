@@ -7,7 +7,6 @@ KVMRUN_RUN_DIR, KVMRUN_CONFIG_DIR, KVMRUN_DATA_DIR, KVMRUN_CACHE_DIR.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmrun.errors import HostError
@@ -56,12 +55,28 @@ def nvram_path(name: str) -> Path:
     return data_dir() / "nvram" / f"{name}_VARS.fd"
 
 
-@dataclass(frozen=True)
 class RunPaths:
-    """The files of one guest's run directory."""
+    """The files of one guest's run directory. Immutable; a plain class rather than a
+    dataclass, which would bring inspect, ast and dis into every supervisor (~1.4 MiB)."""
 
-    dir: Path
-    nvram: Path | None = None
+    __slots__ = ("dir", "nvram")
+
+    def __init__(self, dir: Path, nvram: Path | None = None):
+        object.__setattr__(self, "dir", dir)
+        object.__setattr__(self, "nvram", nvram)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"RunPaths is immutable (cannot set {name})")
+
+    def __eq__(self, other) -> bool:
+        return ((self.dir, self.nvram) == (other.dir, other.nvram)
+                if type(other) is RunPaths else NotImplemented)
+
+    def __hash__(self) -> int:
+        return hash((self.dir, self.nvram))
+
+    def __repr__(self) -> str:
+        return f"RunPaths(dir={self.dir!r}, nvram={self.nvram!r})"
 
     @classmethod
     def for_guest(cls, name: str, base: Path | None = None) -> "RunPaths":

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvmrun import network, runtime
+from kvmrun import runtime
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.qmp import QMPClient
 from kvmrun.shutdown import GRACE, HARD_STAGES, RESEND, Ladder, open_pidfd
@@ -318,6 +318,7 @@ class Supervisor:
                                                         "panicked") else runtime.STOPPED
         self.save(state=state, ended=ended, supervisor_exit=code)
         self.guest.clear_runtime()
+        from kvmrun import network       # only at the end: importing it costs ~5 MiB per guest
         network.teardown(self.paths)
         log(f"{self.guest.name}: ended: {ended['detail']}")
         notify(f"STATUS=guest ended: {ended['detail']}")
@@ -327,6 +328,7 @@ class Supervisor:
         try:
             if not self.start_qemu():
                 self.guest.clear_runtime()
+                from kvmrun import network
                 network.teardown(self.paths)
                 return EXIT_LAUNCH
             self.loop()
@@ -370,16 +372,34 @@ def classify(returncode: int, shutdown_reason: str | None, panicked: bool,
     return {**base, "reason": "stopped", "by": "outside", "detail": detail}, EXIT_CLEAN
 
 
+USAGE = "usage: python -m kvmrun.supervisor NAME --run-dir DIR [--ready-fd FD] [--foreground]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="kvmrun-supervisor")
-    parser.add_argument("name")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--foreground", action="store_true")
-    args = parser.parse_args(argv)
-    guest = runtime.Guest(args.name, Path(args.run_dir))
-    return Supervisor(guest, args.ready_fd, args.foreground).run()
+    """Started by kvmrun only; parses its few arguments by hand (argparse would cost memory
+    in every guest's supervisor)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name, run_dir, ready_fd, foreground = None, None, None, False
+    try:
+        while args:
+            arg = args.pop(0)
+            if arg == "--run-dir":
+                run_dir = args.pop(0)
+            elif arg == "--ready-fd":
+                ready_fd = int(args.pop(0))
+            elif arg == "--foreground":
+                foreground = True
+            elif name is None and not arg.startswith("-"):
+                name = arg
+            else:
+                raise ValueError(arg)
+    except (IndexError, ValueError):
+        name = None
+    if name is None or run_dir is None:
+        sys.stderr.write(USAGE + "\n")
+        return 2
+    guest = runtime.Guest(name, Path(run_dir))
+    return Supervisor(guest, ready_fd, foreground).run()
 
 
 if __name__ == "__main__":
