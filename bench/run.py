@@ -1,0 +1,694 @@
+#!/usr/bin/env python3
+"""kvmrun against raw QEMU, side by side, in one run (`make bench`; never part of `make test`).
+
+Every figure names what it compares, how many runs, and median/min/max. kvmrun and its
+baseline alternate (A B A B …) after a warm-up, so a change in machine load hits both.
+The guest is the tiny test guest (tests/guest/build.py) under TCG.
+
+    1 start→ready   `kvmrun start PROFILE` (whole process; it returns when the console printed
+                    the ready marker) vs Popen of the argv `kvmrun cmdline --json` prints, until
+                    the same marker is in its serial log (one reader for both)
+    2 stop          `kvmrun stop NAME` (whole command) vs bench/raw_stop.py (system_powerdown
+                    over QMP, wait on a pidfd); and QEMU's exit (pidfd) → `kvmrun stop` returned
+    3 CLI           whole-process wall time of status/list/cmdline/--help vs bench/raw_qmp.py
+                    (query-status over QMP) and `python -c 'import typer'`; plus what each verb
+                    imports (python -X importtime)
+    4 memory        RSS and PSS (/proc/PID/smaps_rollup) of the supervisor, 1 and 20 guests
+    5 scale         N guests started concurrently until all ready, vs N raw QEMUs; `kvmrun
+                    list --json` with N running; stopping all N
+
+Results: a table on stdout and bench/results/latest.json. Everything runs in an isolated
+directory /tmp/kb-XXXX (KVMRUN_RUN_DIR etc.); every process the benchmark starts, or that
+kvmrun started for it, is killed at the end (also on Ctrl-C or an error), identified by PID,
+start time and the benchmark's directory in its command line, never by name.
+
+Usage: python bench/run.py [--pairs N] [--cli-runs N] [--scale N] [--quick] [--only 1,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BENCH = REPO / "bench"
+PY = sys.executable
+KVMRUN = str(Path(PY).parent / "kvmrun") if (Path(PY).parent / "kvmrun").exists() else None
+MARKER = b"KVMRUN-GUEST-READY"
+POLL = 0.005             # seconds between looks at serial logs and processes (both sides)
+SMALL = "128M"           # the small guests (the brief said 64 MiB): in 64 MiB the tiny
+                         # guest's kernel resets before printing anything, and in 96 MiB its
+                         # power-button handler is OOM-killed now and then
+
+
+# ---------------------------------------------------------------- statistics
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)} if values else {"median": None, "min": None, "max": None, "n": 0}
+
+
+def fmt(s: dict, unit: str) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    scale, suffix, digits = {"s": (1, " s", 2), "ms": (1000, " ms", 1),
+                             "MiB": (1, " MiB", 2)}[unit]
+    if unit == "ms" and s["median"] * 1000 >= 1000:
+        scale, suffix, digits = 1, " s", 2
+    v = [s[k] * scale for k in ("median", "min", "max")]
+    return f"{v[0]:.{digits}f}{suffix} ({v[1]:.{digits}f}–{v[2]:.{digits}f})"
+
+
+# ---------------------------------------------------------------- processes
+
+def starttime(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_identified(pid: int, start: int | None, marker: str) -> bool:
+    """SIGKILL pid through a pidfd, only if it still is the process recorded (same start
+    time, `marker` in its command line)."""
+    if not pid or start is None:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        if starttime(pid) != start or marker not in cmdline(pid):
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        select.select([fd], [], [], 10)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Bench:
+    """One isolated environment: directories, profiles, and every process started."""
+
+    def __init__(self, guest, keep: bool = False):
+        self.base = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))
+        self.run_dir = self.base / "run"          # kvmrun's guests
+        self.raw_dir = self.base / "raw"          # raw QEMUs (same layout, no kvmrun)
+        self.guest = guest
+        self.keep = keep
+        self.children: list[subprocess.Popen] = []
+        self.env = {**os.environ, "KVMRUN_RUN_DIR": str(self.run_dir),
+                    "KVMRUN_CONFIG_DIR": str(self.base / "config"),
+                    "KVMRUN_DATA_DIR": str(self.base / "data"),
+                    "KVMRUN_CACHE_DIR": str(self.base / "cache"),
+                    "KVMRUN_ACCEL": "tcg"}
+        for var in ("NOTIFY_SOCKET", "KVMRUN_DEBUG", "WATCHDOG_USEC"):
+            self.env.pop(var, None)
+        self.raw_env = {**self.env, "KVMRUN_RUN_DIR": str(self.raw_dir)}
+        self._argv_cache: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------ profiles
+    def profile(self, name: str, memory: str = "256M") -> Path:
+        data = {"name": name, "accel": "tcg", "memory": memory,
+                "kernel": {"path": str(self.guest.kernel), "initrd": str(self.guest.initrd),
+                           "append": f"console={self.guest.console} quiet"},
+                "network": [], "ready": {"console": MARKER.decode(), "timeout": 900},
+                "shutdown": {"timeout": 180}}
+        path = self.base / f"{name}.yaml"
+        path.write_text(json.dumps(data, indent=1))    # JSON is YAML
+        return path
+
+    def raw_argv(self, name: str, memory: str = "256M") -> list[str]:
+        """The very argv `kvmrun cmdline --json` prints, with paths in the raw directory."""
+        key = f"{name}/{memory}"
+        if key not in self._argv_cache:
+            out = subprocess.run([KVMRUN, "cmdline", str(self.profile(name, memory)), "--json"],
+                                 env=self.raw_env, capture_output=True, text=True, check=True)
+            self._argv_cache[key] = json.loads(out.stdout)
+        return self._argv_cache[key]
+
+    # ------------------------------------------------------------ processes
+    def popen(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=env or self.env, cwd=self.base, **kwargs)
+        self.children.append(proc)
+        return proc
+
+    def kvmrun(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([KVMRUN, *map(str, args)], env=self.env, cwd=self.base,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kvmrun {' '.join(map(str, args))} failed "
+                               f"({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def state(self, name: str) -> dict:
+        try:
+            return json.loads((self.run_dir / name / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def start_raw(self, name: str, memory: str = "256M") -> subprocess.Popen:
+        argv = self.raw_argv(name, memory)
+        gdir = self.raw_dir / name
+        gdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in gdir.iterdir():            # the serial log appends: start clean
+            leftover.unlink()
+        log = open(gdir / "qemu.log", "wb")
+        try:
+            return self.popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+        finally:
+            log.close()
+
+    def cleanup(self) -> list[int]:
+        """Kill every process still running that this benchmark started (directly, or
+        through kvmrun: QEMUs and supervisors recorded in its guests' state.json)."""
+        killed = []
+        for proc in self.children:
+            if proc.poll() is None:
+                killed.append(proc.pid)
+                proc.kill()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        for attempt in range(3):                 # a supervisor may be launching QEMU still
+            found = False
+            for state_file in self.run_dir.glob("*/state.json"):
+                try:
+                    st = json.loads(state_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                for pid_key, start_key in (("supervisor_pid", "supervisor_starttime"),
+                                           ("qemu_pid", "qemu_starttime")):
+                    if kill_identified(st.get(pid_key), st.get(start_key), str(self.base)):
+                        killed.append(st[pid_key])
+                        found = True
+            if not found and attempt:
+                break
+            time.sleep(0.3)
+        return killed
+
+    def close(self) -> list[int]:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)     # a second Ctrl-C or TERM
+                    for sig in (signal.SIGINT, signal.SIGTERM)}  # must not cut this short
+        try:
+            killed = self.cleanup()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+        return killed
+
+
+class LogWatch:
+    """Finds the ready marker in a serial log; the same reader for kvmrun and raw QEMU."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.tail = b""
+
+    def seen(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return False
+        self.offset += len(chunk)
+        self.tail = (self.tail + chunk)[-4096:]
+        return MARKER in self.tail
+
+
+def pidfd_of(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- 1 + 2: start and stop
+
+def kvmrun_start_stop(b: Bench, name: str) -> dict:
+    prof = b.profile(name)
+    watch = LogWatch(b.run_dir / name / "serial.log")
+    t0 = time.perf_counter()
+    proc = b.popen([KVMRUN, "start", str(prof)], stderr=subprocess.PIPE)
+    marker_at = None
+    while proc.poll() is None:
+        if marker_at is None and watch.seen():
+            marker_at = time.perf_counter()
+        time.sleep(POLL)
+    returned = time.perf_counter()
+    if proc.returncode != 0:
+        raise RuntimeError(f"kvmrun start failed ({proc.returncode}): "
+                           f"{proc.stderr.read().decode(errors='replace').strip()}")
+    proc.stderr.close()
+    if marker_at is None and watch.seen():
+        marker_at = returned
+    st = b.state(name)
+    qemu_fd = pidfd_of(st["qemu_pid"])
+    t1 = time.perf_counter()
+    stop = b.popen([KVMRUN, "stop", name])
+    stop_fd = pidfd_of(stop.pid)
+    exited = stopped = None
+    while exited is None or stopped is None:
+        fds = [fd for fd, t in ((qemu_fd, exited), (stop_fd, stopped)) if t is None]
+        readable = select.select(fds, [], [], 600)[0]
+        now = time.perf_counter()
+        if not readable:
+            raise RuntimeError("kvmrun stop did not finish in 600 s")
+        if qemu_fd in readable and exited is None:
+            exited = now
+        if stop_fd in readable and stopped is None:
+            stopped = now
+    os.close(qemu_fd)
+    os.close(stop_fd)
+    if stop.wait() != 0:
+        raise RuntimeError(f"kvmrun stop failed ({stop.returncode})")
+    return {"ready": returned - t0, "marker": (marker_at or returned) - t0,
+            "stop": stopped - t1, "qemu_exit": exited - t1, "exit_to_return": stopped - exited}
+
+
+def raw_start_stop(b: Bench, name: str) -> dict:
+    watch = LogWatch(b.raw_dir / name / "serial.log")
+    b.raw_argv(name)                                    # compiled before the clock starts
+    t0 = time.perf_counter()
+    qemu = b.start_raw(name)
+    while not watch.seen():
+        if qemu.poll() is not None:
+            raise RuntimeError(f"raw QEMU exited ({qemu.returncode}); see "
+                               f"{b.raw_dir / name / 'qemu.log'}")
+        time.sleep(POLL)
+    ready = time.perf_counter() - t0
+    qemu_fd = pidfd_of(qemu.pid)
+    t1 = time.perf_counter()
+    stop = b.popen([PY, str(BENCH / "raw_stop.py"), str(b.raw_dir / name / "qmp-cli.sock"),
+                    str(qemu.pid), "300"])
+    stop_fd = pidfd_of(stop.pid)
+    exited = stopped = None
+    while exited is None or stopped is None:
+        fds = [fd for fd, t in ((qemu_fd, exited), (stop_fd, stopped)) if t is None]
+        readable = select.select(fds, [], [], 600)[0]
+        now = time.perf_counter()
+        if not readable:
+            raise RuntimeError("raw stop did not finish in 600 s")
+        if qemu_fd in readable and exited is None:
+            exited = now
+        if stop_fd in readable and stopped is None:
+            stopped = now
+    os.close(qemu_fd)
+    os.close(stop_fd)
+    qemu.wait()
+    if stop.wait() != 0:
+        raise RuntimeError(f"raw stop script failed ({stop.returncode})")
+    return {"ready": ready, "marker": ready, "stop": stopped - t1, "qemu_exit": exited - t1,
+            "exit_to_return": stopped - exited}
+
+
+def bench_start_stop(b: Bench, pairs: int, note) -> list[dict]:
+    note(f"start→ready and stop: warm-up, then {pairs} pairs (kvmrun, raw) …")
+    kvmrun_start_stop(b, "ss")
+    raw_start_stop(b, "ss")
+    k: list[dict] = []
+    r: list[dict] = []
+    for i in range(pairs):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):   # A B, B A: neither always first
+            if side == 0:
+                k.append(kvmrun_start_stop(b, "ss"))
+            else:
+                r.append(raw_start_stop(b, "ss"))
+        note(f"  pair {i + 1}/{pairs}: kvmrun ready {k[-1]['ready']:.2f}s stop "
+             f"{k[-1]['stop']:.2f}s | raw ready {r[-1]['ready']:.2f}s stop {r[-1]['stop']:.2f}s")
+    col = lambda rows, key: [row[key] for row in rows]  # noqa: E731
+    return [
+        row("start→ready", "`kvmrun start` returned (ready)", "raw QEMU: marker in serial log",
+            col(k, "ready"), col(r, "ready"), "s", "ratio ≤ 1.03", lambda q: q <= 1.03),
+        row("start→marker", "marker in serial log under kvmrun start",
+            "raw QEMU: marker in serial log", col(k, "marker"), col(r, "marker"), "s", None),
+        row("stop", "`kvmrun stop` (whole command)", "raw_stop.py: system_powerdown + pidfd",
+            col(k, "stop"), col(r, "stop"), "s", None),
+        row("stop: QEMU exit → returned", "`kvmrun stop` returned after QEMU's exit",
+            "raw_stop.py returned after QEMU's exit", col(k, "exit_to_return"),
+            col(r, "exit_to_return"), "ms", "kvmrun ≤ 50 ms",
+            absolute=lambda s: s["median"] <= 0.050),
+    ]
+
+
+def row(measure, what, baseline, kv, raw, unit, target, check=None, absolute=None) -> dict:
+    ks, rs = stats(kv), stats(raw)
+    ratio = (ks["median"] / rs["median"]) if raw and rs["median"] else None
+    met = None
+    if absolute is not None:
+        met = bool(absolute(ks))
+    elif check is not None and ratio is not None:
+        met = bool(check(ratio))
+    return {"measure": measure, "kvmrun": what, "baseline": baseline, "unit": unit,
+            "kvmrun_stats": ks, "baseline_stats": rs, "ratio": ratio, "target": target,
+            "met": met}
+
+
+# ---------------------------------------------------------------- 3: CLI round trips
+
+def timed(argv: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+IMPORT_WATCH = ("pydantic", "yaml", "psutil", "rich", "asyncio", "qemu", "kvmrun.profile",
+                "kvmrun.compile", "kvmrun.storage", "kvmrun.store", "kvmrun.host",
+                "kvmrun.network", "kvmrun.control", "subprocess")
+
+
+def imports_of(args: list[str], env: dict) -> dict:
+    """Modules a kvmrun verb imports (python -X importtime), and their summed self time."""
+    code = "import sys; sys.argv[0] = 'kvmrun'; from kvmrun.cli import main; main()"
+    proc = subprocess.run([PY, "-X", "importtime", "-c", code, *args], env=env,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    mods, total = [], 0
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line and "self [us]" not in line:
+            self_us, _, name = line[len("import time:"):].split("|")
+            mods.append(name.strip())
+            total += int(self_us)
+    return {"modules": len(mods), "import_self_ms": round(total / 1000, 1),
+            "kvmrun_modules": sorted(m for m in mods if m.startswith("kvmrun")),
+            "heavy": sorted({w for w in IMPORT_WATCH if w in mods})}
+
+
+def bench_cli(b: Bench, runs: int, note) -> tuple[list[dict], dict]:
+    note(f"CLI round trips: {runs} rounds, order rotated …")
+    prof = b.profile("cli", SMALL)
+    b.kvmrun("start", prof)
+    sock = str(b.run_dir / "cli" / "qmp-cli.sock")
+    cases = {
+        "status": [KVMRUN, "status", "cli", "--json"],
+        "list": [KVMRUN, "list", "--json"],
+        "cmdline": [KVMRUN, "cmdline", str(prof)],
+        "help": [KVMRUN, "--help"],
+        "raw_qmp": [PY, str(BENCH / "raw_qmp.py"), sock],
+        "import_typer": [PY, "-c", "import typer"],
+        "python": [PY, "-c", "pass"],
+    }
+    for argv in cases.values():                          # warm-up (page cache, pyc)
+        timed(argv, b.env)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
+    for i in range(runs):
+        shift = i % len(names)
+        for k in names[shift:] + names[:shift]:
+            times[k].append(timed(cases[k], b.env))
+    imports = {verb: imports_of(args, b.env) for verb, args in (
+        ("status", ["status", "cli", "--json"]), ("list", ["list", "--json"]),
+        ("cmdline", ["cmdline", str(prof)]), ("--help", ["--help"]))}
+    b.kvmrun("kill", "cli")
+    floor = "`python -c 'import typer'`"
+    rows = [
+        row("CLI: status --json", "`kvmrun status NAME --json`", floor, times["status"],
+            times["import_typer"], "ms", "ratio ≤ 1.5", lambda q: q <= 1.5),
+        row("CLI: list --json", "`kvmrun list --json` (1 guest)", floor, times["list"],
+            times["import_typer"], "ms", "ratio ≤ 1.5", lambda q: q <= 1.5),
+        row("CLI: cmdline", "`kvmrun cmdline PROFILE`", floor, times["cmdline"],
+            times["import_typer"], "ms", None),
+        row("CLI: --help", "`kvmrun --help`", floor, times["help"], times["import_typer"],
+            "ms", None),
+        row("CLI: status vs raw QMP", "`kvmrun status NAME --json`",
+            "raw_qmp.py: query-status over QMP", times["status"], times["raw_qmp"], "ms", None),
+        row("floor: import typer", "`python -c 'import typer'`", "`python -c pass`",
+            times["import_typer"], times["python"], "ms", None),
+    ]
+    return rows, imports
+
+
+# ---------------------------------------------------------------- 4: memory
+
+def smaps(pid: int) -> dict:
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            values[key.lower()] = int(rest.split()[0]) / 1024     # MiB
+    return values
+
+
+def bench_memory(b: Bench, counts: list[int], note) -> list[dict]:
+    rows = []
+    for count in counts:
+        note(f"memory: {count} guest(s) of {SMALL}, and {count} bare interpreters …")
+        names = [f"m{count}-{i}" for i in range(count)]
+        for name in names:
+            b.kvmrun("start", b.profile(name, SMALL), "--no-wait-ready")
+        bare = [b.popen([PY, "-c", "import time; time.sleep(600)"]) for _ in range(count)]
+        time.sleep(3)                                    # let everything settle
+        sup = [smaps(b.state(n)["supervisor_pid"]) for n in names]
+        floor = [smaps(p.pid) for p in bare]
+        for p in bare:
+            p.kill()
+            p.wait()
+        for name in names:
+            b.kvmrun("kill", name)
+        for key in ("pss", "rss"):
+            target = "≤ 10 MiB PSS per guest" if key == "pss" and count >= 20 else None
+            rows.append(row(f"memory: supervisor {key.upper()}, {count} guest(s)",
+                            f"{key.upper()} per supervisor ({count} running)",
+                            f"{key.upper()} of a bare `python -c sleep` ({count} running)",
+                            [s[key] for s in sup], [s[key] for s in floor], "MiB", target,
+                            absolute=(lambda s: s["median"] <= 10.0) if target else None))
+    return rows
+
+
+# ---------------------------------------------------------------- 5: scale
+
+def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600) -> float:
+    """Seconds until every watch saw the marker (raw) / every process returned (kvmrun)."""
+    t0 = time.perf_counter()
+    pending = set(watches or procs)
+    while pending:
+        for name in list(pending):
+            if procs:
+                if procs[name].poll() is not None:
+                    if procs[name].returncode != 0:
+                        raise RuntimeError(f"{what} {name} failed ({procs[name].returncode})")
+                    pending.discard(name)
+            elif watches[name].seen():
+                pending.discard(name)
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"{what}: {len(pending)} not ready after {timeout:g}s")
+        time.sleep(POLL * 4)
+    return time.perf_counter() - t0
+
+
+def scale_kvmrun(b: Bench, n: int, list_runs: int) -> tuple[float, list[float], float]:
+    names = [f"k{i}" for i in range(n)]
+    profs = {name: b.profile(name, SMALL) for name in names}
+    t0 = time.perf_counter()
+    procs = {name: b.popen([KVMRUN, "start", str(profs[name])]) for name in names}
+    wait_all({}, procs, "kvmrun start")
+    started = time.perf_counter() - t0
+    lists = []
+    for _ in range(list_runs):
+        lists.append(timed([KVMRUN, "list", "--json"], b.env))
+    t0 = time.perf_counter()
+    stops = {name: b.popen([KVMRUN, "stop", name]) for name in names}
+    wait_all({}, stops, "kvmrun stop")
+    return started, lists, time.perf_counter() - t0
+
+
+def scale_raw(b: Bench, n: int) -> tuple[float, float]:
+    names = [f"r{i}" for i in range(n)]
+    for name in names:
+        b.raw_argv(name, SMALL)
+    watches = {name: LogWatch(b.raw_dir / name / "serial.log") for name in names}
+    t0 = time.perf_counter()
+    qemus = {name: b.start_raw(name, SMALL) for name in names}
+    wait_all(watches, {}, "raw QEMU")
+    started = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stops = {name: b.popen([PY, str(BENCH / "raw_stop.py"),
+                            str(b.raw_dir / name / "qmp-cli.sock"), str(qemus[name].pid), "600"])
+             for name in names}
+    wait_all({}, stops, "raw stop")
+    stopped = time.perf_counter() - t0
+    for q in qemus.values():
+        q.wait()
+    return started, stopped
+
+
+def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]:
+    k_start, k_stop, r_start, r_stop, lists = [], [], [], [], []
+    for i in range(runs):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if side == 0:
+                note(f"scale: {n} guests with kvmrun (run {i + 1}/{runs}) …")
+                s, ls, st = scale_kvmrun(b, n, list_runs)
+                k_start.append(s)
+                k_stop.append(st)
+                lists += ls
+            else:
+                note(f"scale: {n} raw QEMUs (run {i + 1}/{runs}) …")
+                s, st = scale_raw(b, n)
+                r_start.append(s)
+                r_stop.append(st)
+    return [
+        row(f"scale: start {n}, all ready", f"{n}× `kvmrun start` at once, until all returned",
+            f"{n} raw QEMUs at once, until all markers", k_start, r_start, "s",
+            "ratio ≤ 1.05", lambda q: q <= 1.05),
+        row(f"scale: list with {n}", f"`kvmrun list --json` with {n} running", "-", lists, [],
+            "ms", "< 0.5 s", absolute=lambda s: s["median"] < 0.5),
+        row(f"scale: stop {n}", f"{n}× `kvmrun stop` at once, until all returned",
+            f"{n}× raw_stop.py at once", k_stop, r_stop, "s", None),
+    ]
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> dict:
+    def run(*argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO).stdout.strip()
+        except OSError:
+            return ""
+    import typer
+    return {"cpus": os.cpu_count(), "cpu_model": next(
+                (line.split(":", 1)[1].strip() for line in
+                 Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor()),
+            "qemu": run("qemu-system-x86_64", "--version").splitlines()[0],
+            "python": platform.python_version(), "typer": typer.__version__,
+            "git_commit": run("git", "rev-parse", "HEAD"),
+            "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+            "kernel": platform.release(), "loadavg_before": os.getloadavg()}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| measure | kvmrun: median (min–max) | baseline: median (min–max) | n | ratio "
+             "| target | met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ks, bs = r["kvmrun_stats"], r["baseline_stats"]
+        n = f"{ks['n']}" + (f"/{bs['n']}" if bs["n"] else "")
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['measure']} | {fmt(ks, r['unit'])} | {fmt(bs, r['unit'])} | {n} | "
+                     f"{ratio} | {r['target'] or ''} | {met} |")
+    return "\n".join(lines)
+
+
+def legend(rows: list[dict]) -> str:
+    return "\n".join(f"- {r['measure']}: {r['kvmrun']} vs {r['baseline']}" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=10, help="start/stop pairs (default 10)")
+    ap.add_argument("--cli-runs", type=int, default=30, help="CLI rounds (default 30)")
+    ap.add_argument("--scale", type=int, default=50, help="guests in the scale test (50)")
+    ap.add_argument("--scale-runs", type=int, default=1, help="scale pairs (default 1)")
+    ap.add_argument("--memory-guests", type=int, default=20, help="the many-guests count (20)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 2 pairs, 5 CLI rounds, memory 1+3, scale 3")
+    ap.add_argument("--only", default="1,3,4,5",
+                    help="sections to run: 1 start/stop, 3 CLI, 4 memory, 5 scale")
+    ap.add_argument("--keep", action="store_true", help="keep /tmp/kb-XXXX afterwards")
+    ap.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.pairs, args.cli_runs, args.scale, args.memory_guests = 2, 5, 3, 3
+    only = {s.strip() for s in args.only.split(",")}
+    if KVMRUN is None:
+        sys.exit(f"no kvmrun next to {PY}; run with the venv's python (make bench)")
+    from tests.guest.build import build_guest
+    guest = build_guest("x86_64")
+
+    def note(message: str) -> None:
+        sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+        sys.stderr.flush()
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_sigterm)     # clean up as on Ctrl-C
+    info = machine()
+    b = Bench(guest, keep=args.keep)
+    note(f"isolated directory {b.base}; {info['cpus']} CPUs, load {info['loadavg_before']}")
+    rows: list[dict] = []
+    imports: dict = {}
+    t_start = time.time()
+    try:
+        if "1" in only or "2" in only:
+            rows += bench_start_stop(b, args.pairs, note)
+        if "3" in only:
+            cli_rows, imports = bench_cli(b, args.cli_runs, note)
+            rows += cli_rows
+        if "4" in only:
+            rows += bench_memory(b, [1, args.memory_guests], note)
+        if "5" in only:
+            rows += bench_scale(b, args.scale, args.scale_runs, max(5, args.cli_runs // 3),
+                                note)
+    except KeyboardInterrupt:
+        note("interrupted: stopping everything the benchmark started")
+        return 130
+    finally:
+        killed = b.close()
+        if killed:
+            note(f"killed leftover processes: {sorted(set(killed))}")
+    info["loadavg_after"] = os.getloadavg()
+    info["duration_s"] = round(time.time() - t_start)
+    settings = {"pairs": args.pairs, "cli_runs": args.cli_runs, "scale": args.scale,
+                "scale_runs": args.scale_runs, "memory_guests": args.memory_guests,
+                "quick": args.quick, "sections": sorted(only),
+                "command": "python bench/run.py " + " ".join(argv if argv is not None
+                                                               else sys.argv[1:])}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "settings": settings, "results": rows,
+                               "imports": imports}, indent=1, ensure_ascii=False) + "\n")
+    print(f"kvmrun vs raw QEMU — {info['cpus']} CPUs ({info['cpu_model']}), {info['qemu']}, "
+          f"commit {info['git_commit'][:10]}{' +local changes' if info['git_dirty'] else ''}, "
+          f"load {info['loadavg_before'][0]:.1f}→{info['loadavg_after'][0]:.1f}")
+    print()
+    print(table(rows))
+    print()
+    print(legend(rows))
+    if imports:
+        print()
+        print("| verb | modules imported | kvmrun modules | heavy ones |")
+        print("|---|---|---|---|")
+        for verb, imp in imports.items():
+            print(f"| `{verb}` | {imp['modules']} | "
+                  f"{', '.join(m.removeprefix('kvmrun.') for m in imp['kvmrun_modules'])} | "
+                  f"{', '.join(imp['heavy']) or '-'} |")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
