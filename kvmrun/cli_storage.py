@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from kvmrun.cli import app, emit_json, err, out
+from kvmrun.cli import app, emit_json, out
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",

@@ -96,7 +96,6 @@ def import_(
     """
     from pathlib import Path
 
-    from kvmrun import store
     from kvmrun.errors import ProfileError
     from kvmrun.profile import load
     try:

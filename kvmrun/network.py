@@ -30,7 +30,6 @@ Light at import (standard library only): the supervisor imports it for teardown.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -146,22 +145,13 @@ def _read_json(path: Path) -> dict:
 
 @contextmanager
 def _locked(directory: Path, timeout: float = 30.0) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + timeout
+    from kvmrun.runtime import flocked
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise NetworkError(f"cannot lock {directory}: another kvmrun command "
-                                       "holds it") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
+        with flocked(directory / "lock", timeout):
+            yield
+    except TimeoutError:
+        raise NetworkError(f"cannot lock {directory}: another kvmrun command holds it") \
+            from None
 
 
 def _starttime(pid: int) -> int | None:

@@ -101,6 +101,29 @@ def _unlink(path: Path) -> None:
         pass
 
 
+@contextmanager
+def flocked(path: Path, timeout: float = 30.0) -> Iterator[int]:
+    """An exclusive flock on `path` (created 0600 with its directory 0700), held for the
+    block; waits up to `timeout` seconds, then raises TimeoutError."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise TimeoutError(path) from None
+                time.sleep(0.05)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 class Guest:
     """A handle on one guest's run directory; cheap to create, reads lazily."""
 
@@ -197,24 +220,12 @@ class Guest:
     @contextmanager
     def lock(self, timeout: float = 30.0) -> Iterator[int]:
         """Exclusive flock on the guest's lock file; waits up to `timeout` seconds."""
-        self.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as err:
-                    if err.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise GuestTimeout(f"{self.name}: another kvmrun command holds the "
-                                           f"guest's lock ({self.paths.lock})") from None
-                    time.sleep(0.05)
-            yield fd
-        finally:
-            os.close(fd)
+            with flocked(self.paths.lock, timeout) as fd:
+                yield fd
+        except TimeoutError:
+            raise GuestTimeout(f"{self.name}: another kvmrun command holds the guest's lock "
+                               f"({self.paths.lock})") from None
 
     # -------------------------------------------------------- clean-up
     def clear_runtime(self, keep_logs: bool = True) -> None:

@@ -4,7 +4,6 @@ or disable a guest's instance (what `systemctl enable kvmrun@NAME` does)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -16,7 +16,6 @@ import re
 import select
 import shutil
 import socket
-import subprocess
 import termios
 import time
 from pathlib import Path

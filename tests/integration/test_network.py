@@ -283,7 +283,7 @@ def test_bridged_guest_reaches_the_bridge(kr, tiny_guest):
                              kernel=kernel(tiny_guest, *HTTPD, ip="10.88.0.2/24"))
         ok_ns(kr, ns, "start", profile)
         tap = json.loads(ok_ns(kr, ns, "status", "br", "--json"))["nics"][0]["tap"]
-        assert f"master br0" in in_ns(ns, "ip", "link", "show", tap).stdout
+        assert "master br0" in in_ns(ns, "ip", "link", "show", tap).stdout
         assert guest_check(kr, "br", "ping -c 2 -W 3 10.88.0.1", "BR_TO_HOST")
         fetch = in_ns(ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
                       "'http://10.88.0.2/', timeout=20).read().decode(), end='')")
