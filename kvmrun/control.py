@@ -469,6 +469,16 @@ def share_mount_command(tag: str, readonly: bool = False) -> str:
             f"{tag} /mnt/{tag}")
 
 
+def _device_id(block: dict) -> str:
+    """The guest device's id from query-block: '/machine/peripheral/disk0/virtio-backend'
+    -> 'disk0'; a drive without a device keeps its drive id."""
+    qdev = block.get("qdev") or ""
+    parts = qdev.split("/")
+    if "peripheral" in parts and parts.index("peripheral") + 1 < len(parts):
+        return parts[parts.index("peripheral") + 1]
+    return qdev if qdev and "/" not in qdev else block["device"]
+
+
 def _live_details(guest: Guest, pid: int) -> dict:
     details: dict = {}
     try:
@@ -481,7 +491,7 @@ def _live_details(guest: Guest, pid: int) -> dict:
             details["memory_mib"] = client.execute(
                 "query-memory-size-summary")["base-memory"] // (1024 * 1024)
             details["disks"] = [
-                {"device": b.get("qdev", b["device"]).split("/")[-1] or b["device"],
+                {"device": _device_id(b),
                  "file": b.get("inserted", {}).get("file"),
                  "format": b.get("inserted", {}).get("drv"),
                  "readonly": b.get("inserted", {}).get("ro"),
