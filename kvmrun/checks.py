@@ -20,6 +20,9 @@ def _close(word: str, known: list[str]) -> str:
 def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
     """Everything wrong with the profile on this host; HostError if QEMU is missing."""
     errors = missing_files(profile) if files else []
+    if files:
+        from kvmrun.network import file_errors
+        errors += file_errors(profile)
     binary = host.qemu_binary(profile.arch)
     if profile.machine:
         known = host.qemu_machines(binary)

@@ -311,24 +311,33 @@ def _location(profile, *path) -> str:
     return str(profile.location(*path))
 
 
+def file_errors(profile) -> list:
+    """ProfileErrors for files the NICs name: a TFTP directory, a boot file in it."""
+    from kvmrun.errors import ProfileError
+    errors = []
+    for i, net in enumerate(profile.network):
+        if net.tftp and not os.path.isdir(net.tftp):
+            errors.append(ProfileError(profile.location("network", i, "tftp"),
+                                       f"TFTP directory {net.tftp!r} not found"))
+        elif (net.tftp and net.bootfile and "://" not in net.bootfile
+                and not os.path.isfile(os.path.join(net.tftp, net.bootfile.lstrip("/")))):
+            errors.append(ProfileError(profile.location("network", i, "bootfile"),
+                                       f"boot file {net.bootfile!r} not found in the TFTP "
+                                       f"directory {net.tftp!r}",
+                                       hint="bootfile names a file relative to the tftp "
+                                            "directory, or a URL"))
+    return errors
+
+
 def check(profile) -> None:
     """Everything about the profile's NICs that can be wrong on this host, before anything
-    is made: forward ports in use, a missing bridge, root, the bridge helper."""
+    is made: missing TFTP files, forward ports in use, a missing bridge, root, the bridge
+    helper."""
+    for error in file_errors(profile):
+        raise error
     for i, net in enumerate(profile.network):
         for j, fwd in enumerate(net.forward):
             _check_port(profile, i, j, fwd)
-        if net.tftp and not os.path.isdir(net.tftp):
-            from kvmrun.errors import ProfileError
-            raise ProfileError(profile.location("network", i, "tftp"),
-                               f"TFTP directory {net.tftp!r} not found")
-        if (net.tftp and net.bootfile and "://" not in net.bootfile
-                and not os.path.isfile(os.path.join(net.tftp, net.bootfile.lstrip("/")))):
-            from kvmrun.errors import ProfileError
-            raise ProfileError(profile.location("network", i, "bootfile"),
-                               f"boot file {net.bootfile!r} not found in the TFTP directory "
-                               f"{net.tftp!r}",
-                               hint="bootfile names a file relative to the tftp directory, "
-                                    "or a URL")
         if net.type == "bridge":
             _check_bridge(profile, i, net.bridge)
         elif net.type == "nat":
