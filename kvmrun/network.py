@@ -844,7 +844,7 @@ def leases(name: str, base: Path | None = None) -> list[dict]:
         if len(parts) >= 4:
             out.append({"mac": parts[1].lower(), "ip": parts[2],
                         "hostname": None if parts[3] == "*" else parts[3],
-                        "expires": int(parts[0]) if parts[0].isdigit() else None})
+                        "expires": int(parts[0]) if parts[0].isascii() and parts[0].isdigit() else None})
     return out
 
 

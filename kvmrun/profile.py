@@ -648,7 +648,8 @@ def apply_set(data: dict, lines: Lines, assignment: str) -> None:
         value = parse_scalar(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p
+                              for p in key.split(".")]
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1

@@ -131,7 +131,7 @@ class Int(Spec):
 
     def check(self, value, ctx, path):
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().isdigit():
+            if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
                 value = int(value)
             else:
                 return ctx.error(path, f"expected a whole number, found {value!r}")
