@@ -282,23 +282,31 @@ def kvmrun_start_stop(b: Bench, name: str) -> dict:
     t1 = time.perf_counter()
     stop = b.popen([KVMRUN, "stop", name])
     stop_fd = pidfd_of(stop.pid)
-    exited = stopped = None
-    while exited is None or stopped is None:
-        fds = [fd for fd, t in ((qemu_fd, exited), (stop_fd, stopped)) if t is None]
-        readable = select.select(fds, [], [], 600)[0]
-        now = time.perf_counter()
-        if not readable:
-            raise RuntimeError("kvmrun stop did not finish in 600 s")
-        if qemu_fd in readable and exited is None:
-            exited = now
-        if stop_fd in readable and stopped is None:
-            stopped = now
-    os.close(qemu_fd)
-    os.close(stop_fd)
+    exited, stopped = exit_times(qemu_fd, stop_fd, "kvmrun stop")
     if stop.wait() != 0:
         raise RuntimeError(f"kvmrun stop failed ({stop.returncode})")
     return {"ready": returned - t0, "marker": (marker_at or returned) - t0, "spawn": spawn,
             "stop": stopped - t1, "qemu_exit": exited - t1, "exit_to_return": stopped - exited}
+
+
+def exit_times(qemu_fd: int, stop_fd: int, what: str) -> tuple[float, float]:
+    """perf_counter() times at which QEMU and the stop command exited (pidfds, closed)."""
+    exited = stopped = None
+    try:
+        while exited is None or stopped is None:
+            fds = [fd for fd, t in ((qemu_fd, exited), (stop_fd, stopped)) if t is None]
+            readable = select.select(fds, [], [], 600)[0]
+            now = time.perf_counter()
+            if not readable:
+                raise RuntimeError(f"{what} did not finish in 600 s")
+            if qemu_fd in readable and exited is None:
+                exited = now
+            if stop_fd in readable and stopped is None:
+                stopped = now
+    finally:
+        os.close(qemu_fd)
+        os.close(stop_fd)
+    return exited, stopped
 
 
 def raw_start_stop(b: Bench, name: str) -> dict:
@@ -318,19 +326,7 @@ def raw_start_stop(b: Bench, name: str) -> dict:
     stop = b.popen([PY, str(BENCH / "raw_stop.py"), str(b.raw_dir / name / "qmp-cli.sock"),
                     str(qemu.pid), "300"])
     stop_fd = pidfd_of(stop.pid)
-    exited = stopped = None
-    while exited is None or stopped is None:
-        fds = [fd for fd, t in ((qemu_fd, exited), (stop_fd, stopped)) if t is None]
-        readable = select.select(fds, [], [], 600)[0]
-        now = time.perf_counter()
-        if not readable:
-            raise RuntimeError("raw stop did not finish in 600 s")
-        if qemu_fd in readable and exited is None:
-            exited = now
-        if stop_fd in readable and stopped is None:
-            stopped = now
-    os.close(qemu_fd)
-    os.close(stop_fd)
+    exited, stopped = exit_times(qemu_fd, stop_fd, "raw stop")
     qemu.wait()
     if stop.wait() != 0:
         raise RuntimeError(f"raw stop script failed ({stop.returncode})")

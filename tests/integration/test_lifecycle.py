@@ -19,17 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import pid_alive
+
 SOCKETS = {"qmp.sock", "qmp-cli.sock", "console.sock"}
 KEPT = {"state.json", "events.jsonl", "serial.log", "qemu.log"}
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def files(directory: Path) -> set[str]:
