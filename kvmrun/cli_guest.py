@@ -220,8 +220,10 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if "cpu_percent" in info:
         rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
                              f"rss {info['rss_mib']} MiB"))
-    rows += [("shutdown", info["shutdown_method"]), ("console", info["console"]),
-             ("log", info["serial_log"]), ("qmp", info["qmp"])]
+    rows.append(("shutdown", info["shutdown_method"]))
+    if info["pid"]:                         # sockets exist only while the guest runs
+        rows += [("console", info["console"]), ("qmp", info["qmp"])]
+    rows.append(("log", info["serial_log"]))
     if info["ended"]:
         rows.append(("ended", _ended_text(info["ended"])))
     out(f"{info['name']}")

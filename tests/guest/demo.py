@@ -5,6 +5,7 @@ stop it gracefully, show how it ended. Every step is a real `kvmrun` command, ec
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def main() -> None:
     step("status", "demo")
     print("\n$ kvmrun logs demo  (the console's first lines)", flush=True)
     log = subprocess.run(KVMRUN + ["logs", "demo"], cwd=ROOT, capture_output=True, text=True)
-    print("\n".join(log.stdout.strip().splitlines()[:8]))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", log.stdout)     # terminal queries
+    print("\n".join(text.strip().splitlines()[:8]))
     step("stop", "demo")
     step("status", "demo")
 
