@@ -11,7 +11,7 @@ from pathlib import Path
 from kvmrun.errors import GuestError, HostError
 
 UNIT = "kvmrun@.service"
-SOURCE = Path(__file__).resolve().parent.parent / "systemd"
+SOURCE = Path(__file__).resolve().parent / "units"      # a link to systemd/ in the repo
 
 
 def template_text(user: bool) -> str:
