@@ -134,7 +134,7 @@ class Bench:
     def profile(self, name: str, memory: str = "256M") -> Path:
         data = {"name": name, "accel": "tcg", "memory": memory,
                 "kernel": {"path": str(self.guest.kernel), "initrd": str(self.guest.initrd),
-                           "append": f"console={self.guest.console} quiet"},
+                           "append": f"console={self.guest.console} quiet no_timer_check"},
                 "network": [], "ready": {"console": MARKER.decode(), "timeout": 900},
                 "shutdown": {"timeout": 180}}
         path = self.base / f"{name}.yaml"
