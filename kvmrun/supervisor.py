@@ -39,6 +39,23 @@ EXIT_ESCALATED = 10      # a stop had to escalate (QMP quit, SIGTERM, SIGKILL)
 EXIT_KILLED = 11         # hard power-off on request (`kvmrun kill`)
 
 
+def watch_file(path: Path) -> int | None:
+    """An inotify fd that becomes readable when `path` is written (or None where inotify
+    is unavailable: the caller then polls). ctypes, since the stdlib has no inotify."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        if libc.inotify_add_watch(fd, os.fsencode(path), 0x00000002) < 0:   # IN_MODIFY
+            os.close(fd)
+            return None
+        return fd
+    except (OSError, AttributeError):
+        return None
+
+
 def notify(message: str) -> None:
     """sd_notify(3): one datagram to $NOTIFY_SOCKET, if systemd gave us one."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -221,15 +238,24 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self.on_signal)
             sigfd = rfd
+        console_fd = watch_file(self.paths.serial_log) if self.ready_re else None
         while True:
             waits = [60.0]
             if not self.ready:
-                waits.append(0.05)
+                # the console log wakes us through inotify; without it, poll it at 20 Hz
+                waits.append(0.05 if console_fd is None else
+                             max(0.0, ready_deadline - time.monotonic()))
             if next_ping:
                 waits.append(max(0.0, next_ping - time.monotonic()))
             fds = [self.pidfd] + ([self.qmp.fileno()] if self.qmp else []) + (
-                [sigfd] if sigfd is not None else [])
+                [sigfd] if sigfd is not None else []) + (
+                [console_fd] if console_fd is not None and not self.ready else [])
             readable, _, _ = select.select(fds, [], [], min(waits))
+            if console_fd in readable:
+                try:
+                    os.read(console_fd, 65536)
+                except BlockingIOError:
+                    pass
             if self.qmp and self.qmp.fileno() in readable:
                 self.drain_events()
             if sigfd in readable:
