@@ -127,13 +127,8 @@ def is_bridge(name: str) -> bool:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(value, indent=1).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    from kvmrun.runtime import atomic_write
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def _read_json(path: Path) -> dict:
@@ -280,9 +275,8 @@ def define(name: str, type_: str = "isolated", subnet: str | None = None,
         data["bridge"] = nat_bridge_name(name)
     path = definition_path(name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_yaml().safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    from kvmrun.runtime import atomic_write
+    atomic_write(path, _yaml().safe_dump(data, sort_keys=False), mode=0o644)
     return data
 
 

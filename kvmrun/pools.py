@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kvmrun.errors import GuestError, HostError, KvmrunError
 from kvmrun.paths import config_dir
+from kvmrun.runtime import atomic_write
 
 NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
 VOLUME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
@@ -96,9 +97,7 @@ def define(name: str, directory: str | None = None, type: str = "dir",
     else:
         raise PoolError(f"unknown pool type {type!r}", hint="dir or lvm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=1) + "\n", mode=0o644)
     return get(name)
 
 
