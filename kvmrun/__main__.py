@@ -1,3 +1,3 @@
-from kvmrun.cli import main
+from kvmrun.cli.entry import main
 
 main()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmrun.errors import HostError
 
@@ -171,3 +171,32 @@ def host_machine() -> str:
 def host_arch() -> str:
     """The table name of the host architecture (default guest arch)."""
     return canonical(host_machine()) or host_machine()
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the compiler needs to know about the host: probed once by kvmrun.qemu.host,
+    pinned in tests."""
+
+    machine: str = "x86_64"                     # `uname -m`
+    kvm: bool = False                           # /dev/kvm usable and guests boot under it
+    forced_accel: str | None = None             # KVMRUN_ACCEL
+    net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
+    uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
+
+
+# IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given
+# without `bus=` on the first IDE bus, which holds one unit on q35's AHCI and two on the PC's
+# IDE, so `-hda` plus a CD-ROM fails on q35 unless each device is placed.
+PIIX_IDE = (("ide.0", 0), ("ide.0", 1), ("ide.1", 0), ("ide.1", 1))   # pc, isapc: 2 x 2
+Q35_IDE = tuple((f"ide.{n}", None) for n in range(6))                 # q35: 6 AHCI ports
+OWN_AHCI = tuple((f"ahci0.{n}", None) for n in range(6))              # the ich9-ahci added
+
+
+def ide_slots(a: Arch, machine: str | None) -> tuple[tuple[str, int | None], ...]:
+    """The IDE slots of a machine: its own IDE or AHCI bus, else the AHCI kvmrun adds."""
+    if a.cdrom_bus != "ide":
+        return OWN_AHCI
+    machine = machine or a.machine
+    piix = machine in ("pc", "isapc") or machine.startswith("pc-i440fx")
+    return PIIX_IDE if piix else Q35_IDE

@@ -1,14 +1,25 @@
-"""The one error hierarchy of kvmrun.
+"""Every error class of kvmrun, and the exit code the CLI gives each.
 
     KvmrunError                 exit 1   anything kvmrun reports to a user
+     ├── UsageError             exit 2   a command was called wrongly (a bad --for, bad JSON)
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
+     │    └── ProfileErrors     exit 2   several at once, one per line
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
+     │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
-     └── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
+     ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
+     ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
+     │    └── PoolError         exit 1   a pool or volume operation failed
+     └── StoreError             exit 1   the set of defined VMs (write failed, …)
+          ├── InvalidName       exit 2   not a valid VM name
+          ├── NotDefined        exit 2   no defined VM of that name
+          ├── AlreadyDefined    exit 1   a different VM of that name exists
+          └── Conflict          exit 1   the stored file changed while it was edited
 
-The CLI maps each class to its exit code; library code raises, never exits.
+The CLI (and the web UI) map each class to its exit code; library code raises, never exits.
+Light: the supervisor imports this module.
 """
 
 from __future__ import annotations
@@ -26,6 +37,10 @@ class KvmrunError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UsageError(KvmrunError):
+    exit_code = 2
 
 
 class Location:
@@ -82,8 +97,31 @@ class ProfileError(KvmrunError):
         self.reason = message
 
 
+class ProfileErrors(ProfileError):
+    """Several profile errors at once; str() lists them one per line."""
+
+    def __init__(self, errors: list[ProfileError]):
+        first = errors[0]
+        super().__init__(first.location, first.reason, first.hint)
+        self.errors = errors
+        self.message = "\n".join(e.message for e in errors)
+        self.hint = None if len(errors) > 1 else first.hint
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+def each_error(error: ProfileError) -> list[ProfileError]:
+    """The single errors of a ProfileError (one, or the list of a ProfileErrors)."""
+    return error.errors if isinstance(error, ProfileErrors) else [error]
+
+
 class HostError(KvmrunError):
     exit_code = 3
+
+
+class NetworkError(HostError):
+    """A network verb failed (bad name, not defined, overlapping subnet, in use)."""
 
 
 class GuestError(KvmrunError):
@@ -95,7 +133,17 @@ class GuestTimeout(GuestError):
 
 
 class QMPError(KvmrunError):
+    """QEMU's monitor refused a command (`error_class` is QEMU's, e.g. GenericError,
+    DeviceNotFound) or the connection failed (`error_class` None). Branch on the class,
+    never on the text."""
+
     exit_code = 6
+
+    def __init__(self, message: str, command: str | None = None,
+                 error_class: str | None = None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.command = command
+        self.error_class = error_class
 
 
 class LaunchError(KvmrunError):
@@ -111,3 +159,35 @@ class LaunchError(KvmrunError):
         if self.argv:
             full += "\n  command: " + shlex.join(self.argv)
         super().__init__(full, hint)
+
+
+class StorageError(KvmrunError):
+    """A disk operation failed (bad size, missing base, qemu-img refused, no space…)."""
+
+
+class PoolError(StorageError):
+    """A pool or volume operation failed; `key` is the profile disk key it is about."""
+
+    def __init__(self, message: str, hint: str | None = None, key: str = "pool"):
+        super().__init__(message, hint)
+        self.key = key
+
+
+class StoreError(KvmrunError):
+    """Something about the set of defined VMs."""
+
+
+class InvalidName(StoreError):
+    exit_code = 2
+
+
+class NotDefined(StoreError):
+    exit_code = 2
+
+
+class AlreadyDefined(StoreError):
+    exit_code = 1
+
+
+class Conflict(StoreError):
+    """The stored file changed while it was being edited."""

@@ -9,10 +9,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvmrun.errors import HostError
+import re
+
+from kvmrun.errors import HostError, InvalidName
 
 UNIX_PATH_MAX = 107          # sun_path is 108 bytes including the terminating NUL
-NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"    # VM names (run-directory names)
+# The one name rule: VM names (run-directory names), network names, pool names
+NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
+MAX_NAME = 64
+NAME_RULE = f"letters, digits and . _ - between them, at most {MAX_NAME} characters"
+
+
+def valid_name(name: str, max_len: int = MAX_NAME) -> bool:
+    return isinstance(name, str) and len(name) <= max_len and bool(re.fullmatch(NAME_RE, name))
+
+
+def check_name(name: str, what: str = "VM name") -> str:
+    """Every VM name that enters kvmrun (a profile, --name, a NAME argument) passes here:
+    a name with a comma or a slash would reach QEMU's -name or leave the run directory."""
+    if not valid_name(name):
+        raise InvalidName(f"{name!r} is not a valid {what} ({NAME_RULE})")
+    return name
 
 
 def _root() -> bool:
@@ -50,6 +67,19 @@ def cache_dir() -> Path:
     return Path("/var/cache/kvmrun") if _root() else _xdg("XDG_CACHE_HOME", ".cache") / "kvmrun"
 
 
+def vm_dir() -> Path:
+    """Where defined VMs live: <config dir>/vms/NAME.yaml (kvmrun.ops.defined)."""
+    return config_dir() / "vms"
+
+
+def defined_path(name: str) -> Path:
+    return vm_dir() / f"{name}.yaml"
+
+
+def is_defined(name: str) -> bool:
+    return valid_name(name) and defined_path(name).is_file()
+
+
 def nvram_path(name: str) -> Path:
     """The VM's own copy of the UEFI variable store, kept across restarts."""
     return data_dir() / "nvram" / f"{name}_VARS.fd"
@@ -80,11 +110,17 @@ class RunPaths:
 
     @classmethod
     def for_guest(cls, name: str, base: Path | None = None) -> "RunPaths":
+        check_name(name)
         return cls((base or run_dir()) / name, nvram_path(name))
 
     def _p(self, leaf: str) -> Path:
         return self.dir / leaf
 
+    launch = property(lambda self: self._p("launch.json"))    # what the supervisor runs
+    request = property(lambda self: self._p("request.json"))  # what a CLI asked for
+    network = property(lambda self: self._p("network.json"))  # what setup made for the NICs
+    qemu_log = property(lambda self: self._p("qemu.log"))
+    supervisor_log = property(lambda self: self._p("supervisor.log"))
     qmp = property(lambda self: self._p("qmp.sock"))          # the supervisor's monitor
     qmp_cli = property(lambda self: self._p("qmp-cli.sock"))  # the CLI's monitor
     console = property(lambda self: self._p("console.sock"))
@@ -97,6 +133,11 @@ class RunPaths:
     events = property(lambda self: self._p("events.jsonl"))
     lock = property(lambda self: self._p("lock"))
     cidata = property(lambda self: self._p("cidata.iso"))     # the cloud-init NoCloud seed
+    cidata_stamp = property(lambda self: self._p("cidata.sha256"))
+
+    def port_socket(self, index: int) -> Path:
+        """The unix datagram socket QEMU binds for NIC `index` on an isolated network."""
+        return self._p(f"net{index}.sock")
 
     def overlay(self, index: int) -> Path:
         """The throwaway qcow2 overlay of an ephemeral disk (deleted when the guest ends)."""

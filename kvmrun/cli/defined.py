@@ -1,16 +1,20 @@
-"""The store verbs of the CLI: define, undefine, edit, export, import, defined.
+"""Verbs on defined VMs: define, undefine, edit, export, import, defined.
 
-Thin: each command calls kvmrun.store and prints through kvmrun.cli's `out`/`err`.
+Thin: each command calls kvmrun.ops.defined and prints through kvmrun.cli.app's `out`/`err`.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from kvmrun.cli import app, emit_json, err, out
+from kvmrun.cli.app import app, emit_json, err, lazy, out
+from kvmrun.errors import Conflict, KvmrunError, ProfileError, each_error
+
+store = lazy("kvmrun.ops.defined")
 
 _REF_HELP = ("A profile file or the name of a defined VM. A path wins when it contains '/' or "
              "ends in .yaml (write ./web for a file named web).")
@@ -29,7 +33,6 @@ def _warn(warnings) -> None:
 
 
 def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
-    from kvmrun import store
     result = store.define(prof, name, force=force, check_files=not no_check_files,
                           new_uuid=new_uuid)
     _warn(result.warnings)
@@ -42,8 +45,7 @@ def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
 
 
 def _missing_hint(e) -> None:
-    from kvmrun.spec import ProfileErrors
-    errors = e.errors if isinstance(e, ProfileErrors) else [e]
+    errors = each_error(e)
     if any(x.location.path and x.reason.endswith("not found") for x in errors):
         err("  hint: fix the paths, or pass --no-check-files and fix them later with "
             "`kvmrun edit`")
@@ -68,8 +70,6 @@ def define(
     Defining the same profile again changes nothing; a different one needs --force.
     Exit codes: 2 invalid profile or name, 1 a different VM of that name exists.
     """
-    from kvmrun import store
-    from kvmrun.errors import ProfileError
     try:
         prof = store.resolve(profile_file, sets or [])
         _define(prof, name, force, no_check_files, new_uuid, "defined")
@@ -94,12 +94,8 @@ def import_(
     with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
     moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
     """
-    from pathlib import Path
-
-    from kvmrun.errors import ProfileError
-    from kvmrun.profile import load
     try:
-        _define(load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
+        _define(store.load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
     except ProfileError as e:
         err(f"kvmrun: error: {e}")
         _missing_hint(e)
@@ -116,7 +112,6 @@ def undefine(
 
     Refused while the VM runs (exit 4). Its UEFI variable store is removed too unless
     --keep-nvram; disk images are never touched."""
-    from kvmrun import store
     result = store.undefine(name, keep_nvram=keep_nvram)
     line = f"undefined {result.name} (removed {', '.join(map(str, result.removed))})"
     if result.kept:
@@ -139,8 +134,6 @@ def edit(
     import shlex
     import subprocess
 
-    from kvmrun import store
-    from kvmrun.errors import KvmrunError, ProfileError
     copy, original = store.edit_copy(name)
     keep_copy = False
     try:
@@ -168,9 +161,9 @@ def edit(
             _warn(warnings)
             try:
                 changed = store.save_edited(name, prof, original)
-            except store.Conflict as e:
+            except Conflict as e:
                 keep_copy = True
-                raise store.Conflict(f"{e.message}; your version is in {copy}") from None
+                raise Conflict(f"{e.message}; your version is in {copy}") from None
             out(f"edited {name} ({store.defined_path(name)})" if changed
                 else f"{name} unchanged")
             return
@@ -205,9 +198,7 @@ def export(
     Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
     on another host."""
     import json
-    from pathlib import Path
 
-    from kvmrun import store
     prof = store.resolve(profile_ref)
     text = (json.dumps(store.export_dict(prof), indent=2) + "\n" if as_json
             else store.export_text(prof))
@@ -230,7 +221,6 @@ def defined(
     as_json: bool = typer.Option(False, "--json", help="A JSON list."),
 ) -> None:
     """List the defined VMs: name, architecture, memory, vCPUs, disks and the file."""
-    from kvmrun import store
     vms = store.list_defined()
     if as_json:
         emit_json([vm.to_json() for vm in vms])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from kvmrun.cli import app, emit_json, out
+from kvmrun.cli.app import app, emit_json, out
+from kvmrun.ops.doctor import findings
 
 
 @app.command()
@@ -16,7 +17,6 @@ def doctor(
 ) -> None:
     """Check this host: QEMU binaries, /dev/kvm (and whether guests really boot under it),
     firmware, qemu-img, directories, socket path headroom. Exit 3 if something is broken."""
-    from kvmrun.doctor import findings
     results = findings(probe=probe, force_probe=reprobe)
     if as_json:
         emit_json(results)

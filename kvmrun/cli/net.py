@@ -1,5 +1,5 @@
 """`kvmrun net …`: named networks (isolated: guests only, no root; nat: a bridge with DHCP,
-DNS and masquerading, root). Thin: each verb calls kvmrun.network and prints."""
+DNS and masquerading, root). Thin: each verb calls kvmrun.net / kvmrun.ops.networks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from kvmrun.cli import app, emit_json, out
+from kvmrun.cli.app import app, emit_json, out
+from kvmrun.net import defs, nat
+from kvmrun.ops import networks
 
 net_app = typer.Typer(help="Named networks: define, start, stop, list, status.",
                       no_args_is_help=True)
@@ -28,8 +30,7 @@ def define(
                                               "isolated: informational)."),
 ) -> None:
     """Define a named network in the config directory (profiles use it by name)."""
-    from kvmrun import network
-    data = network.define(name, type_, subnet)
+    data = defs.define(name, type_, subnet)
     out(f"defined {data['type']} network {name}"
         + (f" ({data['subnet']})" if data.get("subnet") else ""))
 
@@ -37,16 +38,14 @@ def define(
 @net_app.command("undefine")
 def undefine(name: str = NetName) -> None:
     """Remove a network definition (a NAT network must be stopped first)."""
-    from kvmrun import network
-    network.undefine(name)
+    defs.undefine(name)
     out(f"undefined network {name}")
 
 
 @net_app.command("start")
 def start(name: str = NetName) -> None:
     """Bring up a NAT network (defined with defaults on first use). Root only."""
-    from kvmrun import network
-    state = network.nat_start(name)
+    state = nat.nat_start(name)
     out(f"started NAT network {name}: bridge {state['bridge']}, gateway {state['gateway']}, "
         f"DHCP {state['range'][0]}-{state['range'][1]}")
 
@@ -57,16 +56,14 @@ def stop(name: str = NetName,
                                     help="Stop even with guest NICs attached.")) -> None:
     """Take a NAT network down (dnsmasq, its nftables table and its bridge go), or stop an
     isolated network's hub."""
-    from kvmrun import network
-    kind = network.stop(name, force)
+    kind = networks.stop(name, force)
     out(f"stopped {'NAT' if kind == 'nat' else kind} network {name}")
 
 
 @net_app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     """Defined networks: type, subnet, whether running, attached NICs."""
-    from kvmrun import network
-    rows = network.list_networks()
+    rows = networks.list_networks()
     if as_json:
         emit_json(rows)
         return
@@ -79,8 +76,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 @net_app.command("status")
 def status(name: str = NetName, as_json: bool = typer.Option(False, "--json")) -> None:
     """A network's state; for NAT networks the bridge, dnsmasq and the DHCP leases."""
-    from kvmrun import network
-    info = network.status(name)
+    info = networks.status(name)
     if as_json:
         emit_json(info)
         return

@@ -1,15 +1,26 @@
-"""Storage verbs: disk create/info/resize, snapshot create/list/revert/delete, ssh.
-Thin: each parses, calls kvmrun.storage (or sshcmd), prints."""
+"""Storage verbs: disk create/info/resize/delete, snapshot create/list/revert/delete, pool
+define/undefine/list/info, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import time
 from typing import List, Optional
 
 import typer
 
-from kvmrun.cli import app, emit_json, out
+from kvmrun.cli.app import app, emit_json, guest, lazy, out
+from kvmrun.errors import HostError, KvmrunError
+from kvmrun.guest.rundir import Guest, guest_using, require_running
+from kvmrun.ops import ssh as sshcmd
+from kvmrun.paths import valid_name
+from kvmrun.storage import images, lvm, pools, snapshots
+from kvmrun.storage.images import human
+
+defined = lazy("kvmrun.ops.defined")
+disks = lazy("kvmrun.storage.disks")
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
@@ -23,7 +34,6 @@ app.add_typer(pool_app, name="pool")
 
 
 def _show_info(info: dict) -> None:
-    from kvmrun.storage import human
     out(info["path"])
     rows = [("format", info.get("format")),
             ("size", f"{human(info.get('virtual_size'))} ({info.get('virtual_size')} bytes)"),
@@ -55,17 +65,15 @@ def disk_create(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create a disk image (never overwrites; a failure leaves no file or volume)."""
-    from kvmrun import storage
-    size_bytes = storage.parse_disk_size(size)[1] if size is not None else None
+    size_bytes = images.parse_disk_size(size)[1] if size is not None else None
     if pool:
-        from kvmrun import pools
         info = pools.create_volume(pool, path, size_bytes, fmt, backing)
     else:
-        info = storage.create(path, size_bytes, fmt, backing)
+        info = images.create(path, size_bytes, fmt, backing)
     if as_json:
         emit_json(info)
         return
-    out(f"created {info['path']} ({info['format']}, {storage.human(info['virtual_size'])}"
+    out(f"created {info['path']} ({info['format']}, {human(info['virtual_size'])}"
         + (f", on {info['backing_file']})" if info.get("backing_file") else ")"))
 
 
@@ -77,7 +85,6 @@ def disk_delete(
                                        help="Delete the volume from this storage pool."),
 ) -> None:
     """Delete a disk image or a pool's volume (refused while a running guest uses it)."""
-    from kvmrun import pools
     gone = pools.delete_volume(pool, path)
     out(f"deleted {gone['path']}")
 
@@ -86,9 +93,8 @@ def disk_delete(
 def disk_info(path: str = typer.Argument(..., metavar="PATH"),
               as_json: bool = typer.Option(False, "--json")) -> None:
     """Format, sizes, backing chain and snapshots of an image."""
-    from kvmrun import storage
-    info = storage.info(path)
-    user = storage.guest_using(path)
+    info = images.info(path)
+    user = guest_using(path)
     info["in_use_by"] = user[0] if user else None
     if as_json:
         emit_json(info)
@@ -110,38 +116,34 @@ def disk_resize(
 ) -> None:
     """Grow (or with --shrink, shrink) a disk image. A disk a running guest has open is
     resized live through QMP block_resize; the guest then sees the new size."""
-    from kvmrun import storage
-    result = storage.resize(path, size, shrink=shrink, live=live)
+    result = disks.resize(path, size, shrink=shrink, live=live)
     if as_json:
         emit_json(result)
         return
     how = f" live in {result['live']}" if result.get("live") else ""
-    out(f"resized {result['path']}{how}: {storage.human(result['old_size'])} -> "
-        f"{storage.human(result['virtual_size'])}")
+    out(f"resized {result['path']}{how}: {human(result['old_size'])} -> "
+        f"{human(result['virtual_size'])}")
 
 
 # ---------------------------------------------------------------- snapshots
 
 def _snapshot_target(name: str):
     """(disks [(path, skip)], running guest or None) for a guest name or profile."""
-    from kvmrun import store
-    from kvmrun.errors import KvmrunError
-    from kvmrun.runtime import Guest
-    guest = Guest(name) if "/" not in name and not name.endswith((".yaml", ".yml")) else None
+    guest = Guest(name) if valid_name(name) else None
     if guest is not None and guest.qemu_pid() is not None:
         launch = guest.read_launch()
-        shared = set(launch.get("shared_disks", []))
-        eph = set(launch.get("ephemeral_disks", []))
-        disks = [(str(guest.paths.overlay(i)), False) if i in eph else (p, p in shared)
-                 for i, p in enumerate(launch.get("disks", []))]
-        return disks, guest
+        shared = set(launch.shared_disks)
+        eph = set(launch.ephemeral_disks)
+        targets = [(str(guest.paths.overlay(i)), False) if i in eph else (p, p in shared)
+                   for i, p in enumerate(launch.disks)]
+        return targets, guest
     try:
-        prof = store.resolve(name)
+        prof = defined.resolve(name)
     except KvmrunError:
-        if guest is not None and (guest.paths.dir / "launch.json").exists():
-            launch = guest.read_launch()
-            shared = set(launch.get("shared_disks", []))
-            return [(p, p in shared) for p in launch.get("disks", [])], None
+        launch = guest.launch_or_none() if guest is not None else None
+        if launch is not None:
+            shared = set(launch.shared_disks)
+            return [(p, p in shared) for p in launch.disks], None
         raise
     running = Guest(prof.name)
     if running.qemu_pid() is not None:
@@ -153,7 +155,6 @@ def _snapshot_rows(rows: list[dict], as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    from kvmrun.storage import human
     out(f"{'NAME':<24} {'DATE':<19} {'VM STATE':>9}  DISKS")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["date"])) if r[
@@ -171,10 +172,9 @@ def snapshot_create(name: str = NameOrProfile,
                                                          help="Default: snap-DATE-TIME.")) -> None:
     """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
     qemu-img while it is stopped."""
-    from kvmrun import storage
     snap = snap or time.strftime("snap-%Y%m%d-%H%M%S")
     disks, guest = _snapshot_target(name)
-    storage.snapshot("create", disks, snap, guest)
+    snapshots.snapshot("create", disks, snap, guest)
     out(f"created snapshot {snap} of {name}" + (" (running: with VM state)" if guest else ""))
 
 
@@ -182,18 +182,16 @@ def snapshot_create(name: str = NameOrProfile,
 def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False, "--json")
                   ) -> None:
     """The snapshots of a VM's disks."""
-    from kvmrun import storage
     disks, guest = _snapshot_target(name)
-    _snapshot_rows(storage.snapshot("list", disks, None, guest), as_json)
+    _snapshot_rows(snapshots.snapshot("list", disks, None, guest), as_json)
 
 
 @snapshot_app.command("revert")
 def snapshot_revert(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped)."""
-    from kvmrun import storage
     disks, guest = _snapshot_target(name)
-    storage.snapshot("revert", disks, snap, guest)
+    snapshots.snapshot("revert", disks, snap, guest)
     out(f"reverted {name} to {snap}")
 
 
@@ -201,9 +199,8 @@ def snapshot_revert(name: str = NameOrProfile,
 def snapshot_delete(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Delete a snapshot."""
-    from kvmrun import storage
     disks, guest = _snapshot_target(name)
-    storage.snapshot("delete", disks, snap, guest)
+    snapshots.snapshot("delete", disks, snap, guest)
     out(f"deleted snapshot {snap} of {name}")
 
 
@@ -221,19 +218,13 @@ def ssh(
 ) -> None:
     """ssh into a guest through its user-network forward to port 22 (host keys of
     throwaway guests are not remembered)."""
-    import shlex
-    from kvmrun import runtime, sshcmd
-    from kvmrun.cli_guest import _guest
-    guest = _guest(name)
-    runtime.require_running(guest)
-    forwards = guest.read_launch().get("summary", {}).get("forwards", [])
-    argv = sshcmd.ssh_argv(name, forwards, user, identity, command or [])
+    target = guest(name)
+    require_running(target)
+    argv = sshcmd.ssh_argv(name, target.read_launch().forwards, user, identity, command or [])
     if print_:
         out(shlex.join(argv))
         return
-    import shutil
     if not shutil.which("ssh"):
-        from kvmrun.errors import HostError
         raise HostError("ssh not found", hint="apt-get install openssh-client")
     os.execvp("ssh", argv)
 
@@ -252,7 +243,6 @@ def pool_define(name: str = typer.Argument(..., metavar="NAME"),
                                                  help="An lvm pool's (existing) volume group."),
                 ) -> None:
     """Define a directory pool (NAME DIRECTORY) or an LVM pool (NAME --type lvm --vg VG)."""
-    from kvmrun import pools
     pool = pools.define(name, directory, type=type_, vg=vg)
     if pool["type"] == "lvm":
         out(f"defined pool {name} on LVM volume group {pool['vg']}")
@@ -263,7 +253,6 @@ def pool_define(name: str = typer.Argument(..., metavar="NAME"),
 @pool_app.command("undefine")
 def pool_undefine(name: str = typer.Argument(..., metavar="NAME")) -> None:
     """Forget a pool (its directory or volume group, and its volumes, stay)."""
-    from kvmrun import pools
     pool = pools.undefine(name)
     if pool.get("type") == "lvm":
         out(f"undefined pool {name} (its volumes stay in volume group {pool['vg']})")
@@ -274,9 +263,6 @@ def pool_undefine(name: str = typer.Argument(..., metavar="NAME")) -> None:
 @pool_app.command("list")
 def pool_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """The defined pools: type, volumes, free space, directory or volume group."""
-    from kvmrun import pools
-    from kvmrun.errors import KvmrunError
-    from kvmrun.storage import human
     rows = []
     for name in pools.names():
         pool = pools.usage(name)
@@ -299,11 +285,9 @@ def pool_list(as_json: bool = typer.Option(False, "--json")) -> None:
 def pool_info(name: str = typer.Argument(..., metavar="NAME"),
               as_json: bool = typer.Option(False, "--json")) -> None:
     """A pool's directory or volume group, space and volumes."""
-    from kvmrun import pools
-    from kvmrun.storage import human
     usage = pools.usage(name)
     if usage.get("type") == "lvm" and not usage["available"]:
-        pools.vg_report(usage["vg"])           # raises the reason (VG gone, no LVM, not root)
+        lvm.vg_report(usage["vg"])           # raises the reason (VG gone, no LVM, not root)
     info = {**usage, "type": usage.get("type", "dir"), "volumes": pools.volumes(name)}
     if as_json:
         emit_json(info)

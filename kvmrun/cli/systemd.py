@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from kvmrun.cli import app, out
+from kvmrun.cli.app import app, out
+from kvmrun.ops import systemd
 
 systemd_app = typer.Typer(help="Run guests as systemd services (one unit per guest).",
                           no_args_is_help=True)
@@ -22,7 +23,6 @@ def install(
     print_: bool = typer.Option(False, "--print", help="Print the unit instead of writing."),
 ) -> None:
     """Write the kvmrun@.service template unit (with this kvmrun's path)."""
-    from kvmrun import systemd
     if print_:
         out(systemd.render(user).rstrip("\n"))
         return
@@ -34,7 +34,6 @@ def install(
 @systemd_app.command()
 def enable(name: str = typer.Argument(..., help="A defined VM."), user: bool = UserOpt) -> None:
     """Start a defined VM at boot: what `systemctl enable kvmrun@NAME` does."""
-    from kvmrun import systemd
     out(systemd.enable(name, user))
 
 
@@ -42,5 +41,4 @@ def enable(name: str = typer.Argument(..., help="A defined VM."), user: bool = U
 def disable(name: str = typer.Argument(..., help="A defined VM."),
             user: bool = UserOpt) -> None:
     """Stop starting a VM at boot."""
-    from kvmrun import systemd
     out(systemd.disable(name, user))

@@ -37,14 +37,22 @@ class QMPClient:
         except FileNotFoundError:
             sock.close()
             raise GuestError(f"no QMP socket at {self.path}") from None
-        except (ConnectionRefusedError, socket.timeout) as err:
-            sock.close()
+        except (ConnectionRefusedError, socket.timeout, BlockingIOError) as err:
+            sock.close()     # EAGAIN: a full listen backlog (a hung QEMU)
             raise GuestError(f"QMP socket {self.path} does not answer ({err})") from None
+        except OSError as err:
+            sock.close()
+            raise GuestError(f"cannot connect to QMP socket {self.path}: "
+                             f"{err.strerror or err}") from None
         self.sock = sock
-        self.greeting = self._read_message(self.timeout)
-        if "QMP" not in self.greeting:
-            raise QMPError(f"unexpected QMP greeting: {self.greeting}")
-        self.execute("qmp_capabilities")
+        try:
+            self.greeting = self._read_message(self.timeout)
+            if "QMP" not in self.greeting:
+                raise QMPError(f"unexpected QMP greeting: {str(self.greeting)[:200]}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -93,7 +101,13 @@ class QMPClient:
             raise QMPError("QEMU closed the QMP connection") from None
         except OSError as err:
             raise QMPError(f"QMP connection failed: {err}") from None
-        return json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise QMPError(f"QMP sent something that is not JSON: {line[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise QMPError(f"QMP sent something that is not an object: {line[:200]!r}")
+        return message
 
     def execute(self, command: str, arguments: dict | None = None,
                 timeout: float | None = None) -> object:
@@ -116,8 +130,9 @@ class QMPClient:
                 self.pending_events.append(reply)
                 continue
             if "error" in reply:
-                err = reply["error"]
-                raise QMPError(f"{command}: {err.get('desc', err)}")
+                err = reply["error"] if isinstance(reply["error"], dict) else {}
+                raise QMPError(f"{command}: {err.get('desc', reply['error'])}", command,
+                               err.get("class"))
             return reply.get("return")
 
     def read_event(self, timeout: float | None) -> dict | None:

@@ -10,33 +10,17 @@ identified when the pidfd was opened.
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import socket
 import time
 from typing import Callable
 
 from kvmrun.errors import GuestError, GuestTimeout
+from kvmrun.proc import wait_pidfd
 
 RESEND = 5.0            # seconds between ACPI requests (guests miss them while booting)
 GRACE = 5.0             # seconds each hard stage gets before the next
 HARD_STAGES = ("quit", "sigterm", "sigkill")
-
-
-def open_pidfd(pid: int) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise GuestError(f"process {pid} is gone") from None
-
-
-def wait_pidfd(pidfd: int, timeout: float | None) -> bool:
-    """Block until the process exits (True) or `timeout` seconds pass (False)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    ms = None if timeout is None else max(0, int(timeout * 1000))
-    return bool(poller.poll(ms))
 
 
 def type_on_console(console_sock: str, command: str, settle: float = 5.0) -> None:

@@ -3,26 +3,27 @@
 Each guest NIC on isolated network NAME is a QEMU `-netdev dgram` bound to a unix datagram
 socket in the guest's run directory and sending to <run dir>/.net/NAME/hub.sock. The hub
 forwards each frame to the port that owns the destination MAC, or floods it to every other
-port. Ports are the symlinks in <run dir>/.net/NAME/ports/ (made by kvmrun.network.setup,
-removed at teardown); frames from anything else are dropped. No IP, no host interface, no
+port. Ports are the symlinks in <run dir>/.net/NAME/ports/ (made by kvmrun.net.isolated,
+removed at teardown by kvmrun.guest.netrecord); frames from anything else are dropped. No IP, no host interface, no
 root: guests on the network reach each other and nothing else.
 
 The hub exits after IDLE seconds without ports. Standard library only.
 
-    python -m kvmrun.hub <run dir>/.net/NAME
+    python -m kvmrun.net.hub <run dir>/.net/NAME
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import select
 import socket
 import sys
 import time
 from pathlib import Path
+
+from kvmrun import files, proc
 
 IDLE = 30.0              # seconds without ports before the hub exits
 REFRESH = 1.0            # seconds between re-reads of the ports directory
@@ -51,9 +52,8 @@ class Hub:
         finally:
             os.umask(old)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        from kvmrun.runtime import atomic_write, proc_starttime
-        atomic_write(self.dir / "hub.json", json.dumps(
-            {"pid": os.getpid(), "starttime": proc_starttime(os.getpid())}))
+        files.write_json(self.dir / "hub.json",
+                         {"pid": os.getpid(), "starttime": proc.starttime(os.getpid())})
 
     def refresh(self) -> None:
         ports = set()
@@ -143,7 +143,7 @@ class Hub:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m kvmrun.hub <run dir>/.net/NAME\n")
+        sys.stderr.write("usage: python -m kvmrun.net.hub <run dir>/.net/NAME\n")
         return 2
     return Hub(Path(args[0])).run()
 

@@ -13,7 +13,7 @@ describes the VM and moves to another host with `kvmrun export` / `kvmrun import
 
 Every write goes to a temporary file in the same directory, is fsynced and renamed over the
 target, so a failed or interrupted define/edit leaves the old file intact and no partial one.
-Library code raises (`errors.KvmrunError` subclasses); the CLI (`kvmrun.cli_store`) prints.
+Library code raises (`errors.KvmrunError` subclasses); the CLI (`kvmrun.cli.defined`) prints.
 """
 
 from __future__ import annotations
@@ -21,61 +21,31 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kvmrun import paths
-from kvmrun.errors import GuestError, KvmrunError, Location, ProfileError
-from kvmrun.profile import MAX_NAME, NAME_RE, Profile, load, to_dict
+from kvmrun import files, paths
+from kvmrun.errors import (AlreadyDefined, Conflict, GuestError, HostError, KvmrunError,
+                           Location, NotDefined, ProfileError, ProfileErrors, StoreError)
+from kvmrun.guest.rundir import Guest
+from kvmrun.paths import check_name, defined_path, is_defined, valid_name, vm_dir
+from kvmrun.profile import Profile, to_dict
+from kvmrun.profile import load as load_file
+from kvmrun.qemu import checks
+from kvmrun.storage.disks import resolve_pools
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
-NAME_RULE = ("letters, digits and . _ - between them, at most "
-             f"{MAX_NAME} characters")
 
 
-class StoreError(KvmrunError):
-    """Something about the set of defined VMs (exit 1)."""
-
-
-class InvalidName(StoreError):
-    exit_code = 2
-
-
-class NotDefined(StoreError):
-    exit_code = 2
-
-
-class AlreadyDefined(StoreError):
-    exit_code = 1
+def load(path: Path, overrides: Sequence[str] = ()) -> Profile:
+    """A profile file as this host uses it (pool volumes resolved to paths)."""
+    return resolve_pools(load_file(path, overrides))
 
 
 # ---------------------------------------------------------------- names and places
-
-def vm_dir() -> Path:
-    return paths.config_dir() / "vms"
-
-
-def defined_path(name: str) -> Path:
-    return vm_dir() / f"{name}.yaml"
-
-
-def valid_name(name: str) -> bool:
-    return len(name) <= MAX_NAME and bool(re.fullmatch(NAME_RE, name))
-
-
-def check_name(name: str) -> str:
-    if not valid_name(name):
-        raise InvalidName(f"{name!r} is not a valid VM name ({NAME_RULE})")
-    return name
-
-
-def is_defined(name: str) -> bool:
-    return valid_name(name) and defined_path(name).is_file()
-
 
 def defined_names() -> list[str]:
     try:
@@ -100,18 +70,23 @@ def require_defined(name: str) -> Path:
 
 
 def resolve(ref: str, overrides: Sequence[str] = ()) -> Profile:
-    """A PROFILE argument: a profile file, or the name of a defined VM.
+    """A PROFILE argument (a profile file, or the name of a defined VM), loaded."""
+    return load(locate(ref), overrides)
+
+
+def locate(ref: str) -> Path:
+    """The file of a PROFILE argument: a profile file, or the name of a defined VM.
 
     A reference containing '/' or ending in .yaml/.yml is always a file path. A bare word is
     the defined VM of that name if there is one, else a file of that name in the current
     directory (write `./web` to mean the file when a VM `web` is defined)."""
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") or "/" in ref:
-        return load(path, overrides)
+        return path
     if is_defined(ref):
-        return load(defined_path(ref), overrides)
+        return defined_path(ref)
     if path.is_file():
-        return load(path, overrides)
+        return path
     known = defined_names()
     close = difflib.get_close_matches(ref, known, n=1, cutoff=0.6)
     raise ProfileError(Location(ref), "no such profile file or defined VM",
@@ -142,52 +117,13 @@ def export_text(profile: Profile) -> str:
 
 # ---------------------------------------------------------------- atomic files
 
-def _mkdirs(directory: Path) -> None:
-    """Create `directory` (and parents) with mode 0755, whatever the umask."""
-    missing = []
-    probe = directory
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(d, DIR_MODE)
-
-
 def atomic_write(path: Path, text: str, mode: int = FILE_MODE) -> None:
-    """Write `text` to `path` so a reader sees the old file or the new one, never a part:
-    temporary file in the same directory, fsync, rename over, fsync the directory."""
+    """Write `text` to `path` so a reader sees the old file or the new one, never a part
+    (kvmrun.files.atomic_write, with the directory fsynced); errors as StoreError."""
     try:
-        _mkdirs(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        files.atomic_write(path, text, mode, make_dirs=DIR_MODE, sync_dir=True)
     except OSError as err:
         raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError):
-            raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass                # the rename happened; a directory fsync is best effort
 
 
 def _read(path: Path) -> str | None:
@@ -201,15 +137,11 @@ def _read(path: Path) -> str | None:
 
 # ---------------------------------------------------------------- checks
 
-def check(profile: Profile, files: bool = True) -> list[str]:
-    """Validate a profile for defining: referenced files exist (unless `files` is false),
+def check(profile: Profile, check_files: bool = True) -> list[str]:
+    """Validate a profile for defining: referenced files exist (unless `check_files` is false),
     machine type and CPU model are known to the installed QEMU. Raises ProfileErrors with
     every problem; returns warnings (e.g. QEMU not installed, so those were not checked)."""
-    from kvmrun import checks
-    from kvmrun.errors import HostError
-    from kvmrun.profile import missing_files
-    from kvmrun.spec import ProfileErrors
-    errors = missing_files(profile) if files else []
+    errors = checks.missing_files(profile) if check_files else []
     warnings = []
     try:
         errors += checks.host_errors(profile, files=False)
@@ -290,8 +222,7 @@ def define(profile: Profile, name: str | None = None, *, force: bool = False,
 def is_running(name: str) -> bool:
     """Whether the guest `name` is alive: its run directory's state.json names a QEMU (or a
     supervisor, which covers a start or stop in progress) that is still that very process
-    (identity-checked by kvmrun.runtime: boot id, start time, command line)."""
-    from kvmrun.runtime import Guest
+    (identity-checked by kvmrun.guest.rundir: boot id, start time, command line)."""
     guest = Guest(name)
     state = guest.read_state()
     if not isinstance(state, dict):
@@ -332,10 +263,6 @@ def undefine(name: str, keep_nvram: bool = False) -> Undefined:
 
 
 # ---------------------------------------------------------------- edit
-
-class Conflict(StoreError):
-    """The stored file changed while it was being edited."""
-
 
 def edit_copy(name: str) -> tuple[Path, str]:
     """A temporary copy of the defined VM for an editor, in the VM directory (so relative

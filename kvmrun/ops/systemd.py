@@ -4,14 +4,15 @@ or disable a guest's instance (what `systemctl enable kvmrun@NAME` does)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError
+from kvmrun.paths import is_defined
 
 UNIT = "kvmrun@.service"
-SOURCE = Path(__file__).resolve().parent / "units"      # a link to systemd/ in the repo
+SOURCE = Path(__file__).resolve().parents[1] / "units"  # a link to systemd/ in the repo
 
 
 def template_text(user: bool) -> str:
@@ -47,19 +48,12 @@ def systemd_running() -> bool:
 
 
 def _systemctl(user: bool, *args: str) -> None:
-    cmd = ["systemctl", *(["--user"] if user else []), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise HostError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+    proc.run(["systemctl", *(["--user"] if user else []), *args])
 
 
 def install(user: bool) -> Path:
-    directory = unit_dir(user)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / UNIT
-    tmp = target.with_name(f".{UNIT}.tmp")
-    tmp.write_text(render(user))
-    os.replace(tmp, target)
+    target = unit_dir(user) / UNIT
+    files.atomic_write(target, render(user), 0o644, make_dirs=0o755)
     if systemd_running():
         _systemctl(user, "daemon-reload")
     return target
@@ -76,8 +70,7 @@ def _wants_link(name: str, user: bool) -> Path:
 
 def enable(name: str, user: bool) -> str:
     """Enable kvmrun@NAME; returns a sentence saying what was done."""
-    from kvmrun import store
-    if not store.is_defined(name):
+    if not is_defined(name):
         raise GuestError(f"{name!r} is not a defined VM",
                          hint=f"define it first: kvmrun define PROFILE --name {name}")
     if not (unit_dir(user) / UNIT).exists():
@@ -104,16 +97,3 @@ def disable(name: str, user: bool) -> str:
         link.unlink()
         return f"systemd is not running here: removed {link}"
     return f"{instance(name)} was not enabled"
-
-
-def current_unit() -> str | None:
-    """The systemd unit this process runs in, from its cgroup (e.g. kvmrun@web1.service)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        for part in reversed(line.rsplit(":", 1)[-1].split("/")):
-            if part.endswith(".service"):
-                return part
-    return None

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmrun.errors import Location, ProfileError
-from kvmrun.yamlsrc import KeyPath, Lines
+from kvmrun.errors import Location, ProfileError, ProfileErrors
+from kvmrun.profile.yamlsrc import KeyPath, Lines
 
 COMMAND_LINE = "--set"
 
@@ -46,20 +46,6 @@ class Ctx:
         if self.errors:
             raise ProfileErrors(sorted(self.errors, key=lambda e: (e.location.file,
                                                                    e.location.line or 0)))
-
-
-class ProfileErrors(ProfileError):
-    """Several profile errors at once; str() lists them one per line."""
-
-    def __init__(self, errors: list[ProfileError]):
-        first = errors[0]
-        super().__init__(first.location, first.reason, first.hint)
-        self.errors = errors
-        self.message = "\n".join(e.message for e in errors)
-        self.hint = None if len(errors) > 1 else first.hint
-
-    def __str__(self) -> str:
-        return "\n".join(str(e) for e in self.errors)
 
 
 def type_name(value: Any) -> str:

@@ -7,11 +7,11 @@ or report obscurely: duplicate keys, tabs, non-UTF-8 bytes, empty files.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yamlcore import CoreLoader
 
 from kvmrun.errors import Location, ProfileError
 
@@ -33,26 +33,10 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, Lines]:
     return parse_yaml(raw, name)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 scalars: `2222:22` stays a string (not sexagesimal 133342)
-    and only true/false are booleans (`no` is the string 'no', not false)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers
-            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
-                           "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false"
-                                                                   r"|False|FALSE)$"),
-                              list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int",
-                              re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+"
-                                         r"|0o?[0-7_]+)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
-                                         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-                              list("-+0123456789."))
+class _Loader(CoreLoader):
+    """yamlcore's YAML 1.2 core schema (by PyYAML's maintainer): `2222:22` stays a string
+    (not sexagesimal 133342), only true/false are booleans (`no` is the string 'no'), and
+    `010` is ten (YAML 1.1 read it as octal 8)."""
 
 
 def parse_scalar(text: str) -> Any:

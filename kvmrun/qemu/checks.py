@@ -1,15 +1,23 @@
-"""Checks of a profile against this host: referenced files exist, the QEMU binary is
-installed, and the machine type and CPU model are ones the installed QEMU knows (with close
-matches suggested). `kvmrun validate` and `kvmrun start` run these; the compiler does not."""
+"""Checks of a profile against this host: referenced files exist, the NICs' files exist,
+the QEMU binary is installed, and the machine type and CPU model are ones the installed
+QEMU knows (with close matches suggested). `kvmrun validate`, `define` and `start` run
+these; the compiler does not."""
 
 from __future__ import annotations
 
 import difflib
 
-from kvmrun import host
-from kvmrun.errors import ProfileError
-from kvmrun.profile import Profile, missing_files
-from kvmrun.spec import ProfileErrors
+from pathlib import Path
+
+from kvmrun.errors import ProfileError, ProfileErrors
+from kvmrun.net.checks import file_errors
+from kvmrun.profile import Profile, referenced_files
+from kvmrun.qemu import host
+
+
+def missing_files(profile: Profile) -> list[ProfileError]:
+    return [ProfileError(loc, f"{what} {path!r} not found")
+            for loc, what, path in referenced_files(profile) if not Path(path).exists()]
 
 
 def _close(word: str, known: list[str]) -> str:
@@ -21,7 +29,6 @@ def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
     """Everything wrong with the profile on this host; HostError if QEMU is missing."""
     errors = missing_files(profile) if files else []
     if files:
-        from kvmrun.network import file_errors
         errors += file_errors(profile)
     binary = host.qemu_binary(profile.arch)
     if profile.machine:

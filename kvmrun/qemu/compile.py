@@ -1,20 +1,20 @@
 """Profile -> QEMU argv. Pure: no I/O, no environment, no clock.
 
-`compile(profile, host, paths)` takes the typed profile, host facts probed once elsewhere
-(`kvmrun.host.probe`) and the guest's runtime paths, and returns the argv as a list of
-strings. Each option and its value sit together; values built from user input escape commas
+`build(profile, host, paths)` takes the typed profile, host facts probed once elsewhere
+(`kvmrun.qemu.host.probe`) and the guest's runtime paths, and returns the argv as a list of
+strings with the facts it decided (accelerator, machine); `compile()` returns the argv alone. Each option and its value sit together; values built from user input escape commas
 the way QEMU requires (`,` -> `,,`). Nothing ever goes through a shell.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from kvmrun import arch as archmod
-from kvmrun.arch import Arch
-from kvmrun.errors import HostError, ProfileError
+from kvmrun.arch import Arch, HostFacts, ide_slots
+from kvmrun.errors import HostError
+from kvmrun.net.names import hub_socket, port_socket, stable_mac, tap_name
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
 
@@ -22,14 +22,12 @@ Args = Iterator[str]
 
 
 @dataclass(frozen=True)
-class HostFacts:
-    """What the compiler needs to know about the host; probed by kvmrun.host, pinned in tests."""
+class Compiled:
+    """The argv and what the compiler decided on the way (the launch record keeps these)."""
 
-    machine: str = "x86_64"                     # `uname -m`
-    kvm: bool = False                           # /dev/kvm usable and guests boot under it
-    forced_accel: str | None = None             # KVMRUN_ACCEL
-    net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
-    uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
+    argv: list[str]
+    accel: str
+    machine: str
 
 
 def qemu_escape(value: str) -> str:
@@ -59,17 +57,16 @@ def resolve_accel(profile: Profile, host: HostFacts) -> str:
     return "kvm" if a.kvm_possible(host.machine) and host.kvm else "tcg"
 
 
-def stable_mac(name: str, index: int) -> str:
-    digest = hashlib.sha256(f"kvmrun:{name}:{index}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
-
-
 def boot_indexes(profile: Profile) -> dict[str, int]:
     """The boot order as bootindex per device class: 'dc' -> {'d': 0, 'c': 1}."""
     return {letter: i for i, letter in enumerate(profile.boot or "")}
 
 
 def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
+    return build(profile, host, paths).argv
+
+
+def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
     a = archmod.for_machine(profile.arch, profile.machine)
     accel = resolve_accel(profile, host)
     argv = [a.qemu]
@@ -80,7 +77,7 @@ def compile(profile: Profile, host: HostFacts, paths: RunPaths) -> list[str]:
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths), profile.qemu_args):
         argv.extend(part)
-    return argv
+    return Compiled(argv, accel, profile.machine or a.machine)
 
 
 def _identity(p: Profile) -> Args:
@@ -160,42 +157,21 @@ def _needs_ahci(p: Profile, a: Arch) -> bool:
     return a.cdrom_bus != "ide" and any(d.interface == "ide" for d in p.disks)
 
 
-# IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given
-# without `bus=` on the first IDE bus, which holds one unit on q35's AHCI and two on the PC's
-# IDE, so `-hda` plus a CD-ROM fails on q35 unless each device is placed.
-PIIX_IDE = (("ide.0", 0), ("ide.0", 1), ("ide.1", 0), ("ide.1", 1))   # pc, isapc: 2 x 2
-Q35_IDE = tuple((f"ide.{n}", None) for n in range(6))                 # q35: 6 AHCI ports
-OWN_AHCI = tuple((f"ahci0.{n}", None) for n in range(6))              # the ich9-ahci added
-
-
-def _ide_slots(p: Profile, a: Arch) -> tuple[tuple[str, int | None], ...]:
-    if a.cdrom_bus != "ide":
-        return OWN_AHCI
-    machine = p.machine or a.machine
-    piix = machine in ("pc", "isapc") or machine.startswith("pc-i440fx")
-    return PIIX_IDE if piix else Q35_IDE
-
-
 def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
     boot = boot_indexes(p)
     if _needs_scsi(p, a):
         yield from ("-device", opts(a.virtio_device("scsi"), id="scsi0"))
     if _needs_ahci(p, a):
         yield from ("-device", opts("ich9-ahci", id="ahci0"))
-    free_ide = list(_ide_slots(p, a))
+    free_ide = list(ide_slots(a, p.machine))    # enough: kvmrun.profile.rules checked
 
-    def ide_slot(*where: str | int) -> dict:
-        if not free_ide:
-            raise ProfileError(p.location(*where), f"more IDE devices than the "
-                               f"{p.machine or a.machine} machine has slots for "
-                               f"({len(_ide_slots(p, a))})",
-                               hint="use interface: virtio (or scsi) for the other disks")
+    def ide_slot() -> dict:
         bus, unit = free_ide.pop(0)
         return {"bus": bus, "unit": unit}
 
     for i, disk in enumerate(p.disks):
         drive = f"drive-disk{i}"
-        # an ephemeral disk runs on a throwaway overlay (made by kvmrun.control before launch)
+        # an ephemeral disk runs on a throwaway overlay (made by kvmrun.storage before launch)
         file, fmt = (paths.overlay(i), "qcow2") if disk.ephemeral else (disk.path, disk.format)
         yield from ("-drive", opts(file=qemu_escape(file), format=fmt,
                                    if_="none", id=drive, cache=disk.cache,
@@ -204,7 +180,7 @@ def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
         if disk.interface == "scsi":
             place = {"bus": "scsi0.0"}
         elif disk.interface == "ide":
-            place = ide_slot("disks", i, "interface")
+            place = ide_slot()
         elif disk.interface == "sd":        # an SD card needs a host controller: one per card
             yield from ("-device", opts("sdhci-pci", id=f"sdhci{i}"))
         device = {"virtio": a.virtio_device("blk"), "ide": "ide-hd", "scsi": "scsi-hd",
@@ -216,14 +192,14 @@ def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
     if p.cdrom:
         yield from ("-drive", opts(file=qemu_escape(p.cdrom), format="raw", if_="none",
                                    id="drive-cdrom0", media="cdrom", readonly=True))
-        place = ide_slot("cdrom") if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
+        place = ide_slot() if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
         yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
                                     drive="drive-cdrom0", id="cdrom0", **place,
                                     bootindex=boot.get("d")))
-    if p.cloud_init:                # the NoCloud seed (built by kvmrun.cloudinit before launch)
+    if p.cloud_init:                # the NoCloud seed (built by kvmrun.storage.cloudinit before launch)
         yield from ("-drive", opts(file=qemu_escape(paths.cidata), format="raw", if_="none",
                                    id="drive-cidata", media="cdrom", readonly=True))
-        place = ide_slot("cloud_init") if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
+        place = ide_slot() if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
         yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
                                     drive="drive-cidata", id="cidata", **place))
 
@@ -240,15 +216,14 @@ def _shares(p: Profile, a: Arch) -> Args:
 
 def netdev_parts(p: Profile, i: int, host: HostFacts, paths: RunPaths) -> list[str]:
     """The backend of NIC i: type, id and options (the taps, hub and NAT networks named here
-    are made by kvmrun.network before launch)."""
-    from kvmrun import network as netmod
+    are made by kvmrun.net before launch)."""
     net, netdev = p.network[i], f"net{i}"
     if net.type == "isolated":
         return [f"dgram,id={netdev}", "local.type=unix",
-                f"local.path={qemu_escape(netmod.port_socket(paths, i))}", "remote.type=unix",
-                f"remote.path={qemu_escape(netmod.hub_socket(paths, net.name))}"]
+                f"local.path={qemu_escape(port_socket(paths, i))}", "remote.type=unix",
+                f"remote.path={qemu_escape(hub_socket(paths, net.name))}"]
     if net.type == "nat" or (net.type == "bridge" and host.net_admin):
-        return [f"tap,id={netdev}", f"ifname={netmod.tap_name(p.name, i)}", "script=no",
+        return [f"tap,id={netdev}", f"ifname={tap_name(p.name, i)}", "script=no",
                 "downscript=no"]
     if net.type == "bridge":            # without root: QEMU's setuid qemu-bridge-helper
         return [f"bridge,id={netdev}", f"br={net.bridge}"]

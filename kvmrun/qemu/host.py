@@ -8,40 +8,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 from kvmrun import arch as archmod
-from kvmrun import paths
-from kvmrun.compile import HostFacts
+from kvmrun import files, paths
+from kvmrun.arch import HostFacts
 from kvmrun.errors import HostError
-
-KVM_DEVICE = "/dev/kvm"
-
-
-def kvm_accessible() -> bool:
-    return os.path.exists(KVM_DEVICE) and os.access(KVM_DEVICE, os.R_OK | os.W_OK)
-
-
-def kvm_verdict_file() -> Path:
-    return paths.cache_dir() / "kvm-verdict.json"
-
-
-def kvm_verdict() -> dict | None:
-    """The cached result of `kvmrun doctor`'s boot probe under KVM for this boot of the host."""
-    try:
-        verdict = json.loads(kvm_verdict_file().read_text())
-    except (OSError, ValueError):
-        return None
-    return verdict if verdict.get("boot_id") == boot_id() else None
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
+from kvmrun.proc import run
+from kvmrun.qemu.kvmprobe import cached_or_probe, kvm_accessible, kvm_verdict
 
 def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
     """Host facts for the compiler. With verify_kvm, a host with no cached verdict on
@@ -53,7 +27,6 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
     if verify_kvm and verdict is None and not forced and kvm_accessible():
         note("kvmrun: checking once whether guests boot under KVM on this host "
              "(cached; see `kvmrun doctor`)")
-        from kvmrun.doctor import cached_or_probe
         verdict = cached_or_probe()
     kvm = kvm_accessible() and (verdict is None or bool(verdict.get("boots")))
     uefi = {}
@@ -81,12 +54,7 @@ def qemu_binary(arch_name: str) -> str:
 
 
 def _ask_qemu(binary: str, *args: str) -> str:
-    try:
-        out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=30,
-                             stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HostError(f"cannot run {binary}: {err}") from err
-    return out.stdout
+    return run([binary, *args], check=False, timeout=30).stdout
 
 
 def _cached(binary: str, what: str, compute) -> object:
@@ -99,10 +67,7 @@ def _cached(binary: str, what: str, compute) -> object:
         pass
     value = compute()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, cache)
+        files.write_json(cache, value, 0o644, make_dirs=0o755)
     except OSError:
         pass                 # a read-only cache only costs speed
     return value

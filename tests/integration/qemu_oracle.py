@@ -25,15 +25,15 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
 from kvmrun import arch as archmod
-from kvmrun import storage
-from kvmrun.compile import HostFacts, boot_indexes, compile, stable_mac
+from kvmrun.storage import disks as storage
+from kvmrun.qemu.compile import HostFacts, boot_indexes, compile, stable_mac
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile, load, referenced_files
 
 MiB = 1024 * 1024
 START_TIMEOUT = 30.0          # seconds for QEMU to open its monitor socket
 
-# The installed UEFI images, as kvmrun.host.probe would find them.
+# The installed UEFI images, as kvmrun.qemu.host.probe would find them.
 UEFI = {a.name: code for a in archmod.ARCHES.values()
         for code in a.uefi_code[:1] if os.path.exists(code)}
 TCG_HOST = HostFacts(machine=archmod.host_machine(), kvm=False, forced_accel="tcg", uefi=UEFI)

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import pid_alive
-from kvmrun.compile import stable_mac
+from kvmrun.net.names import stable_mac
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from kvmrun import arch as archmod
-from kvmrun import host as hostmod
+from kvmrun.qemu import host as hostmod
 from kvmrun.cli import main
-from kvmrun.compile import HostFacts, compile
+from kvmrun.qemu.compile import HostFacts, compile
 from kvmrun.paths import RunPaths
 from kvmrun.profile import load
 

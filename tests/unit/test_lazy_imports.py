@@ -1,7 +1,7 @@
 """The quick verbs import only what they use (no timings here: bench/run.py measures those).
 
 `status` and `list` run on the run directory and QMP alone: no YAML, no profile model, no
-psutil; and no verb pulls in pydantic through typer's parameter coercion (kvmrun.clifast). A
+psutil; and no verb pulls in pydantic through typer's parameter coercion (kvmrun.cli.nopydantic). A
 typer upgrade that brings pydantic back into every call fails here.
 """
 
@@ -20,7 +20,8 @@ try:
     main(sys.argv[1:])
 except SystemExit:
     pass
-sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
+loaded = [n for n, m in sys.modules.items() if type(m).__name__ != "_LazyModule"]
+sys.stdout.write("\\nMODULES " + json.dumps(sorted(loaded)) + "\\n")
 """
 
 
@@ -34,7 +35,8 @@ def modules_after(tmp_path, *args) -> set[str]:
     return set(json.loads(line))
 
 
-HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.compile", "kvmrun.store"}
+HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.qemu.compile",
+         "kvmrun.ops.defined", "kvmrun.net.nics", "kvmrun.storage.disks"}
 
 
 @pytest.mark.parametrize("args", [["list", "--json"], ["list"], ["status", "web1", "--json"],
@@ -51,5 +53,5 @@ def test_cmdline_needs_yaml_but_not_pydantic(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("name: p\naccel: tcg\nmemory: 64M\nnetwork: []\n")
     loaded = modules_after(tmp_path, "cmdline", str(profile))
-    assert "kvmrun.compile" in loaded
+    assert "kvmrun.qemu.compile" in loaded
     assert "pydantic" not in loaded

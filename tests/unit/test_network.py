@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from kvmrun import network
-from kvmrun.compile import HostFacts, compile, netdev_parts, stable_mac
+from kvmrun.net import checks as netchecks, defs, isolated, links, names, nat, nics
+from kvmrun.net.leases import leases
+from kvmrun.ops import networks
+from kvmrun.ops.inspect import nic_status
+from kvmrun.guest.rundir import Guest
+from kvmrun.qemu.compile import HostFacts, compile, netdev_parts, stable_mac
 from kvmrun.errors import HostError, ProfileError
-from kvmrun.hub import Hub
-from kvmrun.network import NetworkError
+from kvmrun.net.hub import Hub
+from kvmrun.errors import NetworkError
 from kvmrun.paths import RunPaths
 from kvmrun.profile import load
 
@@ -115,7 +119,7 @@ def test_netdev_of_each_type(tmp_path):
     assert ",".join(netdev_parts(p, 1, user, PATHS)) == (
         "dgram,id=net1,local.type=unix,local.path=/run/kvmrun/vm/net1.sock,"
         "remote.type=unix,remote.path=/run/kvmrun/.net/lab1/hub.sock")
-    tap2, tap3 = network.tap_name("vm", 2), network.tap_name("vm", 3)
+    tap2, tap3 = names.tap_name("vm", 2), names.tap_name("vm", 3)
     assert ",".join(netdev_parts(p, 2, user, PATHS)) == "bridge,id=net2,br=br0"
     assert ",".join(netdev_parts(p, 2, root, PATHS)) == \
         f"tap,id=net2,ifname={tap2},script=no,downscript=no"
@@ -127,11 +131,11 @@ def test_netdev_of_each_type(tmp_path):
 
 
 def test_interface_names_fit_and_are_stable():
-    assert network.tap_name("vm", 0) == network.tap_name("vm", 0) != network.tap_name("vm", 1)
-    assert len(network.tap_name("x" * 64, 99)) <= 15
-    assert network.nat_bridge_name("default") == "kvnat-default"
-    assert len(network.nat_bridge_name("a-very-long-network-name")) == 15
-    assert network.nft_table("my.net-1") == "kvmrun_my_net_1"
+    assert names.tap_name("vm", 0) == names.tap_name("vm", 0) != names.tap_name("vm", 1)
+    assert len(names.tap_name("x" * 64, 99)) <= 15
+    assert names.nat_bridge_name("default") == "kvnat-default"
+    assert len(names.nat_bridge_name("a-very-long-network-name")) == 15
+    assert names.nft_table("my.net-1") == "kvmrun_my_net_1"
 
 
 # ---------------------------------------------------------------- host checks
@@ -143,12 +147,12 @@ def test_a_forward_on_a_busy_port(tmp_path):
         port = busy.getsockname()[1]
         p = profile(tmp_path, f"network:\n  - forward: {port}:22\n")
         with pytest.raises(HostError) as err:
-            network.check(p)
+            netchecks.check(p)
     assert str(err.value) == (
         f"vm.yaml:4: network[0].forward[0]: host port 127.0.0.1:{port}/tcp is already in "
         f"use\n  hint: choose another host port, or see what holds it: ss -tlnp "
         f"'sport = :{port}'")
-    network.check(p)                             # free again
+    netchecks.check(p)                             # free again
 
 
 def test_a_udp_forward_on_a_busy_port(tmp_path):
@@ -157,36 +161,36 @@ def test_a_udp_forward_on_a_busy_port(tmp_path):
         port = busy.getsockname()[1]
         p = profile(tmp_path, f"network:\n  - forward: 'udp::{port}-:53'\n")
         with pytest.raises(HostError, match=f"127.0.0.1:{port}/udp is already in use"):
-            network.check(p)
+            netchecks.check(p)
 
 
 def test_missing_bridge_and_tftp_dir(tmp_path):
     p = profile(tmp_path, "network:\n  - {type: bridge, bridge: nosuchbr0}\n")
     with pytest.raises(HostError) as err:
-        network.check(p)
+        netchecks.check(p)
     assert str(err.value).startswith(
         "vm.yaml:4: network[0].bridge: bridge 'nosuchbr0' does not exist\n  hint: create it")
     p = profile(tmp_path, "network:\n  - {tftp: nothere}\n")
     with pytest.raises(ProfileError, match="network\\[0\\].tftp: TFTP directory .* not found"):
-        network.check(p)
+        netchecks.check(p)
     (tmp_path / "tftp").mkdir()
     p = profile(tmp_path, "network:\n  - {tftp: tftp, bootfile: boot.ipxe}\n")
     with pytest.raises(ProfileError, match="network\\[0\\].bootfile: boot file 'boot.ipxe' "
                                            "not found in the TFTP directory"):
-        network.check(p)
+        netchecks.check(p)
     (tmp_path / "tftp" / "boot.ipxe").write_text("#!ipxe\n")
-    network.check(p)
+    netchecks.check(p)
     p = profile(tmp_path, "network:\n  - {tftp: tftp, bootfile: 'http://10.0.2.2/x.ipxe'}\n")
-    network.check(p)                    # a URL: nothing to look for
+    netchecks.check(p)                    # a URL: nothing to look for
 
 
 def test_nat_needs_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(network, "_root", lambda: False)
+    monkeypatch.setattr(links, "is_root", lambda: False)
     p = profile(tmp_path, "network:\n  - type: nat\n")
     with pytest.raises(HostError, match="network\\[0\\]: type: nat needs root"):
-        network.check(p)
+        netchecks.check(p)
     with pytest.raises(HostError, match="NAT network 'default' needs root"):
-        network.nat_start("default")
+        nat.nat_start("default")
 
 
 def test_bridge_helper_acl(tmp_path):
@@ -194,24 +198,24 @@ def test_bridge_helper_acl(tmp_path):
     other = tmp_path / "more.conf"
     other.write_text("allow br1\n")
     conf.write_text(f"# comment\nallow br0\ninclude {other}\ndeny br2\n")
-    assert network._bridge_allowed("br0", str(conf))
-    assert network._bridge_allowed("br1", str(conf))
-    assert not network._bridge_allowed("br2", str(conf))
-    assert not network._bridge_allowed("br3", str(conf))
-    assert not network._bridge_allowed("br0", str(tmp_path / "missing.conf"))
+    assert netchecks._bridge_allowed("br0", str(conf))
+    assert netchecks._bridge_allowed("br1", str(conf))
+    assert not netchecks._bridge_allowed("br2", str(conf))
+    assert not netchecks._bridge_allowed("br3", str(conf))
+    assert not netchecks._bridge_allowed("br0", str(tmp_path / "missing.conf"))
     conf.write_text("allow all\n")
-    assert network._bridge_allowed("anything", str(conf))
+    assert netchecks._bridge_allowed("anything", str(conf))
 
 
 def test_bridge_without_root_explains_bridge_conf(tmp_path, monkeypatch):
-    monkeypatch.setattr(network, "_root", lambda: False)
-    monkeypatch.setattr(network, "link_exists", lambda name: True)
-    monkeypatch.setattr(network, "is_bridge", lambda name: True)
-    monkeypatch.setattr(network, "BRIDGE_CONF", str(tmp_path / "bridge.conf"))
-    monkeypatch.setattr(network, "BRIDGE_HELPER", "/bin/true")
+    monkeypatch.setattr(links, "is_root", lambda: False)
+    monkeypatch.setattr(links, "link_exists", lambda name: True)
+    monkeypatch.setattr(links, "is_bridge", lambda name: True)
+    monkeypatch.setattr(netchecks, "BRIDGE_CONF", str(tmp_path / "bridge.conf"))
+    monkeypatch.setattr(netchecks, "BRIDGE_HELPER", "/bin/true")
     p = profile(tmp_path, "network:\n  - {type: bridge, bridge: br0}\n")
     with pytest.raises(HostError) as err:
-        network.check(p)
+        netchecks.check(p)
     assert "QEMU's bridge helper does not allow bridge 'br0'" in str(err.value)
     assert f"echo 'allow br0' >> {tmp_path}/bridge.conf" in str(err.value)
 
@@ -219,40 +223,40 @@ def test_bridge_without_root_explains_bridge_conf(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- definitions
 
 def test_define_list_undefine():
-    assert network.define("lab1", "isolated", "10.77.0.0/24") == {
+    assert defs.define("lab1", "isolated", "10.77.0.0/24") == {
         "name": "lab1", "type": "isolated", "subnet": "10.77.0.0/24"}
     with pytest.raises(NetworkError, match="already defined"):
-        network.define("lab1")
+        defs.define("lab1")
     with pytest.raises(NetworkError, match="overlaps kvmrun network 'lab1' \\(10.77.0.0/24\\)"):
-        network.define("lab2", "isolated", "10.77.0.128/25")
+        defs.define("lab2", "isolated", "10.77.0.128/25")
     with pytest.raises(NetworkError, match="not a valid network name"):
-        network.define("no/slash")
-    assert network.require("lab9", "isolated") == {"name": "lab9", "type": "isolated"}
+        defs.define("no/slash")
+    assert defs.require("lab9", "isolated") == {"name": "lab9", "type": "isolated"}
     with pytest.raises(NetworkError, match="'lab9' is a isolated network, not nat"):
-        network.require("lab9", "nat")
-    assert [r["name"] for r in network.list_networks()] == ["lab1", "lab9"]
-    network.undefine("lab9")
-    assert [r["name"] for r in network.list_networks()] == ["lab1"]
+        defs.require("lab9", "nat")
+    assert [r["name"] for r in networks.list_networks()] == ["lab1", "lab9"]
+    defs.undefine("lab9")
+    assert [r["name"] for r in networks.list_networks()] == ["lab1"]
 
 
 def test_nat_definition_gets_a_free_subnet(monkeypatch):
-    monkeypatch.setattr(network, "_host_networks", lambda: [
+    monkeypatch.setattr(links, "host_networks", lambda: [
         ("eth0", __import__("ipaddress").IPv4Network("192.168.150.0/24"))])
-    network.define("taken", "isolated", "192.168.151.0/24")
-    data = network.define("default", "nat")
+    defs.define("taken", "isolated", "192.168.151.0/24")
+    data = defs.define("default", "nat")
     assert data == {"name": "default", "type": "nat", "subnet": "192.168.152.0/24",
                     "bridge": "kvnat-default"}
     with pytest.raises(NetworkError, match="overlaps 192.168.150.0/24 on host interface eth0"):
-        network.define("n2", "nat", "192.168.150.0/25")
+        defs.define("n2", "nat", "192.168.150.0/25")
 
 
 def test_leases_file():
-    directory = network.net_dir("default")
+    directory = names.net_dir("default")
     directory.mkdir(parents=True)
     (directory / "leases").write_text(
         "1700000000 52:54:00:AA:bb:cc 192.168.150.23 kvmrun-guest 01:52:54:00:aa:bb:cc\n"
         "1700000001 52:54:00:11:22:33 192.168.150.99 * *\n")
-    assert network.leases("default") == [
+    assert leases("default") == [
         {"mac": "52:54:00:aa:bb:cc", "ip": "192.168.150.23", "hostname": "kvmrun-guest",
          "expires": 1700000000},
         {"mac": "52:54:00:11:22:33", "ip": "192.168.150.99", "hostname": None,
@@ -315,20 +319,20 @@ def test_setup_and_teardown_of_an_isolated_nic(tmp_path):
     p = profile(tmp_path, "network:\n  - {type: isolated, name: lab1}\n")
     paths = RunPaths.for_guest("vm")
     paths.dir.mkdir(parents=True)
-    record = network.setup(p, paths)
+    record = nics.setup(p, paths)
     try:
-        link = network.net_dir("lab1") / "ports" / "vm.0"
+        link = names.net_dir("lab1") / "ports" / "vm.0"
         assert record["ports"] == [str(link)]
         assert os.readlink(link) == str(paths.dir / "net0.sock")
-        assert network.hub_pid(network.net_dir("lab1")) is not None
-        assert network.members("lab1") == ["vm.0"]
-        assert network.nic_status(paths) == [{"index": 0, "type": "isolated",
+        assert isolated.hub_pid(names.net_dir("lab1")) is not None
+        assert isolated.members("lab1") == ["vm.0"]
+        assert nic_status(Guest("vm")) == [{"index": 0, "type": "isolated",
                                               "mac": stable_mac("vm", 0), "model": None,
                                               "network": "lab1"}]
-        network.teardown(paths)
-        assert network.members("lab1") == []
-        assert network.nic_status(paths)[0]["network"] == "lab1"    # kept for status
-        network.teardown(paths)                                      # twice is fine
+        nics.teardown(paths)
+        assert isolated.members("lab1") == []
+        assert nic_status(Guest("vm"))[0]["network"] == "lab1"    # kept for status
+        nics.teardown(paths)                                      # twice is fine
     finally:
-        network.hub_stop("lab1", force=True)
-    assert network.hub_pid(network.net_dir("lab1")) is None
+        isolated.hub_stop("lab1", force=True)
+    assert isolated.hub_pid(names.net_dir("lab1")) is None

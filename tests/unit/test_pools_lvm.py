@@ -13,10 +13,11 @@ import textwrap
 
 import pytest
 
-from kvmrun import pools, storage
+from kvmrun.guest import rundir
+from kvmrun.storage import disks, images, lvm as lvmmod, pools
 from kvmrun.cli import main
 from kvmrun.errors import HostError, ProfileError
-from kvmrun.profile import load
+from kvmrun.ops.defined import load       # a profile file as the host uses it (pools)
 
 MiB = 1 << 20
 
@@ -93,7 +94,7 @@ class FakeLVM:
             (bindir / cmd).symlink_to(script)
         monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.setenv("FAKE_LVM_STATE", str(self.state_file))
-        monkeypatch.setattr(pools, "DEV", str(self.dev))
+        monkeypatch.setattr(lvmmod, "DEV", str(self.dev))
         self.write({"vgs": {"vg0": {"size": 64 * MiB, "lvs": {}}}, "dev": str(self.dev)})
 
     def read(self) -> dict:
@@ -225,7 +226,7 @@ def test_define_errors(lvm, tmp_path, capsys):
 
 def test_no_lvm_tools(lvm, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(pools.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(lvmmod.shutil, "which", lambda *a, **k: None)
     code, _, err = cli(capsys, "pool", "define", "p", "--type", "lvm", "--vg", "vg0")
     assert code == 3 and "LVM tools are not installed" in err and "apt-get install lvm2" in err
 
@@ -251,13 +252,13 @@ def test_delete_refused_while_in_use(lvm, tmp_path, capsys, monkeypatch):
     cli(capsys, "pool", "define", "fast", "--type", "lvm", "--vg", "vg0")
     cli(capsys, "disk", "create", "--pool", "fast", "web", "--size", "4M")
     path = f"{lvm.dev}/vg0/web"
-    monkeypatch.setattr(storage, "guest_using",
+    monkeypatch.setattr(rundir, "guest_using",
                         lambda p: ("webvm", 1, False) if p == path else None)
     code, _, err = cli(capsys, "disk", "delete", "--pool", "fast", "web")
     assert code == 4 and f"{path} is in use by running guest 'webvm' (disk1)" in err
     assert "kvmrun stop webvm" in err
     assert "in use by webvm" in cli(capsys, "pool", "info", "fast")[1]
-    monkeypatch.setattr(storage, "guest_using", lambda p: None)
+    monkeypatch.setattr(rundir, "guest_using", lambda p: None)
     lvm.update(open=["web"])                       # open by some other program
     code, _, err = cli(capsys, "disk", "delete", "--pool", "fast", "web")
     assert code == 1 and "logical volume vg0/web is open" in err and "fuser" in err
@@ -270,11 +271,11 @@ def test_dir_pool_delete(tmp_path, capsys, monkeypatch):
     cli(capsys, "pool", "define", "d", tmp_path / "images")
     cli(capsys, "disk", "create", "--pool", "d", "a.qcow2", "--size", "1M")
     image = tmp_path / "images" / "a.qcow2"
-    monkeypatch.setattr(storage, "guest_using",
+    monkeypatch.setattr(rundir, "guest_using",
                         lambda p: ("vm", 0, False) if p == str(image) else None)
     code, _, err = cli(capsys, "disk", "delete", "--pool", "d", "a.qcow2")
     assert code == 4 and "in use by running guest 'vm'" in err and image.exists()
-    monkeypatch.setattr(storage, "guest_using", lambda p: None)
+    monkeypatch.setattr(rundir, "guest_using", lambda p: None)
     assert cli(capsys, "disk", "delete", "--pool", "d", "a.qcow2")[:2] == (
         0, f"deleted {image}\n")
     assert not image.exists()
@@ -304,7 +305,7 @@ def test_dir_pool_delete(tmp_path, capsys, monkeypatch):
     ("  something new", "PoolError", "cannot create vg0/web: something new"),
 ])
 def test_lvm_messages(stderr, kind, message):
-    err = pools.explain_lvm(stderr, "cannot create", "vg0/web")
+    err = lvmmod.explain_lvm(stderr, "cannot create", "vg0/web")
     assert type(err).__name__ == kind and message in err.message
     assert isinstance(err, HostError) == (kind == "HostError")
 
@@ -313,9 +314,9 @@ def test_block_devices_are_raw_without_probing(tmp_path, monkeypatch):
     """A block device without format: is raw; qemu-img never probes it."""
     image = tmp_path / "disk.img"
     image.write_bytes(b"QFI\xfb" + bytes(508))         # looks like qcow2 to a prober
-    monkeypatch.setattr(storage, "is_block_device", lambda p: p == str(image))
-    monkeypatch.setattr(storage, "image_info", lambda p: pytest.fail("probed " + p))
+    monkeypatch.setattr(images, "is_block_device", lambda p: p == str(image))
+    monkeypatch.setattr(images, "image_info", lambda p: pytest.fail("probed " + p))
     prof = load(write(tmp_path, f"arch: x86_64\ndisks: [{{path: {image}}}]\n"))
-    assert storage.with_formats(prof).disks[0].format == "raw"
-    assert storage.detect_format(str(image)) == "raw"
-    assert storage.is_block_device("/dev/null") is False          # a character device
+    assert disks.with_formats(prof).disks[0].format == "raw"
+    assert images.detect_format(str(image)) == "raw"
+    assert images.is_block_device("/dev/null") is False          # a character device

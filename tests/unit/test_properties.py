@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from kvmrun.errors import ProfileError
 from kvmrun.profile import load
-from kvmrun.spec import ProfileErrors
+from kvmrun.errors import ProfileErrors
 
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmrun import cloudinit, storage
+from kvmrun.storage import cloudinit, disks, images
 from kvmrun.cli import main
-from kvmrun.compile import HostFacts, compile
+from kvmrun.qemu.compile import HostFacts, compile
 from kvmrun.errors import ProfileError
 from kvmrun.paths import RunPaths
 from kvmrun.profile import load
-from kvmrun.sshcmd import ssh_argv
+from kvmrun.ops.defined import load as store_load     # with pool volumes resolved
+from kvmrun.ops.ssh import ssh_argv
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 GiB = 1 << 30
@@ -43,18 +44,18 @@ def qemu_img_info(path) -> dict:
     ("1T", ("", 1 << 40)), ("4096", ("", 4096)), ("2GiB", ("", 2 * GiB)), ("64k", ("", 65536)),
 ])
 def test_sizes(text, expected):
-    assert storage.parse_disk_size(text) == expected
+    assert images.parse_disk_size(text) == expected
 
 
 def test_relative_sizes():
-    assert storage.parse_disk_size("+5G", relative=True) == ("+", 5 * GiB)
-    assert storage.parse_disk_size("-1G", relative=True) == ("-", GiB)
+    assert images.parse_disk_size("+5G", relative=True) == ("+", 5 * GiB)
+    assert images.parse_disk_size("-1G", relative=True) == ("-", GiB)
 
 
 @pytest.mark.parametrize("text", ["20Q", "", "G", "+5G", "0", "-1G", "1.3", "twenty"])
 def test_bad_sizes(text):
-    with pytest.raises(storage.StorageError):
-        storage.parse_disk_size(text)
+    with pytest.raises(images.StorageError):
+        images.parse_disk_size(text)
 
 
 # ---------------------------------------------------------------- create / info
@@ -76,14 +77,14 @@ def test_create_qcow2_raw_and_info(tmp_path, capsys):
 
 def test_overlay_on_a_base_pins_the_backing_format(tmp_path, capsys):
     base = tmp_path / "base.img"
-    storage.create(base, 32 << 20, "raw")
+    images.create(base, 32 << 20, "raw")
     code, out, _ = cli(capsys, "disk", "create", tmp_path / "ov.qcow2", "--backing", base)
     assert code == 0, out
     info = qemu_img_info(tmp_path / "ov.qcow2")
     assert info["backing-filename"] == str(base)
     assert info["backing-filename-format"] == "raw"          # pinned (-F), never probed
     assert info["virtual-size"] == 32 << 20                  # the base's size by default
-    ov2 = storage.create(tmp_path / "ov2.qcow2", GiB, backing=str(tmp_path / "ov.qcow2"))
+    ov2 = images.create(tmp_path / "ov2.qcow2", GiB, backing=str(tmp_path / "ov.qcow2"))
     assert ov2["backing_chain"] == [str(tmp_path / "ov.qcow2"), str(base)]
     assert ov2["virtual_size"] == GiB
 
@@ -110,15 +111,15 @@ def test_create_errors_leave_no_file(tmp_path, capsys, monkeypatch, args, messag
 
 
 def test_raw_with_backing_refused(tmp_path):
-    storage.create(tmp_path / "base.qcow2", GiB)
-    with pytest.raises(storage.StorageError, match="must be qcow2"):
-        storage.create(tmp_path / "o.img", None, "raw", str(tmp_path / "base.qcow2"))
+    images.create(tmp_path / "base.qcow2", GiB)
+    with pytest.raises(images.StorageError, match="must be qcow2"):
+        images.create(tmp_path / "o.img", None, "raw", str(tmp_path / "base.qcow2"))
     assert not (tmp_path / "o.img").exists()
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(storage.StorageError, match="does not exist"):
-        storage.create(tmp_path / "no" / "a.qcow2", GiB)
+    with pytest.raises(images.StorageError, match="does not exist"):
+        images.create(tmp_path / "no" / "a.qcow2", GiB)
 
 
 def test_backing_chain_loops_are_refused(tmp_path):
@@ -126,24 +127,24 @@ def test_backing_chain_loops_are_refused(tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
                     str(tmp_path / "c.qcow2"), "-F", "qcow2", str(tmp_path / "base2.qcow2"),
                     "1G"], check=True)
-    with pytest.raises(storage.StorageError, match="backing chain loop: .*c.qcow2 -> "
+    with pytest.raises(images.StorageError, match="backing chain loop: .*c.qcow2 -> "
                                                    ".*base2.qcow2 -> .*c.qcow2"):
-        storage.create(tmp_path / "c.qcow2", None, backing=str(tmp_path / "base2.qcow2"))
+        images.create(tmp_path / "c.qcow2", None, backing=str(tmp_path / "base2.qcow2"))
     assert not (tmp_path / "c.qcow2").exists()
     # an existing loop l1 -> l2 -> l1
-    storage.create(tmp_path / "l1.qcow2", GiB)
-    storage.create(tmp_path / "l2.qcow2", None, backing=str(tmp_path / "l1.qcow2"))
+    images.create(tmp_path / "l1.qcow2", GiB)
+    images.create(tmp_path / "l2.qcow2", None, backing=str(tmp_path / "l1.qcow2"))
     subprocess.run(["qemu-img", "rebase", "-u", "-b", str(tmp_path / "l2.qcow2"), "-F",
                     "qcow2", str(tmp_path / "l1.qcow2")], check=True)
-    with pytest.raises(storage.StorageError, match="backing chain loop"):
-        storage.create(tmp_path / "l3.qcow2", None, backing=str(tmp_path / "l2.qcow2"))
+    with pytest.raises(images.StorageError, match="backing chain loop"):
+        images.create(tmp_path / "l3.qcow2", None, backing=str(tmp_path / "l2.qcow2"))
     assert not (tmp_path / "l3.qcow2").exists()
     # a broken chain
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
                     str(tmp_path / "gone.qcow2"), "-F", "qcow2", str(tmp_path / "b.qcow2"),
                     "1G"], check=True)
-    with pytest.raises(storage.StorageError, match="backing chain broken"):
-        storage.create(tmp_path / "d.qcow2", None, backing=str(tmp_path / "b.qcow2"))
+    with pytest.raises(images.StorageError, match="backing chain broken"):
+        images.create(tmp_path / "d.qcow2", None, backing=str(tmp_path / "b.qcow2"))
 
 
 @pytest.fixture
@@ -180,7 +181,7 @@ def test_info_errors(tmp_path, capsys):
 
 def test_resize_offline(tmp_path, capsys):
     disk = tmp_path / "a.qcow2"
-    storage.create(disk, GiB)
+    images.create(disk, GiB)
     code, out, _ = cli(capsys, "disk", "resize", disk, "+5G")
     assert code == 0 and out == f"resized {disk}: 1 GiB -> 6 GiB\n"
     assert qemu_img_info(disk)["virtual-size"] == 6 * GiB
@@ -192,15 +193,15 @@ def test_resize_offline(tmp_path, capsys):
     code, _, _ = cli(capsys, "disk", "resize", disk, "-6G", "--shrink")
     assert code == 0 and qemu_img_info(disk)["virtual-size"] == 2 * GiB
     raw = tmp_path / "r.img"
-    storage.create(raw, 16 << 20, "raw")
-    storage.resize(str(raw), "+16M")
+    images.create(raw, 16 << 20, "raw")
+    disks.resize(str(raw), "+16M")
     assert raw.stat().st_size == 32 << 20
 
 
 def test_resize_errors(tmp_path, capsys):
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "none.qcow2", "+1G")
     assert code == 1 and "no such disk image" in err
-    storage.create(tmp_path / "a.qcow2", GiB)
+    images.create(tmp_path / "a.qcow2", GiB)
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "a.qcow2", "+1Q")
     assert code == 1 and "is not a disk size" in err
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "a.qcow2", "-2G", "--shrink")
@@ -223,7 +224,7 @@ def test_profile_disk_keys(tmp_path):
                              "  - {path: scratch.img, ephemeral: true}\n"))
     assert p.disks[0].size == 20 * 1024 and p.disks[1].backing == str(tmp_path / "base.img")
     assert p.disks[2].ephemeral
-    from kvmrun.profile import missing_files
+    from kvmrun.qemu.checks import missing_files
     assert [e.reason for e in missing_files(p)] == [
         f"backing image {str(tmp_path / 'base.img')!r} not found",
         f"disk {str(tmp_path / 'scratch.img')!r} not found"]
@@ -272,33 +273,33 @@ def test_compile_overlays_seed_and_shares(tmp_path):
 
 
 def test_ensure_disks_makes_sized_and_backed_disks(tmp_path):
-    storage.create(tmp_path / "base.img", 8 << 20, "raw")
+    images.create(tmp_path / "base.img", 8 << 20, "raw")
     p = load(write(tmp_path, "arch: x86_64\ndisks:\n  - {path: new.qcow2, size: 64M}\n"
                              "  - {path: ov.qcow2, backing: base.img}\n"
                              "  - {path: r.img, size: 1M, format: raw}\n"))
-    made = storage.ensure_disks(p)
+    made = disks.ensure_disks(p)
     assert made == [str(tmp_path / n) for n in ("new.qcow2", "ov.qcow2", "r.img")]
     assert qemu_img_info(tmp_path / "new.qcow2")["virtual-size"] == 64 << 20
     assert qemu_img_info(tmp_path / "ov.qcow2")["backing-filename-format"] == "raw"
     assert (tmp_path / "r.img").stat().st_size == 1 << 20
-    assert storage.ensure_disks(p) == []                      # only when missing
-    assert [d.format for d in storage.with_formats(p).disks] == ["qcow2", "qcow2", "raw"]
+    assert disks.ensure_disks(p) == []                      # only when missing
+    assert [d.format for d in disks.with_formats(p).disks] == ["qcow2", "qcow2", "raw"]
 
 
 def test_ensure_disks_failure_removes_what_it_made(tmp_path):
     p = load(write(tmp_path, "arch: x86_64\ndisks:\n  - {path: new.qcow2, size: 64M}\n"
                              "  - {path: ov.qcow2, backing: gone.img}\n"))
     with pytest.raises(ProfileError, match=r"disks\[1\]: backing image .*gone.img not found"):
-        storage.ensure_disks(p)
+        disks.ensure_disks(p)
     assert sorted(os.listdir(tmp_path)) == ["vm.yaml"]
 
 
 def test_overlay_leaves_the_base_alone(tmp_path):
     base = tmp_path / "base.img"
-    storage.create(base, 1 << 20, "raw")
+    images.create(base, 1 << 20, "raw")
     before = base.read_bytes()
     overlay = tmp_path / "overlay-disk0.qcow2"
-    storage.create_overlay(overlay, str(base), "raw")
+    images.create_overlay(overlay, str(base), "raw")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 4096", str(overlay)],
                    check=True, capture_output=True)
     assert base.read_bytes() == before
@@ -359,8 +360,8 @@ def test_cloud_init_user_data_file_and_script(tmp_path):
 def test_snapshots_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KVMRUN_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("KVMRUN_CONFIG_DIR", str(tmp_path / "config"))
-    storage.create(tmp_path / "a.qcow2", 64 << 20)
-    storage.create(tmp_path / "ro.img", 1 << 20, "raw")
+    images.create(tmp_path / "a.qcow2", 64 << 20)
+    images.create(tmp_path / "ro.img", 1 << 20, "raw")
     prof = write(tmp_path, "name: vm\narch: x86_64\ndisks: [{path: a.qcow2}, "
                            "{path: ro.img, readonly: true}]\n")
     code, out, err = cli(capsys, "snapshot", "create", prof, "before")
@@ -382,11 +383,11 @@ def test_snapshots_offline(tmp_path, capsys, monkeypatch):
     code, _, err = cli(capsys, "snapshot", "revert", prof, "nope")
     assert code == 1 and "no snapshot named 'nope'" in err
     code, _, _ = cli(capsys, "snapshot", "delete", prof, "before")
-    assert code == 0 and storage.info(str(tmp_path / "a.qcow2"))["snapshots"] == []
+    assert code == 0 and images.info(str(tmp_path / "a.qcow2"))["snapshots"] == []
 
 
 def test_snapshots_refused_on_raw(tmp_path, capsys):
-    storage.create(tmp_path / "r.img", 1 << 20, "raw")
+    images.create(tmp_path / "r.img", 1 << 20, "raw")
     prof = write(tmp_path, "name: vm\narch: x86_64\ndisks: [{path: r.img}]\n")
     code, _, err = cli(capsys, "snapshot", "create", prof, "s")
     assert code == 1
@@ -433,12 +434,12 @@ def test_directory_pools(tmp_path, capsys, monkeypatch):
     code, out, _ = cli(capsys, "pool", "list", "--json")
     assert [(r["name"], r["volumes"]) for r in json.loads(out)] == [("fast", 1)]
 
-    prof = load(write(tmp_path, "arch: x86_64\ndisks: [{pool: fast, volume: web.qcow2}]\n"))
+    prof = store_load(write(tmp_path, "arch: x86_64\ndisks: [{pool: fast, volume: web.qcow2}]\n"))
     assert prof.disks[0].path == str(tmp_path / "images" / "web.qcow2")
     with pytest.raises(ProfileError, match=r"disks\[0\]: pool and volume go together"):
         load(write(tmp_path, "arch: x86_64\ndisks: [{pool: fast}]\n"))
     with pytest.raises(ProfileError, match=r"disks\[0\].pool: no storage pool named 'x'"):
-        load(write(tmp_path, "arch: x86_64\ndisks: [{pool: x, volume: a}]\n"))
+        store_load(write(tmp_path, "arch: x86_64\ndisks: [{pool: x, volume: a}]\n"))
     with pytest.raises(ProfileError, match=r"disks\[0\]: missing required key 'path'"):
         load(write(tmp_path, "arch: x86_64\ndisks: [{format: raw}]\n"))
 

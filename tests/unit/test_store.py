@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmrun import cli, cli_store, store
-from kvmrun.compile import HostFacts, compile as compile_argv, stable_mac
+from kvmrun import cli
+from kvmrun.ops import defined as store
+from kvmrun.qemu.compile import HostFacts, compile as compile_argv, stable_mac
 from kvmrun.paths import RunPaths
 from kvmrun.profile import load
 
@@ -230,7 +231,7 @@ def test_define_checks_machine_type_against_qemu(capsys, env, tmp_path):
 
 
 def test_define_without_qemu_installed_warns(capsys, env, tmp_path, monkeypatch):
-    from kvmrun import host
+    from kvmrun.qemu import host
     from kvmrun.errors import HostError
 
     def missing(arch):
@@ -525,11 +526,11 @@ def fake_qemu(env):
 
 
 def write_state(env, name, pid, **extra):
-    from kvmrun import runtime
+    from kvmrun import proc
     d = env["run"] / name
     d.mkdir(parents=True, exist_ok=True)
-    state = {"state": "running", "boot_id": runtime.boot_id(), "qemu_pid": pid,
-             "qemu_starttime": runtime.proc_starttime(pid) if pid else None, **extra}
+    state = {"state": "running", "boot_id": proc.boot_id(), "qemu_pid": pid,
+             "qemu_starttime": proc.starttime(pid) if pid else None, **extra}
     (d / "state.json").write_text(json.dumps(state))
 
 
@@ -543,7 +544,7 @@ def test_undefine_refuses_while_running(capsys, env, web, fake_qemu):
                    "  hint: kvmrun stop web\n")
     assert stored(env).exists()
     # a start in progress: the supervisor lives, QEMU is not recorded yet
-    from kvmrun.runtime import proc_starttime
+    from kvmrun.proc import starttime as proc_starttime
     write_state(env, "web", None, state="starting", supervisor_pid=fake_qemu.pid,
                 supervisor_starttime=proc_starttime(fake_qemu.pid))
     assert kvmrun(capsys, "undefine", "web")[0] == 4

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmrun import checks, host
+from kvmrun.qemu import checks, host
 from kvmrun.cli import main
 from kvmrun.errors import ProfileError
 from kvmrun.profile import DISK, PROFILE, json_schema, load
@@ -417,7 +417,7 @@ def test_schema_uses_only_the_subset(capsys):
 @pytest.mark.parametrize("profile_file", sorted((ROOT / "profiles").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_schema_accepts_every_shipped_profile(profile_file, capsys):
-    from kvmrun.yamlsrc import load_yaml
+    from kvmrun.profile.yamlsrc import load_yaml
     data, _ = load_yaml(profile_file)
     data.setdefault("name", profile_file.stem)        # the loader's default
     assert schema_errors(kvmrun_schema(capsys), data) == []
@@ -433,7 +433,7 @@ def test_schema_rejects_what_the_loader_rejects(capsys):
 # ---------------------------------------------------------------- errors the compiler finds
 
 def test_more_ide_devices_than_the_machine_has_slots():
-    from kvmrun.compile import HostFacts, compile
+    from kvmrun.qemu.compile import HostFacts, compile
     from kvmrun.paths import RunPaths
     disks = "".join(f"  - path: d{i}.img\n    interface: ide\n" for i in range(4))
     write("vm.yaml", f"name: vm\narch: x86_64\nmachine: pc\ndisks:\n{disks}cdrom: x.iso\n")

@@ -1,0 +1,89 @@
+"""Starting guests: start (a detached supervisor), run (the supervisor in the foreground)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from kvmrun.cli.app import ONEOFF, SetOpt, app, emit_json, err, guest, lazy, out
+
+launch = lazy("kvmrun.ops.launch")
+loader = lazy("kvmrun.ops.profiles")
+disks = lazy("kvmrun.storage.disks")
+
+
+@app.command()
+def start(
+    profile_ref: Optional[str] = typer.Argument(None, metavar="PROFILE|NAME"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run under another name."),
+    sets: Optional[List[str]] = SetOpt,
+    wait_ready: bool = typer.Option(True, "--wait-ready/--no-wait-ready",
+                                    help="Wait for the profile's ready.console pattern."),
+    ephemeral: bool = typer.Option(False, "--ephemeral",
+                                   help="Throwaway run: every writable disk gets an overlay "
+                                        "that is deleted when the guest stops."),
+    as_json: bool = typer.Option(False, "--json"),
+    hda: Optional[str] = ONEOFF["hda"], cdrom: Optional[str] = ONEOFF["cdrom"],
+    memory: Optional[str] = ONEOFF["memory"], kernel: Optional[str] = ONEOFF["kernel"],
+    initrd: Optional[str] = ONEOFF["initrd"], append: Optional[str] = ONEOFF["append"],
+    gdb: Optional[str] = ONEOFF["gdb"], halted: bool = ONEOFF["halted"],
+) -> None:
+    """Start a guest in the background under its own supervisor.
+
+    Returns once QEMU's monitor answers (and, with `ready: {console: REGEX}` in the
+    profile, once the serial console printed a match; not with --halted)."""
+    prof = loader.load_profile(profile_ref, sets, dict(
+        name=name, hda=hda, cdrom=cdrom, memory=memory, kernel=kernel, initrd=initrd,
+        append=append, gdb=gdb, halted=halted or None))
+    if ephemeral:
+        prof = disks.all_ephemeral(prof)
+    result = launch.start(prof, wait_ready=wait_ready, note=err)
+    paths = guest(prof.name).paths
+    info = {**result, "console_log": str(paths.serial_log),
+            "console_socket": str(paths.console), "qmp": str(paths.qmp_cli),
+            "run_dir": str(paths.dir)}
+    if as_json:
+        emit_json(info)
+        return
+    out(f"started {prof.name} (pid {result.get('pid')})" + (", ready" if result.get("ready")
+                                                            else ""))
+    out(f"  console: kvmrun console {prof.name}   log: {info['console_log']}")
+    out(f"  qmp:     {info['qmp']}")
+    if prof.gdb:
+        out(f"  gdb:     target remote {prof.gdb}")
+    if prof.halted:
+        out(f"  halted:  vCPUs stopped; `kvmrun resume {prof.name}` or gdb's continue starts them")
+
+
+@app.command()
+def run(
+    profile_ref: Optional[str] = typer.Argument(None, metavar="PROFILE|NAME"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run under another name."),
+    sets: Optional[List[str]] = SetOpt,
+    console: bool = typer.Option(False, "--console",
+                                 help="Put the serial console on this terminal (Ctrl-] "
+                                      "stops the guest)."),
+    rm: bool = typer.Option(False, "--rm", help="Throwaway VM: disks write to overlays "
+                                                "and the run directory is removed at the end."),
+    kernel: Optional[str] = ONEOFF["kernel"], initrd: Optional[str] = ONEOFF["initrd"],
+    append: Optional[str] = ONEOFF["append"], memory: Optional[str] = ONEOFF["memory"],
+    gdb: Optional[str] = ONEOFF["gdb"], halted: bool = ONEOFF["halted"],
+) -> None:
+    """Run a guest in the foreground (for systemd, scripts and embedded work).
+
+    Ctrl-C or SIGTERM stops the guest gracefully (then escalates). Exit code: 0 powered
+    off or stopped gracefully, 7 QEMU failed to start, 8 crashed, 9 guest panicked,
+    10 stop escalated, 11 killed."""
+    prof = loader.load_profile(profile_ref, sets, dict(
+        name=name, kernel=kernel, initrd=initrd, append=append, memory=memory, gdb=gdb,
+        halted=halted or None))
+    if not rm:
+        raise typer.Exit(launch.run_foreground(prof, note=err, console=console))
+    try:
+        code = launch.run_foreground(disks.all_ephemeral(prof), note=err, console=console)
+    finally:
+        ended = guest(prof.name)
+        if ended.qemu_pid() is None:
+            ended.remove_dir()
+    raise typer.Exit(code)

@@ -1,0 +1,167 @@
+"""Verbs on a running guest: stop, kill (poweroff, destroy), pause, resume, reset, wait,
+qmp, console, logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from kvmrun.cli.app import NameArg, app, emit_json, err, guest, out
+from kvmrun.errors import GuestError, UsageError
+from kvmrun.guest import console as con
+from kvmrun.guest.rundir import require_running
+from kvmrun.ops import power
+
+
+def _progress():
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def show(stage: str, message: str) -> None:
+        line = f"[{time.monotonic() - started:5.1f}s] {message}"
+        if tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    return show, tty
+
+
+@app.command()
+def stop(
+    name: str = NameArg,
+    timeout: Optional[float] = typer.Option(None, "--timeout", metavar="SECONDS",
+                                            help="Graceful wait (default: the profile's "
+                                                 "shutdown.timeout)."),
+    force: bool = typer.Option(False, "--force", help="After the timeout: QMP quit, then "
+                                                      "SIGTERM, then SIGKILL."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Shut a guest down gracefully (ACPI power button, re-sent while it boots).
+
+    On timeout without --force the guest is left running and the exit code is 5."""
+    show, tty = _progress()
+    try:
+        result = power.stop(guest(name), timeout, force, progress=show)
+    finally:
+        if tty:
+            sys.stderr.write("\n")
+    if as_json:
+        emit_json(result)
+    else:
+        how = {"acpi": "the guest powered off", "agent": "the guest agent powered it off",
+               "console": "the guest powered off from its console",
+               "already-exited": "it had already exited"}.get(
+                   result["stage"], f"ended by {result['stage']}")
+        out(f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})")
+
+
+@app.command("kill")
+def kill_cmd(name: str = NameArg) -> None:
+    """Power a guest off hard, now (QMP quit; SIGKILL if QMP is gone). Aliases: poweroff,
+    destroy."""
+    result = power.kill(guest(name))
+    out(f"killed {name} ({result['stage']})")
+
+
+app.command("poweroff", help="Alias of kill.")(kill_cmd)
+app.command("destroy", help="Alias of kill.")(kill_cmd)
+
+
+app.command("poweroff", help="Alias of kill.")(kill_cmd)
+app.command("destroy", help="Alias of kill.")(kill_cmd)
+
+
+@app.command()
+def console(name: str = NameArg) -> None:
+    """Attach to a guest's serial console. Ctrl-] detaches."""
+    target = guest(name)
+    require_running(target)
+    err(f"connected to {name}'s console; Ctrl-] detaches")
+    how = con.relay(target.paths.console)
+    err(f"\r\n{ {'detached': 'detached', 'eof': 'input ended', 'closed': 'the guest closed the console'}[how] }")
+
+
+@app.command()
+def logs(
+    name: str = NameArg,
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new output."),
+    lines: Optional[int] = typer.Option(None, "-n", "--lines", help="Only the last N lines."),
+) -> None:
+    """Print a guest's serial console log."""
+    target = guest(name)
+    path = target.paths.serial_log
+    if not path.exists():
+        raise GuestError(f"no console log for {name} at {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+        if lines is not None:
+            # like tail -n: an unfinished last line (a shell prompt) counts as a line
+            keep = lines + 1 if data.endswith(b"\n") else lines
+            data = b"\n".join(data.split(b"\n")[-keep:]) if lines else b""
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        while follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            elif target.qemu_pid() is None:
+                break
+            else:
+                time.sleep(0.2)
+
+
+@app.command()
+def pause(name: str = NameArg) -> None:
+    """Pause a guest's vCPUs."""
+    power.pause(guest(name))
+    out(f"paused {name}")
+
+
+@app.command()
+def resume(name: str = NameArg) -> None:
+    """Resume a paused (or --halted) guest."""
+    power.resume(guest(name))
+    out(f"resumed {name}")
+
+
+@app.command()
+def reset(name: str = NameArg) -> None:
+    """Hard-reset a guest (like the reset button)."""
+    power.reset(guest(name))
+    out(f"reset {name}")
+
+
+@app.command()
+def wait(
+    name: str = NameArg,
+    for_: str = typer.Option(..., "--for", metavar="running|stopped|ready"),
+    timeout: float = typer.Option(300, "--timeout", metavar="SECONDS"),
+) -> None:
+    """Wait until a guest is running, ready or stopped (exit code 5 on timeout)."""
+    power.wait_for(guest(name), for_, timeout)
+    out(f"{name} {for_}")
+
+
+@app.command()
+def qmp(
+    name: str = NameArg,
+    command: str = typer.Argument(..., help="QMP command, e.g. query-status."),
+    arguments: Optional[str] = typer.Argument(None, metavar="[JSON-ARGS]",
+                                              help="Arguments as a JSON object."),
+) -> None:
+    """Run a raw QMP command on a guest and print the result as JSON."""
+    args = None
+    if arguments:
+        try:
+            args = json.loads(arguments)
+        except ValueError as e:
+            raise UsageError(f"JSON-ARGS is not valid JSON: {e}") from None
+        if not isinstance(args, dict):
+            raise UsageError("JSON-ARGS must be a JSON object")
+    emit_json(power.qmp_command(guest(name), command, args))

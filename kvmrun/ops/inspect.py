@@ -1,0 +1,118 @@
+"""What a guest is doing: `status` (state, resources, disks, NICs, how it ended) and
+`list`. Reads the run directory, and QMP for a running guest's live details; loads no
+profile machinery (no yaml), so both stay quick.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvmrun.errors import GuestError, QMPError
+from kvmrun.guest import netrecord
+from kvmrun.guest.qmp import QMPClient
+from kvmrun.guest.rundir import Guest, State, guest_names
+from kvmrun.net.leases import leases
+from kvmrun.proc import usage
+
+
+def status(guest: Guest, detailed: bool = True) -> dict:
+    state_name, state = guest.live_state()
+    if not state:
+        raise GuestError(f"no guest named {guest.name!r} in {guest.paths.dir.parent}",
+                         hint="see `kvmrun list --all`")
+    summary = state.get("summary", {})
+    pid = guest.qemu_pid(state)
+    info = {
+        "name": guest.name, "state": state_name, "pid": pid,
+        "uptime": round(time.time() - state["started_at"], 1) if pid else None,
+        "arch": summary.get("arch"), "machine": summary.get("machine"),
+        "accel": summary.get("accel"), "vcpus": summary.get("smp"),
+        "memory_mib": summary.get("memory"), "forwards": summary.get("forwards", []),
+        "shutdown_method": summary.get("shutdown_method"), "ready": state.get("ready"),
+        "profile": summary.get("source"),
+        "console": str(guest.paths.console), "serial_log": str(guest.paths.serial_log),
+        "qmp": str(guest.paths.qmp_cli), "run_dir": str(guest.paths.dir),
+        "supervisor_pid": guest.supervisor_pid(state),
+        "ended": None if pid else state.get("ended"),
+    }
+    launch = guest.launch_or_none()
+    info["ephemeral_disks"] = launch.ephemeral_disks if launch else []
+    info["nics"] = nic_status(guest)
+    info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
+                      for s in (launch.shares if launch else [])]
+    if pid and detailed:
+        info.update(_live_details(guest, pid))
+    return info
+
+
+def share_mount_command(tag: str, readonly: bool = False) -> str:
+    """What a Linux guest runs to mount a virtio-9p share."""
+    ro = ",ro" if readonly else ""
+    return (f"mkdir -p /mnt/{tag} && mount -t 9p -o trans=virtio,version=9p2000.L{ro} "
+            f"{tag} /mnt/{tag}")
+
+
+def _device_id(block: dict) -> str:
+    """The guest device's id from query-block: '/machine/peripheral/disk0/virtio-backend'
+    -> 'disk0'; a drive without a device keeps its drive id."""
+    qdev = block.get("qdev") or ""
+    parts = qdev.split("/")
+    if "peripheral" in parts and parts.index("peripheral") + 1 < len(parts):
+        return parts[parts.index("peripheral") + 1]
+    return qdev if qdev and "/" not in qdev else block["device"]
+
+
+def _live_details(guest: Guest, pid: int) -> dict:
+    details: dict = {}
+    try:
+        with QMPClient(guest.paths.qmp_cli, timeout=2) as client:
+            status = client.execute("query-status")
+            if status.get("status") == "paused" or not status.get("running"):
+                details["state"] = State.PAUSED
+            details["qemu_status"] = status.get("status")
+            details["vcpus"] = len(client.execute("query-cpus-fast"))
+            details["memory_mib"] = client.execute(
+                "query-memory-size-summary")["base-memory"] // (1024 * 1024)
+            details["disks"] = [
+                {"device": _device_id(b),
+                 "file": b.get("inserted", {}).get("file"),
+                 "format": b.get("inserted", {}).get("drv"),
+                 "readonly": b.get("inserted", {}).get("ro"),
+                 "removable": b.get("removable")}
+                for b in client.execute("query-block") if b.get("inserted")]
+    except (QMPError, GuestError) as err:
+        details["qmp_error"] = str(err)
+    details.update(usage(pid))
+    return details
+
+
+def list_guests(include_ended: bool = True) -> list[dict]:
+    rows = []
+    for name in guest_names():
+        guest = Guest(name)
+        state_name, state = guest.live_state()
+        if not include_ended and not state_name.live:
+            continue
+        summary = state.get("summary", {})
+        pid = guest.qemu_pid(state)
+        rows.append({"name": name, "state": state_name, "pid": pid,
+                     "memory_mib": summary.get("memory"), "vcpus": summary.get("smp"),
+                     "uptime": round(time.time() - state["started_at"], 1) if pid else None,
+                     "ended": None if pid else (state.get("ended") or {}).get("reason"),
+                     "unit": state.get("unit")})
+    return rows
+
+
+
+
+def nic_status(guest: Guest) -> list[dict]:
+    """The guest's NICs from its network record, with, for NAT networks, the DHCP lease of
+    each MAC (read from the network's lease file: no kvmrun.net import for status)."""
+    nics = netrecord.read(guest.paths).get("nics", [])
+    for nic in nics:
+        if nic.get("type") == "nat":
+            lease = next((entry for entry in leases(nic.get("network", ""), guest.paths.dir.parent)
+                          if entry["mac"] == nic.get("mac")), None)
+            if lease:
+                nic["lease"] = lease
+    return nics

@@ -1,0 +1,127 @@
+"""The typed profile: immutable dataclasses, one per section of a profile.
+
+Built by `kvmrun.profile.load` from the key tables in `kvmrun.profile.keys`; read by the
+compiler and the operations. A field's default here is the profile's default.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from kvmrun import arch as archmod
+from kvmrun.errors import Location
+from kvmrun.profile.yamlsrc import KeyPath
+
+@dataclass(frozen=True)
+class Kernel:
+    path: str
+    initrd: str | None = None
+    append: str | None = None
+    dtb: str | None = None
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str = ""                   # or pool + volume
+    format: str | None = None
+    interface: str = "virtio"
+    cache: str | None = None
+    readonly: bool = False
+    size: int | None = None          # MiB: create the image on first start when missing
+    backing: str | None = None       # a qcow2 overlay on this base image
+    ephemeral: bool = False          # writes go to an overlay deleted when the guest stops
+    pool: str | None = None          # a storage pool (kvmrun pool define) …
+    volume: str | None = None        # … and the volume in it: the path is resolved at load
+
+
+@dataclass(frozen=True)
+class Share:
+    path: str
+    tag: str
+    readonly: bool = False
+    security_model: str = "none"
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    user_data: str | None = None
+    user_data_file: str | None = None
+    meta_data: str | None = None
+    network_config: str | None = None
+    hostname: str | None = None
+    ssh_authorized_keys: tuple[str, ...] = ()
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Network:
+    type: str = "user"
+    forward: tuple[str, ...] = ()
+    mac: str | None = None
+    model: str | None = None
+    name: str | None = None          # isolated / nat: the named network
+    bridge: str | None = None        # bridge: an existing host bridge
+    restrict: bool = False           # user: the guest reaches nothing beyond QEMU's NAT
+    net: str | None = None           # user: the guest address range, 10.0.2.0/24
+    dhcpstart: str | None = None     # user: first address handed out by DHCP
+    tftp: str | None = None          # user: directory served over TFTP
+    bootfile: str | None = None      # user: boot file announced by DHCP (network boot)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    timeout: int = 60
+    method: str = "acpi"
+    command: str = "poweroff"
+
+
+@dataclass(frozen=True)
+class Ready:
+    console: str | None = None
+    timeout: int = 300
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    arch: str = field(default_factory=archmod.host_arch)
+    description: str | None = None
+    uuid: str | None = None
+    machine: str | None = None
+    accel: str = "auto"
+    cpu: str | None = None
+    smp: int = 1
+    memory: int = 1024
+    boot: str | None = None
+    kernel: Kernel | None = None
+    firmware: str | None = None
+    disks: tuple[Disk, ...] = ()
+    cdrom: str | None = None
+    shares: tuple[Share, ...] = ()
+    cloud_init: CloudInit | None = None
+    network: tuple[Network, ...] = (Network(),)
+    display: str = "none"
+    serial: str = "log"
+    devices: tuple[str, ...] = ("rng",)
+    shutdown: Shutdown = Shutdown()
+    ready: Ready = Ready()
+    gdb: str | None = None
+    halted: bool = False
+    semihosting: bool = False
+    qemu_args: tuple[str, ...] = ()
+    source: str | None = field(default=None, compare=False)
+    lines: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def vm_uuid(self) -> str:
+        """The profile's uuid, else one derived from the name (stable across hosts)."""
+        return self.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"kvmrun:{self.name}"))
+
+    def location(self, *path: str | int) -> Location:
+        probe: KeyPath = tuple(path)
+        while probe not in self.lines and probe:
+            probe = probe[:-1]
+        file, line = self.lines.get(probe, (self.source or "<profile>", None))
+        return Location(file, tuple(path), line)
+
