@@ -388,8 +388,8 @@ def timed(argv: list[str], env: dict) -> float:
 
 
 IMPORT_WATCH = ("pydantic", "yaml", "psutil", "rich", "asyncio", "qemu", "kvmrun.profile",
-                "kvmrun.compile", "kvmrun.storage", "kvmrun.store", "kvmrun.host",
-                "kvmrun.network", "kvmrun.control", "subprocess")
+                "kvmrun.qemu.compile", "kvmrun.storage.disks", "kvmrun.ops.defined",
+                "kvmrun.qemu.host", "kvmrun.net.nics", "kvmrun.ops.launch", "subprocess")
 
 
 def imports_of(args: list[str], env: dict) -> dict:

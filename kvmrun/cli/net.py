@@ -38,7 +38,7 @@ def define(
 @net_app.command("undefine")
 def undefine(name: str = NetName) -> None:
     """Remove a network definition (a NAT network must be stopped first)."""
-    defs.undefine(name)
+    networks.undefine(name)
     out(f"undefined network {name}")
 
 

@@ -109,14 +109,8 @@ def define(name: str, type_: str = "isolated", subnet: str | None = None,
     return data
 
 
-def undefine(name: str) -> None:
-    check_name(name)
-    data = load_definition(name)
-    if not data:
-        raise NetworkError(f"no network named {name!r} is defined", hint="kvmrun net list")
-    from kvmrun.net.nat import nat_running      # nat imports this module
-    if data.get("type") == "nat" and nat_running(name):
-        raise NetworkError(f"NAT network {name!r} is running", hint=f"kvmrun net stop {name}")
+def remove(name: str) -> None:
+    """Remove a definition (kvmrun.ops.networks.undefine checks it may go)."""
     definition_path(name).unlink()
 
 

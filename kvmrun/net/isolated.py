@@ -68,17 +68,17 @@ def ensure_hub(directory: Path) -> None:
         return
     log = open(directory / "hub.log", "ab")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "kvmrun.net.hub", str(directory)],
+        child = subprocess.Popen([sys.executable, "-m", "kvmrun.net.hub", str(directory)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=log, start_new_session=True, close_fds=True)
     finally:
         log.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise HostError(f"the hub of network {directory.name!r} exited ({proc.returncode})",
+        if child.poll() is not None:
+            raise HostError(f"the hub of network {directory.name!r} exited ({child.returncode})",
                             hint=f"see {directory / 'hub.log'}")
-        if (directory / "hub.sock").exists() and hub_pid(directory) == proc.pid:
+        if (directory / "hub.sock").exists() and hub_pid(directory) == child.pid:
             return
         time.sleep(0.02)
     raise HostError(f"the hub of network {directory.name!r} did not start")

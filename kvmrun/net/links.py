@@ -34,9 +34,9 @@ def is_bridge(name: str) -> bool:
 
 def host_networks() -> list[tuple[str, ipaddress.IPv4Network]]:
     """(interface, network) of the IPv4 addresses on this network namespace's interfaces."""
-    proc = ip("-j", "-4", "addr", "show", check=False)
+    child = ip("-j", "-4", "addr", "show", check=False)
     try:
-        links = json.loads(proc.stdout or "[]")
+        links = json.loads(child.stdout or "[]")
     except ValueError:
         return []
     out = []

@@ -114,20 +114,20 @@ def _start_dnsmasq(directory: Path, state: dict, subnet: ipaddress.IPv4Network) 
             f"--conf-dir={directory / 'dnsmasq.d'}"]
     (directory / "dnsmasq.d").mkdir(exist_ok=True, mode=0o700)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
     except FileNotFoundError:
         raise HostError("dnsmasq not found", hint="install it: apt-get install dnsmasq-base")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if child.poll() is not None:
             raise HostError(f"dnsmasq for NAT network {state['name']!r} failed: "
-                            f"{proc.stderr.read().decode(errors='replace').strip()}")
+                            f"{child.stderr.read().decode(errors='replace').strip()}")
         if (directory / "dnsmasq.pid").exists():
             break
         time.sleep(0.05)
-    proc.stderr.close()
-    return {"pid": proc.pid, "starttime": proc.starttime(proc.pid)}
+    child.stderr.close()
+    return {"pid": child.pid, "starttime": proc.starttime(child.pid)}
 
 
 def _nat_down(name: str, state: dict) -> None:

@@ -9,6 +9,17 @@ from kvmrun.net.names import net_dir
 from kvmrun.net.leases import leases
 from kvmrun.net.nat import attached_taps, dnsmasq_pid, nat_running, nat_state, nat_stop
 
+def undefine(name: str) -> None:
+    """`kvmrun net undefine`: refused while a NAT network runs."""
+    defs.check_name(name)
+    data = defs.load_definition(name)
+    if not data:
+        raise NetworkError(f"no network named {name!r} is defined", hint="kvmrun net list")
+    if data.get("type") == "nat" and nat_running(name):
+        raise NetworkError(f"NAT network {name!r} is running", hint=f"kvmrun net stop {name}")
+    defs.remove(name)
+
+
 def stop(name: str, force: bool = False) -> str:
     """`kvmrun net stop`: a NAT network goes down, an isolated network's hub stops."""
     defs.check_name(name)

@@ -235,7 +235,7 @@ def test_define_list_undefine():
     with pytest.raises(NetworkError, match="'lab9' is a isolated network, not nat"):
         defs.require("lab9", "nat")
     assert [r["name"] for r in networks.list_networks()] == ["lab1", "lab9"]
-    defs.undefine("lab9")
+    networks.undefine("lab9")
     assert [r["name"] for r in networks.list_networks()] == ["lab1"]
 
 
