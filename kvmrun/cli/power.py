@@ -72,8 +72,6 @@ app.command("poweroff", help="Alias of kill.")(kill_cmd)
 app.command("destroy", help="Alias of kill.")(kill_cmd)
 
 
-app.command("poweroff", help="Alias of kill.")(kill_cmd)
-app.command("destroy", help="Alias of kill.")(kill_cmd)
 
 
 @app.command()

@@ -460,3 +460,26 @@ def test_run_in_foreground_escalates_when_the_guest_ignores_acpi(kr, noacpi_gues
     info = kr.status("fg")
     assert info["state"] == "stopped" and info["ended"]["stage"] == "quit"
     assert info["ended"]["detail"] == "stopped by SIGTERM, escalated to quit"
+
+
+# ---------------------------------------------------------------- records across upgrades
+
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny_guest):
+    """Guests outlive upgrades: a guest whose launch.json and state.json are in kvmrun 0.1's
+    format (no "version") is shown, and stops gracefully, by this kvmrun. The start runs
+    with --debug, which prints the exact QEMU command line."""
+    started = kr.ok("--debug", "start", kr.profile("old", tiny_guest))
+    qemu_line = [line for line in started.err.splitlines() if "debug: qemu: " in line]
+    assert qemu_line and "qemu-system-x86_64" in qemu_line[0] and "-name" in qemu_line[0]
+    for record in ("launch.json", "state.json"):
+        path = kr.guest_dir("old") / record
+        data = json.loads(path.read_text())
+        assert data.pop("version") == 1
+        path.write_text(json.dumps(data, indent=1))       # as kvmrun 0.1 wrote it
+    info = kr.status("old")
+    assert info["state"] == "running" and info["vcpus"] == 1
+    assert "stopped old: the guest powered off" in kr.ok("stop", "old").out
+    ended = kr.status("old")["ended"]
+    assert ended["reason"] == "stopped" and ended["stage"] == "acpi"

@@ -430,15 +430,19 @@ def test_schema_rejects_what_the_loader_rejects(capsys):
     assert schema_errors(schema, {"name": "vm", "smp": 0}) == [".smp: out of range"]
 
 
-# ---------------------------------------------------------------- errors the compiler finds
+# ---------------------------------------------------------------- what only QEMU refused before
 
-def test_more_ide_devices_than_the_machine_has_slots():
-    from kvmrun.qemu.compile import HostFacts, compile
-    from kvmrun.paths import RunPaths
+def test_more_ide_devices_than_the_machine_has_slots(capsys):
+    """Found when the profile is loaded, so `validate` refuses what `start` would."""
     disks = "".join(f"  - path: d{i}.img\n    interface: ide\n" for i in range(4))
     write("vm.yaml", f"name: vm\narch: x86_64\nmachine: pc\ndisks:\n{disks}cdrom: x.iso\n")
     with pytest.raises(ProfileError) as err:
-        compile(load("vm.yaml"), HostFacts(), RunPaths(Path("/run/kvmrun/vm")))
+        load("vm.yaml")
     assert str(err.value) == ("vm.yaml:13: cdrom: more IDE devices than the pc machine has "
                               "slots for (4)\n"
                               "  hint: use interface: virtio (or scsi) for the other disks")
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "vm.yaml"])
+    assert exit_.value.code == 2 and "more IDE devices" in capsys.readouterr().err
+    write("q35.yaml", f"name: vm\narch: x86_64\ndisks:\n{disks}cdrom: x.iso\n")
+    assert len(load("q35.yaml").disks) == 4       # q35 has six AHCI ports
