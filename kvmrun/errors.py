@@ -12,6 +12,9 @@
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
+     ├── OsinfoError            exit 1   osinfo-db is missing, or has no such OS
+     ├── UIError                exit 1   `kvmrun ui` cannot serve as asked (port, socket)
+     │    └── ListenError       exit 2   a bad or non-loopback --listen
      └── StoreError             exit 1   the set of defined VMs (write failed, …)
           ├── InvalidName       exit 2   not a valid VM name
           ├── NotDefined        exit 2   no defined VM of that name
@@ -171,6 +174,20 @@ class PoolError(StorageError):
     def __init__(self, message: str, hint: str | None = None, key: str = "pool"):
         super().__init__(message, hint)
         self.key = key
+
+
+class OsinfoError(KvmrunError):
+    """osinfo-db is missing, or has no such OS (kvmrun os, kvmrun new --os)."""
+
+
+class UIError(KvmrunError):
+    """`kvmrun ui` cannot serve as asked (no aiohttp, port taken, a live socket)."""
+
+
+class ListenError(UIError):
+    """A --listen that is no HOST:PORT, or not loopback without --allow-remote."""
+
+    exit_code = 2
 
 
 class StoreError(KvmrunError):

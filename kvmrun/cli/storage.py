@@ -13,14 +13,13 @@ import typer
 
 from kvmrun.cli.app import app, emit_json, guest, lazy, out
 from kvmrun.errors import HostError, KvmrunError
-from kvmrun.guest.rundir import Guest, guest_using, require_running
+from kvmrun.guest.rundir import guest_using, require_running
 from kvmrun.ops import ssh as sshcmd
-from kvmrun.paths import valid_name
 from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human
 
-defined = lazy("kvmrun.ops.defined")
 disks = lazy("kvmrun.storage.disks")
+snapops = lazy("kvmrun.ops.snapshots")
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
@@ -127,30 +126,6 @@ def disk_resize(
 
 # ---------------------------------------------------------------- snapshots
 
-def _snapshot_target(name: str):
-    """(disks [(path, skip)], running guest or None) for a guest name or profile."""
-    guest = Guest(name) if valid_name(name) else None
-    if guest is not None and guest.qemu_pid() is not None:
-        launch = guest.read_launch()
-        shared = set(launch.shared_disks)
-        eph = set(launch.ephemeral_disks)
-        targets = [(str(guest.paths.overlay(i)), False) if i in eph else (p, p in shared)
-                   for i, p in enumerate(launch.disks)]
-        return targets, guest
-    try:
-        prof = defined.resolve(name)
-    except KvmrunError:
-        launch = guest.launch_or_none() if guest is not None else None
-        if launch is not None:
-            shared = set(launch.shared_disks)
-            return [(p, p in shared) for p in launch.disks], None
-        raise
-    running = Guest(prof.name)
-    if running.qemu_pid() is not None:
-        return _snapshot_target(prof.name)
-    return [(d.path, d.readonly or d.ephemeral) for d in prof.disks], None
-
-
 def _snapshot_rows(rows: list[dict], as_json: bool) -> None:
     if as_json:
         emit_json(rows)
@@ -172,8 +147,8 @@ def snapshot_create(name: str = NameOrProfile,
                                                          help="Default: snap-DATE-TIME.")) -> None:
     """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
     qemu-img while it is stopped."""
-    snap = snap or time.strftime("snap-%Y%m%d-%H%M%S")
-    disks, guest = _snapshot_target(name)
+    snap = snap or snapops.default_name()
+    disks, guest = snapops.target(name)
     snapshots.snapshot("create", disks, snap, guest)
     out(f"created snapshot {snap} of {name}" + (" (running: with VM state)" if guest else ""))
 
@@ -182,7 +157,7 @@ def snapshot_create(name: str = NameOrProfile,
 def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False, "--json")
                   ) -> None:
     """The snapshots of a VM's disks."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     _snapshot_rows(snapshots.snapshot("list", disks, None, guest), as_json)
 
 
@@ -190,7 +165,7 @@ def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False,
 def snapshot_revert(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped)."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     snapshots.snapshot("revert", disks, snap, guest)
     out(f"reverted {name} to {snap}")
 
@@ -199,7 +174,7 @@ def snapshot_revert(name: str = NameOrProfile,
 def snapshot_delete(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Delete a snapshot."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     snapshots.snapshot("delete", disks, snap, guest)
     out(f"deleted snapshot {snap} of {name}")
 
