@@ -16,7 +16,8 @@ from aiohttp import web
 from kvmrun import paths, proc
 from kvmrun.errors import GuestError, KvmrunError
 from kvmrun.guest.rundir import Guest
-from kvmrun.ops import defined, inspect, launch, power, profiles, snapshots
+from kvmrun.ops import defined, inspect, launch, power, profiles
+from kvmrun.ops import snapshots as snapops          # `snapshots` is also a route's name
 
 LOG_BYTES = 64 * 1024
 
@@ -150,7 +151,7 @@ async def snapshot(name: str, body: dict) -> web.Response:
     action = body.get("action")
     if action not in ("create", "revert", "delete"):
         raise web.HTTPBadRequest(text=f"no snapshot action {action!r}")
-    return await call(snapshots.snapshot, paths.check_name(name), action,
+    return await call(snapops.snapshot, paths.check_name(name), action,
                       body.get("snap") or None)
 
 
@@ -206,7 +207,7 @@ def routes(rows: GuestRows) -> web.RouteTableDef:
 
     @r.get("/api/guests/{name}/snapshots")
     async def snapshots(request):
-        return await call(lambda: snapshots.snapshot(paths.check_name(
+        return await call(lambda: snapops.snapshot(paths.check_name(
             request.match_info["name"]), "list"))
 
     @r.get("/api/guests/{name}/log")

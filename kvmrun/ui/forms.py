@@ -12,9 +12,10 @@ from aiohttp import web
 
 from kvmrun.errors import Location, ProfileError
 from kvmrun.net import defs, nat
-from kvmrun.ops import networks, new, osinfo, profiles
+from kvmrun.ops import networks as netops        # route handlers are named networks, pools
+from kvmrun.ops import new, osinfo, profiles
 from kvmrun.qemu import checks
-from kvmrun.storage import pools
+from kvmrun.storage import pools as poolstore
 from kvmrun.ui.api import call
 
 FORM_KEYS = ("os_id", "cdrom", "kernel", "initrd", "append", "import_disk", "pxe", "memory",
@@ -73,8 +74,8 @@ def _define(text: str, start: bool) -> dict:
 
 def _pools() -> list[dict]:
     """`kvmrun pool list` with each pool's volumes (size, which guest uses them)."""
-    return [{**pool, "volumes": pools.volumes(pool["name"])}
-            for pool in (pools.usage(name) for name in pools.names())]
+    return [{**pool, "volumes": poolstore.volumes(pool["name"])}
+            for pool in (poolstore.usage(name) for name in poolstore.names())]
 
 
 def routes() -> web.RouteTableDef:
@@ -99,7 +100,7 @@ def routes() -> web.RouteTableDef:
 
     @r.get("/api/networks")
     async def networks(request):
-        return await call(networks.list_networks)
+        return await call(netops.list_networks)
 
     @r.post("/api/networks")
     async def define_network(request):
@@ -113,7 +114,7 @@ def routes() -> web.RouteTableDef:
         if action == "start":
             return await call(nat.nat_start, name)
         if action == "stop":
-            return await call(networks.stop, name)
+            return await call(netops.stop, name)
         raise web.HTTPNotFound(text=f"no action {action!r}")
 
     @r.get("/api/pools")
@@ -123,6 +124,6 @@ def routes() -> web.RouteTableDef:
     @r.post("/api/pools")
     async def define_pool(request):
         body = await request.json()
-        return await call(pools.define, body.get("name", ""), body.get("path", ""))
+        return await call(poolstore.define, body.get("name", ""), body.get("path", ""))
 
     return r
