@@ -1,0 +1,15 @@
+"""libvirt domain XML, both ways: leave libvirt without losing a VM, or go back.
+
+    _xml       a hardened XML reader (no DTDs, no entities) that keeps each element's line
+               and remembers which elements and attributes were read
+    domain     `convert(xml)`: a domain definition -> a plain profile mapping, the list of
+               what could not be mapped (losses, each with its XML path) and what was
+               approximated (notes); `kvmrun.profile.from_mapping` validates the mapping
+    devices    the <devices> half of that mapping (disks, NICs, shares, consoles …)
+    export     `to_xml(profile)`: a Profile -> domain XML that `virsh define` accepts
+    _today     the one adapter to today's modules (does a kvmrun pool of that name exist?)
+
+Pure apart from reading the XML, checking which disk paths exist and asking `_today` about
+pools. The CLI verbs are in kvmrun/cli_libvirt.py (convert) and kvmrun/cli_store.py
+(import, export --format libvirt).
+"""
