@@ -249,6 +249,7 @@ from kvmrun import cli_host  # noqa: E402,F401  (registers doctor)
 from kvmrun import cli_systemd  # noqa: E402,F401  (registers the systemd verbs)
 from kvmrun import cli_storage  # noqa: E402,F401  (registers disk, snapshot, ssh)
 from kvmrun import cli_net  # noqa: E402,F401  (registers net define/start/stop/list/status)
+from kvmrun import cli_libvirt  # noqa: E402,F401  (registers convert; import/export use it)
 
 
 # ---------------------------------------------------------------- entry point

@@ -112,8 +112,8 @@ def _disk(d: Devices, disk: Node) -> None:
         return b.drop(disk, f"an empty {'CD-ROM drive' if device == 'cdrom' else 'disk'} "
                             "(no <source>) is not supported")
     path = entry.get("path")
-    if path and not b.path_exists(path):
-        b.loss(source, f"{path} not found on this host")
+    if path:
+        b.check_path(source, path, "CD-ROM image" if device == "cdrom" else "disk")
     driver = disk.find("driver")
     fmt, cache = "raw", None          # libvirt never probes: no type means raw
     if driver is not None:
@@ -154,7 +154,8 @@ def _disk(d: Devices, disk: Node) -> None:
     backing = _backing(b, disk.find("backingStore"))
     if backing:
         entry["backing"] = backing
-        entry.pop("format", None)
+        if entry.get("format") == "raw":
+            entry.pop("format")
     index = len(d.disks)
     d.boot_order(disk, "c" if index == 0 else None)
     d.disks.append(entry)
@@ -287,8 +288,7 @@ def _filesystem(d: Devices, fs: Node) -> None:
     if fs.find("readonly") is not None:
         fs.find("readonly").use()
         share["readonly"] = True
-    if not b.path_exists(path):
-        b.loss(source, f"{path} not found on this host")
+    b.check_path(source, path, "shared directory")
     d.boot_order(fs, None)
     b.set(("shares",), b.data.get("shares", []) + [share], fs)
 

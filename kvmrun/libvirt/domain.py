@@ -53,6 +53,11 @@ class Conversion:
     losses: list[Finding] = field(default_factory=list)
     notes: list[Finding] = field(default_factory=list)
     nvram: str | None = None            # a UEFI variable store to copy when defining
+    missing: list[Finding] = field(default_factory=list)   # paths not found on this host
+
+    def problems(self, check_files: bool = True) -> list[Finding]:
+        """What blocks an exact import: the losses, and missing paths unless not checked."""
+        return self.losses + (self.missing if check_files else [])
 
     def profile(self, overrides=()):
         from kvmrun.profile import from_mapping
@@ -69,6 +74,7 @@ class Builder:
         self.lines: dict[tuple, tuple[str, int]] = {}
         self.losses: list[Finding] = []
         self.notes: list[Finding] = []
+        self.missing: list[Finding] = []
         self.path_exists = path_exists
         self.pool_exists = pool_exists
         self.nvram: str | None = None
@@ -90,6 +96,11 @@ class Builder:
         """A loss of the whole element: nothing under it is reported again."""
         _xml.consume(node)
         self.loss(node, message)
+
+    def check_path(self, node: Node, path: str, what: str) -> None:
+        if not self.path_exists(path):
+            self.missing.append(Finding(node.path, node.line, f"{what} {path} not found on "
+                                                               "this host"))
 
     def note(self, node: Node, message: str) -> None:
         self.notes.append(Finding(node.path or "domain", node.line, message))
@@ -122,7 +133,8 @@ def convert(raw: bytes, source: str, *, path_exists: Callable[[str], bool] = os.
         if not node.used and node.tag in UNSUPPORTED:
             b.drop(node, UNSUPPORTED[node.tag])
     losses, notes = _xml.leftovers(root)
-    return Conversion(b.data, b.lines, source, b.losses + losses, b.notes + notes, b.nvram)
+    return Conversion(b.data, b.lines, source, b.losses + losses, b.notes + notes, b.nvram,
+                      b.missing)
 
 
 # ---------------------------------------------------------------- the domain itself
@@ -333,6 +345,8 @@ def _kernel(b: Builder, os_: Node) -> None:
     for key, node in found.items():
         if node is not None:
             b.set(("kernel", key), node.value(), node)
+            if key != "append":
+                b.check_path(node, node.value(), f"kernel {key}")
 
 
 def _features(b: Builder, root: Node) -> None:
