@@ -520,8 +520,10 @@ def _kvmrun_keys(b: Builder, node: Node) -> None:
     if not isinstance(extra, dict):
         b.loss(node, "kvmrun metadata that is not a mapping")
         return
-    b.data.update(merge(b.data, extra))
-    for key in extra:
+    replace = {k[:-1]: v for k, v in extra.items() if k.endswith("!")}
+    b.data.update(merge(b.data, {k: v for k, v in extra.items() if not k.endswith("!")}))
+    b.data.update(replace)
+    for key in b.data:
         b.lines.setdefault((key,), (b.source, node.line))
 
 

@@ -21,7 +21,7 @@ from kvmrun.profile import Profile
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 LIBVIRT_ARCH = {"arm": "armv7l", "i386": "i686"}
 ACCESS = {"passthrough": "passthrough", "mapped-xattr": "mapped", "none": "squash"}
-PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd", "sd": "mmcblk", "nvme": "nvme"}
+PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd", "sd": "sd"}
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: Any) -> ET.Element:
@@ -133,10 +133,14 @@ def _cpu(dom: ET.Element, p: Profile, extra: dict) -> None:
     else:
         cpu = _sub(dom, "cpu", mode="custom", match="exact")
         _sub(cpu, "model", model, fallback="forbid")
+    written = [model]
     for flag in flags:
         name, _, value = flag.partition("=")
         policy = "disable" if value in ("off", "false") or name.startswith("-") else "require"
         _sub(cpu, "feature", policy=policy, name=name.lstrip("+-"))
+        written.append(f"{name.lstrip('+-')}={'off' if policy == 'disable' else 'on'}")
+    if p.cpu is not None and ",".join(written) != p.cpu:
+        extra["cpu"] = p.cpu                # as written (-hle, not hle=off)
 
 
 def _disk_bus(interface: str, p: Profile) -> str:
@@ -146,11 +150,8 @@ def _disk_bus(interface: str, p: Profile) -> str:
 def _target(counts: dict, bus: str) -> str:
     index = counts.get(PREFIX[bus], 0)
     counts[PREFIX[bus]] = index + 1
-    if bus == "sd":
-        return f"mmcblk{index}"
-    if bus == "nvme":
-        return f"nvme0n{index + 1}"
-    return PREFIX[bus] + "abcdefghijklmnopqrstuvwxyz"[index % 26]
+    return PREFIX[bus] + "abcdefghijklmnopqrstuvwxyz"[index % 26] + (str(index // 26) if
+                                                                   index >= 26 else "")
 
 
 def _disks(devs: ET.Element, p: Profile, a, extra: dict) -> None:
@@ -180,6 +181,8 @@ def _disks(devs: ET.Element, p: Profile, a, extra: dict) -> None:
             _sub(store, "format", type="raw" if d.backing.endswith(".img") else "qcow2")
             _sub(store, "source", file=d.backing)
         bus = _disk_bus(d.interface, p)
+        if bus == "nvme":               # libvirt 9's schema has no NVMe bus
+            bus, more["interface"] = "scsi", "nvme"
         _sub(disk, "target", dev=_target(counts, bus), bus=bus)
         if d.readonly:
             _sub(disk, "readonly")
@@ -244,8 +247,15 @@ def _nics(devs: ET.Element, p: Profile, extra: dict) -> None:
             if value not in (None, (), False):
                 keys[key] = list(value) if isinstance(value, tuple) else value
         more.append(keys)
-    if any(more):
+    if any(n.type == "none" for n in p.network):    # not in the XML: replace the whole list
+        extra["network!"] = [_plain_nic(n) for n in p.network]
+    elif any(more):
         extra["network"] = more
+
+
+def _plain_nic(n) -> dict:
+    from kvmrun.profile import NETWORK, _strip
+    return _strip(n, NETWORK)
 
 
 def _rest(devs: ET.Element, p: Profile, a, extra: dict) -> None:
