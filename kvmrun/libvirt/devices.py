@@ -66,6 +66,7 @@ def convert(b, root: Node) -> None:
                 handler(d, node)
             elif node.tag in UNSUPPORTED:
                 b.drop(node, UNSUPPORTED[node.tag])
+    _slots(d, devs)
     if d.disks:
         b.set(("disks",), d.disks, None)
     b.set(("network",), d.nets, None)
@@ -176,7 +177,7 @@ def _cdrom(d: Devices, disk: Node, bus: str | None, path: str | None) -> None:
     b.set(("cdrom",), path, disk)
     home = "ide" if (b.arch or "x86_64") in ("x86_64", "i386") else "scsi"
     if DISK_BUS.get(bus or home) != home:
-        b.note(disk, f"the {bus} CD-ROM becomes kvmrun's CD-ROM ({home.upper()})")
+        b.loss(disk, f"the {bus} CD-ROM becomes kvmrun's CD-ROM, which is {home.upper()} here")
     d.boot_order(disk, "d")
 
 
@@ -372,6 +373,25 @@ HANDLERS = {"disk": _disk, "interface": _interface, "filesystem": _filesystem,
             "controller": _controller, "audio": _audio, "emulator": _emulator,
             "serial": lambda d, n: None, "console": lambda d, n: None,
             "graphics": lambda d, n: None, "video": lambda d, n: None}
+
+
+PCI_SLOTS = 28          # of the root bus's 32: host bridge, ISA/LPC, VGA and one spare
+
+
+def _slots(d: Devices, devs: Node | None) -> None:
+    """kvmrun puts every device on the root PCI bus (no bridges): NICs beyond its slots are
+    dropped, each with a loss (libvirt would have added pci-bridge controllers)."""
+    if (d.b.arch or "x86_64") not in ("x86_64", "i386") or devs is None:
+        return
+    used = (sum(1 for x in d.disks if x["interface"] in ("virtio", "nvme"))
+            + any(x["interface"] == "scsi" for x in d.disks) + len(set(d.wanted))
+            + len(d.b.data.get("shares", [])))
+    free = max(PCI_SLOTS - used, 0)
+    ifaces = devs.findall("interface")
+    for node in ifaces[free:len(d.nets)]:
+        d.b.loss(node, f"no PCI slot left for this NIC: kvmrun puts devices on the root bus "
+                       f"({PCI_SLOTS} slots), without pci-bridge controllers")
+    d.nets = d.nets[:free]
 
 
 def _serial(d: Devices, devs: Node | None) -> None:
