@@ -79,6 +79,12 @@ def profile_text(prof, conv, check_files: bool = True) -> str:
     return comment_block(conv, check_files) + store.export_text(prof)
 
 
+def annotate(path: Path, conv, check_files: bool = True) -> None:
+    """Put the comment block (what was approximated or lost) above a defined VM's profile."""
+    from kvmrun import store
+    store.atomic_write(path, comment_block(conv, check_files) + path.read_text(encoding="utf-8"))
+
+
 def copy_nvram(source: str, name: str) -> Path:
     """Copy a domain's UEFI variable store into kvmrun's (the original is left alone)."""
     from kvmrun.errors import KvmrunError

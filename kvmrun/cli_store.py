@@ -39,6 +39,7 @@ def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
         out(f"re{verb} {result.name} ({result.path}), replacing the previous profile")
     else:
         out(f"{verb} {result.name} ({result.path})")
+    return result
 
 
 def _missing_hint(e) -> None:
@@ -118,10 +119,12 @@ def import_(
                 return
             for f in conv.problems(not no_check_files):
                 err(f"kvmrun: lost: {f}")
-            _define(prof, name, force, no_check_files or lossy, new_uuid, "imported")
-            if conv.nvram:
-                out(f"copied the UEFI variables to "
-                    f"{cli_libvirt.copy_nvram(conv.nvram, name or prof.name)}")
+            result = _define(prof, name, force, no_check_files or lossy, new_uuid, "imported")
+            if result.outcome != "unchanged":
+                cli_libvirt.annotate(result.path, conv, not no_check_files)
+                if conv.nvram:
+                    out(f"copied the UEFI variables to "
+                        f"{cli_libvirt.copy_nvram(conv.nvram, result.name)}")
             return
         _define(load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
     except ProfileError as e:

@@ -292,6 +292,12 @@ def test_import_defines_the_vm_and_copies_its_nvram(dirs, capsys):
     nvram = dirs / "KVMRUN_DATA_DIR" / "nvram" / "web1_VARS.fd"
     assert nvram.read_bytes() == b"variables" and vars_.read_bytes() == b"variables"
     assert store.resolve("web1").disks[0].path == str(disk)
+    defined = (dirs / "KVMRUN_CONFIG_DIR" / "vms" / "web1.yaml").read_text()
+    assert defined.startswith(f"# converted from {xml} by kvmrun\n# approximated:\n")
+    nvram.write_bytes(b"changed by the guest")
+    code, out, _ = run(["import", str(xml)], capsys)       # the same VM again: nothing changes
+    assert (code, nvram.read_bytes()) == (0, b"changed by the guest")
+    assert "already defined" in out
 
 
 def test_import_stops_on_losses_unless_lossy(dirs, capsys):
