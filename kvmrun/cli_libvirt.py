@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from kvmrun.cli import app, emit_json, err, out
+from kvmrun.cli import app, emit_json, err
 from kvmrun.errors import Location, ProfileError
 
 Lossy = typer.Option(False, "--lossy", help="Convert even though some settings have no kvmrun "

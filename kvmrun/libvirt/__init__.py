@@ -5,7 +5,9 @@
     domain     `convert(xml)`: a domain definition -> a plain profile mapping, the list of
                what could not be mapped (losses, each with its XML path) and what was
                approximated (notes); `kvmrun.profile.from_mapping` validates the mapping
-    devices    the <devices> half of that mapping (disks, NICs, shares, consoles …)
+    machine    <os>, <features>, <cpu>, <clock> and the on_* events of that mapping
+    devices    its <devices> (NICs, shares, consoles, display, boot order …)
+    disks      its <disk>s (disks and the CD-ROM)
     export     `to_xml(profile)`: a Profile -> domain XML that `virsh define` accepts
     _today     the one adapter to today's modules (does a kvmrun pool of that name exist?)
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 
 from kvmrun.libvirt._xml import Node, consume
+from kvmrun.libvirt.disks import _disk
 
-DISK_BUS = {"virtio": "virtio", "ide": "ide", "scsi": "scsi", "sata": "ide", "sd": "sd",
-            "nvme": "nvme"}
-CACHE = ("none", "writeback", "writethrough", "directsync", "unsafe")
 ACCESS = {"passthrough": "passthrough", "mapped": "mapped-xattr", "squash": "none"}
 TAG_RE = r"[A-Za-z0-9_.-]{1,31}"
 NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
@@ -77,128 +75,6 @@ def convert(b, root: Node) -> None:
 
 
 # ---------------------------------------------------------------- storage
-
-def _disk(d: Devices, disk: Node) -> None:
-    b = d.b
-    kind, device = disk.attr("type") or "file", disk.attr("device") or "disk"
-    target = disk.find("target")
-    bus = None
-    if target is not None:
-        target.use()
-        bus = target.attr("bus")
-        target.attr("dev")
-        target.attr("tray")
-    if device not in ("disk", "cdrom"):
-        return b.drop(disk, f"{device} drives are not supported")
-    if kind not in ("file", "block", "volume"):
-        return b.drop(disk, f"disk type {kind!r} (storage QEMU reaches itself) is not "
-                            "supported: give kvmrun a file or block device")
-    source = disk.find("source")
-    entry: dict = {}
-    if source is not None:
-        source.use()
-        source.attr("startupPolicy")
-        if kind == "volume":
-            pool, volume = source.attr("pool"), source.attr("volume")
-            source.attr("mode")
-            if not (pool and volume and b.pool_exists(pool)):
-                return b.drop(disk, f"pool {pool!r} is not a kvmrun pool (kvmrun pool define "
-                                    f"{pool} DIR), so volume {volume!r} cannot be found")
-            entry = {"pool": pool, "volume": volume}
-        else:
-            path = source.attr("file" if kind == "file" else "dev")
-            if path:
-                entry = {"path": path}
-    if not entry:
-        return b.drop(disk, f"an empty {'CD-ROM drive' if device == 'cdrom' else 'disk'} "
-                            "(no <source>) is not supported")
-    path = entry.get("path")
-    if path:
-        b.check_path(source, path, "CD-ROM image" if device == "cdrom" else "disk")
-    driver = disk.find("driver")
-    fmt, cache = "raw", None          # libvirt never probes: no type means raw
-    if driver is not None:
-        driver.use()
-        driver.attr("name")
-        fmt = driver.attr("type") or "raw"
-        cache = driver.attr("cache")
-        if fmt not in ("raw", "qcow2"):
-            b.loss(driver, f"image format {fmt!r} is not supported (qcow2 or raw)", "type")
-            fmt = None
-        if cache not in CACHE:
-            cache = None
-    if device == "cdrom":
-        return _cdrom(d, disk, bus, path)
-    if bus not in DISK_BUS:
-        return b.drop(disk, f"disks on bus {bus!r} are not supported")
-    entry["interface"] = DISK_BUS[bus]
-    if bus == "sd" and (b.data.get("machine") or "").startswith("vexpress"):
-        b.loss(target, "the board's own SD card slot is not supported: the disk becomes a "
-                       "virtio disk (virtio-mmio)")
-        entry["interface"] = "virtio"
-    if bus == "sata" and (b.data.get("machine") or "q35") != "q35":
-        b.note(disk, "the SATA disk becomes an IDE disk (kvmrun's IDE on this machine)")
-    if path and any(x.get("path") == path and not x.get("readonly") for x in d.disks):
-        return b.drop(disk, f"{path} is already attached writable: two writable disks on "
-                            "one image corrupt it")
-    if fmt and "pool" not in entry:
-        entry["format"] = fmt
-    if cache:
-        entry["cache"] = cache
-    if disk.find("readonly") is not None:
-        disk.find("readonly").use()
-        entry["readonly"] = True
-        if entry["interface"] in ("ide", "sd"):
-            b.loss(disk, f"QEMU cannot attach a read-only {bus} disk: it becomes a read-only "
-                         "SCSI disk")
-            entry["interface"] = "scsi"
-    backing = _backing(b, disk.find("backingStore"))
-    if backing:
-        entry["backing"] = backing
-        if entry.get("format") == "raw":
-            entry.pop("format")
-    index = len(d.disks)
-    d.boot_order(disk, "c" if index == 0 else None)
-    d.disks.append(entry)
-    b.lines[("disks", index)] = (b.source, disk.line)
-
-
-def _cdrom(d: Devices, disk: Node, bus: str | None, path: str | None) -> None:
-    b = d.b
-    ro = disk.find("readonly")
-    if ro is not None:
-        ro.use()
-    if d.cdrom is not None:
-        return b.drop(disk, f"a second CD-ROM drive is not supported (kvmrun has one, "
-                            f"{d.cdrom.path})")
-    if path is None:
-        return b.drop(disk, "a CD-ROM from a storage pool is not supported")
-    d.cdrom = disk
-    b.set(("cdrom",), path, disk)
-    home = "ide" if (b.arch or "x86_64") in ("x86_64", "i386") else "scsi"
-    if DISK_BUS.get(bus or home) != home:
-        b.loss(disk, f"the {bus} CD-ROM becomes kvmrun's CD-ROM, which is {home.upper()} here")
-    d.boot_order(disk, "d")
-
-
-def _backing(b, node: Node | None) -> str | None:
-    if node is None:
-        return None
-    node.use()
-    for sub in node.children:
-        sub.use()
-        sub.read.update(sub.attrs)
-        for deeper in sub.children:
-            deeper.use()
-            deeper.read.update(deeper.attrs)
-    node.attr("type")
-    node.attr("index")
-    source = node.find("source")
-    path = source.attrs.get("file") or source.attrs.get("dev") if source is not None else None
-    if path and node.find("backingStore") is not None:
-        b.note(node, f"only the first backing image ({path}) is named; the rest of the chain "
-                     "is in the images' headers")
-    return path
 
 
 # ---------------------------------------------------------------- network and shares
