@@ -238,9 +238,9 @@ def export(
     from pathlib import Path
 
     from kvmrun import store
-    from kvmrun.errors import KvmrunError
     if fmt not in ("yaml", "json", "libvirt"):
-        raise KvmrunError(f"--format {fmt!r} is not one of yaml, json, libvirt")
+        raise typer.BadParameter(f"{fmt!r} is not one of yaml, json, libvirt",
+                                 param_hint="--format")
     prof = store.resolve(profile_ref)
     if fmt == "libvirt":
         from kvmrun.libvirt.export import to_xml

@@ -107,6 +107,11 @@ def _interface(d: Devices, iface: Node) -> None:
     elif kind != "user":
         b.loss(iface, f"interface type {kind!r} is not supported: a user-mode NIC with the "
                       "same MAC stands in")
+    tap = iface.find("target")
+    if tap is not None:
+        tap.use().read.update(("dev", "managed"))
+        b.note(tap, f"the host interface name {tap.attrs.get('dev')!r} is not kept: kvmrun "
+                    "names its taps itself")
     mac = iface.find("mac")
     if mac is not None:
         mac.use()

@@ -118,8 +118,8 @@ def _os(dom: ET.Element, p: Profile, a, extra: dict) -> None:
                 _sub(os_, tag, getattr(p.kernel, key))
     for letter in p.boot or "":
         _sub(os_, "boot", dev={"c": "hd", "d": "cdrom", "n": "network"}[letter])
-    if not p.boot and p.disks:
-        extra["boot"] = None            # libvirt would boot the first disk
+    if not p.boot:
+        extra["boot"] = None            # libvirt would boot the first disk (<boot dev='hd'/>)
 
 
 def _cpu(dom: ET.Element, p: Profile, extra: dict) -> None:

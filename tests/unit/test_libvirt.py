@@ -382,3 +382,26 @@ def test_arbitrary_bytes_never_give_a_traceback(raw):
         conv(raw).profile()
     except ProfileError as e:
         assert str(e).startswith("vm.xml")
+
+
+@pytest.mark.skipif(not shutil.which("virsh"), reason="virsh is missing (.ci/install-deps "
+                                                     "installs libvirt-clients)")
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_libvirt_defines_the_export_and_its_dumpxml_imports_back(path, tmp_path):
+    """`virsh define` (libvirt's own parser, on its in-process test:///default driver)
+    accepts the export; what `virsh dumpxml` then gives, with libvirt's defaults filled in,
+    imports back to the same profile."""
+    original = store.pinned(load(path))
+    xml = tmp_path / "vm.xml"
+    xml.write_text(to_xml(original))
+    done = subprocess.run(["virsh", "-q", "-c", "test:///default",
+                           f"define {xml}; dumpxml {original.name}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    dumped = done.stdout[done.stdout.index("<domain"):]
+    c = convert(dumped.encode(), "dumped.xml", path_exists=lambda p: True,
+                pool_exists=lambda p: True)
+    assert [str(f) for f in c.losses] == []
+    if "commandline" not in dumped:     # only the qemu driver keeps the qemu: namespace; the
+        original = dataclasses.replace(original, qemu_args=())   # test driver drops it
+    assert c.profile() == original
