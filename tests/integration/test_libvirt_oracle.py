@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -29,13 +31,12 @@ import qemu_oracle as oracle
 from kvmrun import arch as archmod
 from kvmrun import storage
 from kvmrun.compile import compile
-from kvmrun.libvirt.domain import convert, machine_family
 from kvmrun.errors import ProfileError
+from kvmrun.libvirt.domain import convert, machine_family
 
 pytestmark = pytest.mark.qemu
 
-CORPUS = Path(__import__("os").environ.get("KVMRUN_LIBVIRT_CORPUS",
-                                           "/work/shared/libvirt-domains"))
+CORPUS = Path(os.environ.get("KVMRUN_LIBVIRT_CORPUS", "/work/shared/libvirt-domains"))
 FILES = sorted(CORPUS.glob("*.xml"))
 DISK_DRIVERS = ("virtio-blk", "ide-hd", "ide-cd", "scsi-hd", "scsi-cd", "floppy",
                 "usb-storage", "sd-card", "nvme")
@@ -288,3 +289,48 @@ def _check_boot(qmp, want: Expected, moved: dict, is_lost) -> None:
     asked = [(kind, moved.get(key, key) if kind == "disk" else key) for kind, key in want.boot
              if kind == "nic" or (key in moved and not is_lost(key))]
     assert here == asked, "boot order"
+
+
+# ---------------------------------------------------------------- dumpxml -> import -> start
+
+@pytest.mark.slow
+def test_a_libvirt_domain_imports_starts_and_stops(kr, tiny_guest):
+    """The README's way out of libvirt, with the tiny guest: a domain XML as `virsh dumpxml`
+    writes it, `kvmrun import`, `kvmrun start`, the guest boots on the serial console, and
+    `kvmrun stop` powers it off through ACPI."""
+    xml = kr.base / "g1.xml"
+    xml.write_text(f"""<domain type='qemu'>
+  <name>g1</name>
+  <uuid>5e0b7f4c-4a2e-4d7e-9a51-6a3c1d0f2b11</uuid>
+  <memory unit='KiB'>262144</memory>
+  <currentMemory unit='KiB'>262144</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>{tiny_guest.kernel}</kernel>
+    <initrd>{tiny_guest.initrd}</initrd>
+    <cmdline>console={tiny_guest.console} quiet</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='pty'><target type='isa-serial' port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+""")
+    imported = kr.ok("import", xml)
+    assert imported.out.startswith("imported g1 (") and imported.err == ""
+    kr.ok("start", "g1")
+    log = kr.guest_dir("g1") / "serial.log"
+    deadline = time.monotonic() + 180
+    while tiny_guest.ready_marker not in (log.read_text(errors="replace")
+                                          if log.exists() else ""):
+        assert time.monotonic() < deadline, "the guest never booted"
+        time.sleep(0.5)
+    stopped = kr.ok("stop", "g1")
+    assert "powered off" in stopped.out
+    assert kr.status("g1")["state"] == "stopped"
