@@ -16,7 +16,7 @@ from typing import Any
 
 from kvmrun import arch as archmod
 from kvmrun.libvirt.domain import KVMRUN_NS
-from kvmrun.profile import Profile
+from kvmrun.profile import Profile, to_dict
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 LIBVIRT_ARCH = {"arm": "armv7l", "i386": "i686"}
@@ -33,7 +33,7 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: Any) ->
 
 
 def _stable_mac(name: str, index: int) -> str:
-    from kvmrun.compile import stable_mac       # kvmrun's own default, written out
+    from kvmrun.libvirt._today import stable_mac     # kvmrun's own default, written out
     return stable_mac(name, index)
 
 
@@ -78,10 +78,10 @@ def to_xml(p: Profile) -> str:
         cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
         for arg in p.qemu_args:
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
+    plain = to_dict(p)
     for key in ("shutdown", "ready", "cloud_init"):
-        value = _plain(getattr(p, key), key)
-        if value:
-            extra[key] = value
+        if plain.get(key):
+            extra[key] = plain[key]
     for key in ("gdb", "halted", "semihosting"):
         if getattr(p, key):
             extra[key] = getattr(p, key)
@@ -92,11 +92,6 @@ def to_xml(p: Profile) -> str:
         dom.remove(meta)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
-
-
-def _plain(value: Any, key: str) -> Any:
-    from kvmrun.profile import PROFILE, _strip
-    return _strip(value, PROFILE.fields[key].spec) if value is not None else None
 
 
 def _os(dom: ET.Element, p: Profile, a, extra: dict) -> None:
@@ -248,14 +243,10 @@ def _nics(devs: ET.Element, p: Profile, extra: dict) -> None:
                 keys[key] = list(value) if isinstance(value, tuple) else value
         more.append(keys)
     if any(n.type == "none" for n in p.network):    # not in the XML: replace the whole list
-        extra["network!"] = [_plain_nic(n) for n in p.network]
+        extra["network!"] = to_dict(p)["network"]
     elif any(more):
         extra["network"] = more
 
-
-def _plain_nic(n) -> dict:
-    from kvmrun.profile import NETWORK, _strip
-    return _strip(n, NETWORK)
 
 
 def _rest(devs: ET.Element, p: Profile, a, extra: dict) -> None:
