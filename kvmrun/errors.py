@@ -3,7 +3,8 @@
     KvmrunError                 exit 1   anything kvmrun reports to a user
      ├── UsageError             exit 2   a command was called wrongly (a bad --for, bad JSON)
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
-     │    └── ProfileErrors     exit 2   several at once, one per line
+     │    ├── ProfileErrors     exit 2   several at once, one per line
+     │    └── LostSettings      exit 2   a libvirt domain uses what kvmrun cannot express
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
      │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
      ├── GuestError             exit 4   a guest is not in the state a command needs
@@ -109,6 +110,17 @@ class ProfileErrors(ProfileError):
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
+
+
+class LostSettings(ProfileError):
+    """A libvirt domain uses settings kvmrun cannot express, and --lossy was not given."""
+
+    def __init__(self, source: str, problems):
+        lines = "\n".join(f"  {source}:{f.line}: {f}" if f.line else f"  {f}" for f in problems)
+        super().__init__(Location(source), f"{len(problems)} setting(s) of this domain have no "
+                                           f"kvmrun counterpart:\n{lines}",
+                         hint="--lossy converts it anyway, without them")
+        self.problems = problems
 
 
 def each_error(error: ProfileError) -> list[ProfileError]:

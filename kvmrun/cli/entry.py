@@ -32,8 +32,10 @@ VERBS: dict[str, str] = {
     "import": "defined", "defined": "defined",
     "disk": "storage", "snapshot": "storage", "pool": "storage", "ssh": "storage",
     "net": "net", "doctor": "host", "systemd": "systemd",
+    "convert": "libvirt",
 }
-MODULES = ["profile", "launch", "power", "inspect", "defined", "host", "systemd", "storage", "net"]
+MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
+           "storage", "net"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")
