@@ -33,6 +33,8 @@ class Disk:
     ephemeral: bool = False          # writes go to an overlay deleted when the guest stops
     pool: str | None = None          # a storage pool (kvmrun pool define) …
     volume: str | None = None        # … and the volume in it: the path is resolved at load
+    werror: str | None = None        # on a write error: QEMU's -drive werror (default enospc)
+    rerror: str | None = None        # on a read error: QEMU's -drive rerror (default report)
 
 
 @dataclass(frozen=True)
