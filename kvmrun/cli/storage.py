@@ -337,8 +337,9 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
 
 @pool_app.command("start")
 def pool_start(name: str = typer.Argument(..., metavar="NAME")) -> None:
-    """Make a pool usable: mount an nfs pool with access kernel (also done on first use);
-    for other pools, check that they are there."""
+    """Make a pool usable: mount an nfs pool with access kernel, check any other pool.
+
+    A kernel-access nfs pool is also mounted on first use (disk create, a guest's start)."""
     out(pools.start(name))
 
 
