@@ -13,6 +13,7 @@
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
+     │         └── NfsError     exit 1   an NFS export or volume (server, export, rights)
      └── StoreError             exit 1   the set of defined VMs (write failed, …)
           ├── InvalidName       exit 2   not a valid VM name
           ├── NotDefined        exit 2   no defined VM of that name
@@ -183,6 +184,11 @@ class PoolError(StorageError):
     def __init__(self, message: str, hint: str | None = None, key: str = "pool"):
         super().__init__(message, hint)
         self.key = key
+
+
+class NfsError(PoolError):
+    """An NFS pool or volume operation failed (server unreachable, export refused, root
+    squash…); the hint says what to check."""
 
 
 class StoreError(KvmrunError):
