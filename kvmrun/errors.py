@@ -3,7 +3,8 @@
     KvmrunError                 exit 1   anything kvmrun reports to a user
      ├── UsageError             exit 2   a command was called wrongly (a bad --for, bad JSON)
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
-     │    └── ProfileErrors     exit 2   several at once, one per line
+     │    ├── ProfileErrors     exit 2   several at once, one per line
+     │    └── LostSettings      exit 2   a libvirt domain uses what kvmrun cannot express
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
      │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
      ├── GuestError             exit 4   a guest is not in the state a command needs
@@ -12,6 +13,7 @@
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
+     │         └── NfsError     exit 1   an NFS export or volume (server, export, rights)
      ├── OsinfoError            exit 1   osinfo-db is missing, or has no such OS
      ├── UIError                exit 1   `kvmrun ui` cannot serve as asked (port, socket)
      │    └── ListenError       exit 2   a bad or non-loopback --listen
@@ -114,6 +116,17 @@ class ProfileErrors(ProfileError):
         return "\n".join(str(e) for e in self.errors)
 
 
+class LostSettings(ProfileError):
+    """A libvirt domain uses settings kvmrun cannot express, and --lossy was not given."""
+
+    def __init__(self, source: str, problems):
+        lines = "\n".join(f"  {source}:{f.line}: {f}" if f.line else f"  {f}" for f in problems)
+        super().__init__(Location(source), f"{len(problems)} setting(s) of this domain have no "
+                                           f"kvmrun counterpart:\n{lines}",
+                         hint="--lossy converts it anyway, without them")
+        self.problems = problems
+
+
 def each_error(error: ProfileError) -> list[ProfileError]:
     """The single errors of a ProfileError (one, or the list of a ProfileErrors)."""
     return error.errors if isinstance(error, ProfileErrors) else [error]
@@ -174,6 +187,11 @@ class PoolError(StorageError):
     def __init__(self, message: str, hint: str | None = None, key: str = "pool"):
         super().__init__(message, hint)
         self.key = key
+
+
+class NfsError(PoolError):
+    """An NFS pool or volume operation failed (server unreachable, export refused, root
+    squash…); the hint says what to check."""
 
 
 class OsinfoError(KvmrunError):

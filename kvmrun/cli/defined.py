@@ -15,6 +15,8 @@ from kvmrun.cli.app import app, emit_json, err, lazy, out
 from kvmrun.errors import Conflict, KvmrunError, ProfileError, each_error
 
 store = lazy("kvmrun.ops.defined")
+libvirt = lazy("kvmrun.ops.libvirt")
+libvirt_export = lazy("kvmrun.libvirt.export")
 
 _REF_HELP = ("A profile file or the name of a defined VM. A path wins when it contains '/' or "
              "ends in .yaml (write ./web for a file named web).")
@@ -42,6 +44,7 @@ def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
         out(f"re{verb} {result.name} ({result.path}), replacing the previous profile")
     else:
         out(f"{verb} {result.name} ({result.path})")
+    return result
 
 
 def _missing_hint(e) -> None:
@@ -82,19 +85,44 @@ def define(
 @app.command(name="import")
 def import_(
     profile_file: str = typer.Argument(..., metavar="FILE",
-                                       help="A profile exported with `kvmrun export`."),
+                                       help="A profile exported with `kvmrun export`, or a "
+                                            "libvirt domain XML (virsh dumpxml NAME)."),
     name: Optional[str] = typer.Option(None, "--name", help="Import it under this name."),
     force: bool = Force,
     no_check_files: bool = NoCheckFiles,
     new_uuid: bool = NewUuid,
+    lossy: bool = typer.Option(False, "--lossy", help="libvirt XML: import even though some "
+                                                      "settings have no kvmrun counterpart "
+                                                      "(each is listed)."),
+    print_: bool = typer.Option(False, "--print", help="libvirt XML: print the converted "
+                                                       "profile instead of defining it."),
 ) -> None:
-    """Define a VM from an exported profile (typically from another host).
+    """Define a VM from an exported profile or a libvirt domain XML (typically from another host).
 
     Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
     with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
     moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+
+    A libvirt domain (`virsh dumpxml web1 > web1.xml; kvmrun import web1.xml`) is converted
+    first, as `kvmrun convert` shows it: settings kvmrun cannot express are listed with their
+    XML path and stop the import unless --lossy; its <nvram> file is copied into kvmrun's
+    UEFI variable store (the original is left alone).
     """
     try:
+        if libvirt.is_domain_xml(profile_file):
+            prof, conv = libvirt.read_domain(profile_file, name, lossy, not no_check_files)
+            if print_:
+                sys.stdout.write(libvirt.profile_text(prof, conv, not no_check_files))
+                return
+            for f in conv.problems(not no_check_files):
+                err(f"kvmrun: lost: {f}")
+            result = _define(prof, name, force, no_check_files or lossy, new_uuid, "imported")
+            if result.outcome != "unchanged":
+                libvirt.annotate(result.path, conv, not no_check_files)
+                if conv.nvram:
+                    out(f"copied the UEFI variables to "
+                        f"{libvirt.copy_nvram(conv.nvram, result.name)}")
+            return
         _define(store.load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
     except ProfileError as e:
         err(f"kvmrun: error: {e}")
@@ -191,17 +219,26 @@ def export(
     profile_ref: str = typer.Argument(..., metavar="NAME|FILE", help=_REF_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write it to FILE instead of stdout."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (--format json)."),
+    fmt: str = typer.Option("yaml", "--format", metavar="yaml|json|libvirt",
+                            help="yaml, json, or libvirt: a domain XML for `virsh define`."),
 ) -> None:
     """Print a VM's self-contained profile (like `virsh dumpxml`).
 
     Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
-    on another host."""
+    on another host. --format libvirt writes a libvirt domain XML instead (settings only
+    kvmrun has ride along in its <metadata>, so importing it back gives the same profile)."""
     import json
 
+    if fmt not in ("yaml", "json", "libvirt"):
+        raise typer.BadParameter(f"{fmt!r} is not one of yaml, json, libvirt",
+                                 param_hint="--format")
     prof = store.resolve(profile_ref)
-    text = (json.dumps(store.export_dict(prof), indent=2) + "\n" if as_json
-            else store.export_text(prof))
+    if fmt == "libvirt":
+        text = libvirt_export.to_xml(store.pinned(prof))
+    else:
+        text = (json.dumps(store.export_dict(prof), indent=2) + "\n"
+                if as_json or fmt == "json" else store.export_text(prof))
     if output and output != "-":
         target = Path(output).absolute()
         store.atomic_write(target, text)

@@ -38,7 +38,8 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if as_json:
         emit_json(info)
         return
-    rows = [("state", info["state"]), ("pid", info["pid"] or "-"),
+    why = [("why", info["paused_reason"])] if info.get("paused_reason") else []
+    rows = [("state", info["state"]), *why, ("pid", info["pid"] or "-"),
             ("uptime", _duration(info["uptime"])),
             ("arch", f"{info['arch']}  machine {info['machine']}  accel {info['accel']}"),
             ("vcpus", info["vcpus"]), ("memory", f"{info['memory_mib']} MiB")]

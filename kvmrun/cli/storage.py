@@ -1,5 +1,5 @@
 """Storage verbs: disk create/info/resize/delete, snapshot create/list/revert/delete, pool
-define/undefine/list/info, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
+define/undefine/list/info/start/stop, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
                            no_args_is_help=True)
 app.add_typer(disk_app, name="disk")
 app.add_typer(snapshot_app, name="snapshot")
-pool_app = typer.Typer(help="Storage pools: directories of disk images, or LVM volume "
-                            "groups.",
+pool_app = typer.Typer(help="Storage pools: directories of disk images, LVM volume "
+                            "groups, or NFS exports.",
                        no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
@@ -211,15 +211,38 @@ def pool_define(name: str = typer.Argument(..., metavar="NAME"),
                 directory: Optional[str] = typer.Argument(None, metavar="[DIRECTORY]",
                                                           help="A dir pool's directory (made "
                                                                "if missing)."),
-                type_: str = typer.Option("dir", "--type", "-t", metavar="dir|lvm",
+                type_: str = typer.Option("dir", "--type", "-t", metavar="dir|lvm|nfs",
                                           help="dir: image files in DIRECTORY; lvm: logical "
-                                               "volumes of the volume group --vg."),
+                                               "volumes of the volume group --vg; nfs: image "
+                                               "files on the NFS export --source."),
                 vg: Optional[str] = typer.Option(None, "--vg", metavar="VGNAME",
                                                  help="An lvm pool's (existing) volume group."),
+                source: Optional[str] = typer.Option(None, "--source", metavar="SERVER:/EXPORT",
+                                                     help="An nfs pool's export."),
+                mount_dir: Optional[str] = typer.Option(
+                    None, "--mount-dir", metavar="DIR",
+                    help="nfs, access kernel: where to mount it (default: under the data "
+                         "directory)."),
+                options: Optional[str] = typer.Option(None, "--options", "-o", metavar="OPTS",
+                                                      help="nfs, access kernel: mount -o "
+                                                           "options (vers=4.2,soft)."),
+                access: Optional[str] = typer.Option(
+                    None, "--access", metavar="kernel|userspace",
+                    help="nfs: mount the export (kernel; root and the kernel's NFS client) or "
+                         "let QEMU open nfs:// URLs itself (userspace, qemu-block-extra). "
+                         "Default: kernel where mount -t nfs can work, else userspace."),
                 ) -> None:
-    """Define a directory pool (NAME DIRECTORY) or an LVM pool (NAME --type lvm --vg VG)."""
-    pool = pools.define(name, directory, type=type_, vg=vg)
-    if pool["type"] == "lvm":
+    """Define a directory pool (NAME DIRECTORY), an LVM pool (NAME --type lvm --vg VG) or an
+    NFS pool (NAME --type nfs --source SERVER:/EXPORT)."""
+    given = {k: v for k, v in (("source", source), ("mount_dir", mount_dir),
+                               ("options", options), ("access", access)) if v is not None}
+    pool = pools.define(name, directory, type=type_, vg=vg,
+                        nfs=given if (given or type_ == "nfs") else None)
+    if pool["type"] == "nfs":
+        out(f"defined pool {name} on NFS export {pool['source']} (access {pool['access']}: "
+            + (f"mounted at {pool['mount_dir']})" if pool["access"] == "kernel"
+               else f"QEMU opens {pool['path']}/VOLUME)"))
+    elif pool["type"] == "lvm":
         out(f"defined pool {name} on LVM volume group {pool['vg']}")
     else:
         out(f"defined pool {name} at {pool['path']}")
@@ -263,6 +286,8 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
     usage = pools.usage(name)
     if usage.get("type") == "lvm" and not usage["available"]:
         lvm.vg_report(usage["vg"])           # raises the reason (VG gone, no LVM, not root)
+    if usage.get("type") == "nfs" and usage.get("error"):
+        pools.volumes(name)                    # raises the reason (server down, export gone)
     info = {**usage, "type": usage.get("type", "dir"), "volumes": pools.volumes(name)}
     if as_json:
         emit_json(info)
@@ -270,6 +295,11 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
     out(f"{name}")
     if info["type"] == "lvm":
         out(f"  {'type':<9}lvm (volume group {info['vg']}, volumes are {info['path']}/NAME)")
+    elif info["type"] == "nfs":
+        out(f"  {'type':<9}nfs (export {info['source']})")
+        out(f"  {'access':<9}{info['access']}: " + (
+            f"mounted at {info['mount_dir']}" if info["access"] == "kernel" else
+            f"QEMU opens {info['path']}/VOLUME itself"))
     else:
         out(f"  {'path':<9}{info['path']}")
     out(f"  {'space':<9}{human(info['free'])} free of {human(info['capacity'])}")
@@ -278,3 +308,17 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
             + (f"  on {v['backing_file']}" if v["backing_file"] else "")
             + (f"  in use by {v['in_use_by']}" if v["in_use_by"] else "")
             + ("  open" if v.get("open") and not v["in_use_by"] else ""))
+
+
+@pool_app.command("start")
+def pool_start(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Make a pool usable: mount an nfs pool with access kernel, check any other pool.
+
+    A kernel-access nfs pool is also mounted on first use (disk create, a guest's start)."""
+    out(pools.start(name))
+
+
+@pool_app.command("stop")
+def pool_stop(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Unmount an nfs pool with access kernel (refused while a running guest uses it)."""
+    out(pools.stop(name))
