@@ -1,3 +1,3 @@
-from kvmrun.cli.entry import main
+from kvmrun.cli.quick import main
 
 main()

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from kvmrun.cli.app import ONEOFF, SetOpt, app, emit_json, err, guest, lazy, out
+from kvmrun.cli.text import started
 
 launch = lazy("kvmrun.ops.launch")
 loader = lazy("kvmrun.ops.profiles")
@@ -46,14 +47,8 @@ def start(
     if as_json:
         emit_json(info)
         return
-    out(f"started {prof.name} (pid {result.get('pid')})" + (", ready" if result.get("ready")
-                                                            else ""))
-    out(f"  console: kvmrun console {prof.name}   log: {info['console_log']}")
-    out(f"  qmp:     {info['qmp']}")
-    if prof.gdb:
-        out(f"  gdb:     target remote {prof.gdb}")
-    if prof.halted:
-        out(f"  halted:  vCPUs stopped; `kvmrun resume {prof.name}` or gdb's continue starts them")
+    for line in started(prof.name, result, paths, prof.gdb, prof.halted):
+        out(line)
 
 
 @app.command()

@@ -236,6 +236,23 @@ def _real(path: str) -> str:
     return path if path.startswith("nfs://") else os.path.realpath(path)
 
 
+def disks_in_use(name: str, disks: list[str], shared: list[str],
+                 base: Path | None = None) -> dict[str, str]:
+    """Disk paths of guest `name` that another running guest already has open: path ->
+    guest. Disks only read (`shared`: read-only ones, the bases of ephemeral disks) may be
+    shared with guests that only read them too."""
+    mine_read = {os.path.realpath(p) for p in shared}
+    mine = {os.path.realpath(p) for p in disks} - mine_read
+    busy = {}
+    for other, launch in live_launches(base, skip=name):
+        theirs_read = {os.path.realpath(p) for p in launch.shared_disks}
+        for path in launch.disks:
+            real = os.path.realpath(path)
+            if real in mine or (real in mine_read and real not in theirs_read):
+                busy[path] = other
+    return busy
+
+
 def guest_using(path: str, base: Path | None = None) -> tuple[str, int, bool] | None:
     """(guest name, disk index, ephemeral) of a running kvmrun guest that has `path` open
     (a file, or the nfs:// URL of a volume QEMU opens itself, compared as it is)."""

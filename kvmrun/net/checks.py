@@ -3,15 +3,13 @@ forwarded host ports free (by binding them), the bridge, root, QEMU's bridge hel
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 from pathlib import Path
 
 from kvmrun.errors import HostError, NetworkError, ProfileError
-from kvmrun.guest.rundir import live_launches
 from kvmrun.net import defs, links
 from kvmrun.net.names import NAT_DEFAULT_NAME
+from kvmrun.net.ports import check_forward
 from kvmrun.profile import Profile
 
 BRIDGE_CONF = "/etc/qemu/bridge.conf"
@@ -68,41 +66,7 @@ def check(profile: Profile) -> None:
 
 
 def _check_port(profile: Profile, i: int, j: int, fwd: str) -> None:
-    proto, addr, rest = fwd.split(":", 2)
-    port = int(rest.split("-")[0])
-    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    where = located(profile, "network", i, "forward", j)
-    with socket.socket(socket.AF_INET, kind) as s:
-        # as QEMU's own listening socket: a port only in TIME_WAIT counts as free
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((addr or "0.0.0.0", port))
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                owner = _forward_owner(profile.name, proto, port)
-                raise HostError(f"{where}: host port {addr or '*'}:{port}/{proto} is already "
-                                f"in use{' by guest ' + repr(owner) if owner else ''}",
-                                hint="choose another host port" + (
-                                    "" if owner else f", or see what holds it: ss -"
-                                    f"{'t' if proto == 'tcp' else 'u'}lnp 'sport = :{port}'")
-                                ) from None
-            if err.errno == errno.EADDRNOTAVAIL:
-                raise HostError(f"{where}: {addr} is not an address of this host") from None
-            if err.errno == errno.EACCES:
-                raise HostError(f"{where}: host port {port} is privileged (below 1024)",
-                                hint="choose a port of 1024 or more, or run as root") from None
-            raise HostError(f"{where}: cannot bind {addr}:{port}/{proto}: "
-                            f"{err.strerror}") from None
-
-
-def _forward_owner(me: str, proto: str, port: int) -> str | None:
-    """The running kvmrun guest whose forward holds this port, if any."""
-    for name, launch in live_launches(skip=me):
-        for fwd in launch.forwards:
-            p, _, rest = fwd.split(":", 2)
-            if p == proto and int(rest.split("-")[0]) == port:
-                return name
-    return None
+    check_forward(located(profile, "network", i, "forward", j), profile.name, fwd)
 
 
 def _check_bridge(profile: Profile, i: int, bridge: str) -> None:

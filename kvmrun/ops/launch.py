@@ -8,28 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import select
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from kvmrun import arch as archmod
 from kvmrun import files, proc
-from kvmrun.errors import GuestError, GuestTimeout, HostError, LaunchError
+from kvmrun.errors import GuestError, HostError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.rundir import Guest, live_launches, prepare_run_dir
+from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
-from kvmrun.profile import Profile, warnings
+from kvmrun.ops import quickstart
+from kvmrun.profile import Profile, referenced_files, warnings
 from kvmrun.qemu import checks, host
 from kvmrun.qemu.compile import Compiled, build
-from kvmrun.storage import disks
+from kvmrun.storage import disks, images
 
 Progress = Callable[[str], None]
 
@@ -57,23 +55,6 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     return profile, compiled
 
 
-def _disks_in_use(profile: Profile) -> dict[str, str]:
-    """Disk paths of this profile that a running guest already has open: path -> guest.
-    Disks only read (read-only ones, and the bases of ephemeral disks) may be shared by
-    guests that only read them too."""
-    mine = {os.path.realpath(d.path) for d in profile.disks
-            if not d.readonly and not d.ephemeral}
-    mine_read = {os.path.realpath(d.path) for d in profile.disks} - mine
-    busy = {}
-    for name, launch in live_launches(skip=profile.name):
-        shared = {os.path.realpath(p) for p in launch.shared_disks}
-        for path in launch.disks:
-            real = os.path.realpath(path)
-            if real in mine or (real in mine_read and real not in shared):
-                busy[path] = name
-    return busy
-
-
 def _claim(profile: Profile, guest: Guest, compiled: Compiled,
            undo: contextlib.ExitStack) -> None:
     """Under the guest's lock: refuse a second guest of this name or a disk in use, clear
@@ -82,7 +63,8 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     if guest.qemu_pid() is not None:
         raise GuestError(f"{profile.name} is already running (pid {guest.qemu_pid()})",
                          hint=f"see `kvmrun status {profile.name}`")
-    busy = _disks_in_use(profile)
+    busy = disks_in_use(profile.name, [d.path for d in profile.disks],
+                        [d.path for d in profile.disks if d.readonly or d.ephemeral])
     if busy:
         path, other = next(iter(busy.items()))
         raise GuestError(f"disk {path} is in use by running guest {other!r}",
@@ -144,17 +126,27 @@ def _forget(guest: Guest, created: bool) -> None:
 def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: None) -> dict:
     """Start a guest under a detached supervisor; return once QMP answers (and the console
     matched the profile's ready pattern, with wait_ready). Nothing is left behind on failure."""
-    profile, compiled = prepare(profile, note)
+    notes: list[str] = []
+
+    def noted(line: str) -> None:
+        note(line)
+        if "debug:" not in line and "checking once" not in line:
+            notes.append(line)
+    resolved, compiled = prepare(profile, noted)
     guest = Guest(profile.name)
     if profile.halted and wait_ready and profile.ready.console:
-        note("kvmrun: halted: not waiting for the console (resume the guest first)")
+        noted("kvmrun: halted: not waiting for the console (resume the guest first)")
         wait_ready = False
     with _starting(guest) as (lock_fd, undo):
-        _claim(profile, guest, compiled, undo)
+        _claim(resolved, guest, compiled, undo)
         # the lock is released once QMP answers: a second start of the name then fails
         # at once with "already running" instead of waiting for this guest's boot
-        return _spawn_and_wait(profile, guest, compiled.argv, wait_ready,
-                               unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN))
+        result = _spawn_and_wait(resolved, guest, compiled.argv, wait_ready,
+                                 unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN))
+    entry = quick_entry(profile, resolved, launch_record(resolved, compiled), notes)
+    if entry is not None:
+        quickstart.save(profile.source, entry)
+    return result
 
 
 def run_foreground(profile: Profile, note: Progress = lambda m: None,
@@ -170,7 +162,7 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
             ended = (guest.read_state() or {}).get("ended") or {}
             raise LaunchError(f"QEMU failed to start: {ended.get('detail', '')}",
                               compiled.argv, ended.get("stderr", ""),
-                              hint=launch_hint(ended.get("stderr", "")))
+                              hint=quickstart.launch_hint(ended.get("stderr", "")))
     if console:
         _attach_console(guest, note)
     sup.loop()
@@ -227,48 +219,38 @@ def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
 def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
                     unlock: Callable[[], None] = lambda: None) -> dict:
     sup, rfd = _spawn(profile, guest)
-    result = {"name": profile.name, "supervisor_pid": sup.pid}
-    timeout = profile.ready.timeout + 35
-    with os.fdopen(rfd, "rb") as pipe:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not select.select([pipe], [], [], max(0, deadline - time.monotonic()))[0]:
-                raise GuestTimeout(f"{profile.name}: no word from the supervisor in "
-                                   f"{timeout}s")
-            line = pipe.readline()
-            if not line:
-                code = sup.wait()
-                raise LaunchError(f"the supervisor of {profile.name} exited ({code}) "
-                                  "before QEMU was up", argv,
-                                  files.read_text(guest.paths.supervisor_log))
-            message = json.loads(line)
-            event = message["event"]
-            if event == "failed":
-                sup.wait()
-                raise LaunchError(f"QEMU failed to start: {message['message']}", argv,
-                                  message.get("stderr", ""),
-                                  hint=launch_hint(message.get("stderr", "")))
-            if event == "qmp":
-                result["pid"] = message["pid"]
-                unlock()
-                if not wait_ready or not profile.ready.console:
-                    break
-            if event == "ready":
-                result["ready"] = True
-                break
-            if event == "ready-timeout":
-                raise GuestTimeout(
-                    f"{profile.name} is running but its console did not match "
-                    f"{profile.ready.console!r} within {profile.ready.timeout}s",
-                    hint=f"see `kvmrun logs {profile.name}`; the guest was left running")
-    return result
+    return quickstart.wait_for_supervisor(
+        rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.console,
+        ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
+        log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
 
 
-def launch_hint(stderr: str) -> str | None:
-    if "Failed to get \"write\" lock" in stderr:
-        return "another process uses this disk image"
-    if "-cpu host" in stderr or "kvm" in stderr.lower():
-        return ("on nested hosts KVM may not work; try accel: tcg, or a named CPU model "
-                "instead of host (e.g. host,-arch-capabilities)")
-    return None
+def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
+                notes: list[str]) -> dict | None:
+    """What kvmrun.ops.quickstart needs to start this profile again unchanged, if it can:
+    a profile from files alone (no --set, one-off flags or --name), with nothing the quick
+    path does not make (cloud-init seed, ephemeral overlays, networks beyond user)."""
+    sources = sorted({file for file, _ in profile.lines.values()})
+    if not profile.source or not all(os.path.isfile(f) for f in sources):
+        return None
+    if profile.cloud_init or any(d.ephemeral for d in profile.disks):
+        return None
+    if any(net.type not in ("user", "none") for net in profile.network):
+        return None
+    exist = [p for _, _, p in referenced_files(resolved)] + [d.path for d in resolved.disks]
+    exist.append(record.argv[0])
+    if profile.firmware == "uefi" and guest_nvram(profile) is not None:
+        exist.append(str(guest_nvram(profile)))
+    formats = {new.path: new.format for old, new in zip(profile.disks, resolved.disks)
+               if old.format is None and not images.is_block_device(new.path)}
+    forwards = [(str(profile.location("network", i, "forward", j)), fwd)
+                for i, net in enumerate(profile.network) for j, fwd in enumerate(net.forward)]
+    return {"name": profile.name, "files": sources, "exist": exist, "formats": formats,
+            "forwards": forwards, "nics": nics.describe(profile), "launch": record.to_json(),
+            "notes": notes, "halted": profile.halted, "gdb": profile.gdb}
+
+
+def guest_nvram(profile: Profile) -> Path | None:
+    return Guest(profile.name).paths.nvram
+
 

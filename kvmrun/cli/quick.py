@@ -1,0 +1,44 @@
+"""The `kvmrun` console script. `kvmrun start PROFILE` of a profile that has not changed
+since its last start is served here, before typer, yaml or the compiler are imported
+(kvmrun.ops.quickstart); everything else goes to the full CLI (kvmrun.cli.entry)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] == "start" and not argv[1].startswith("-"):
+        code = _quick_start(argv[1])
+        if code is not None:
+            sys.stdout.flush()
+            sys.exit(code)
+    from kvmrun.cli.entry import main as full
+    full(argv)
+
+
+def _quick_start(ref: str) -> int | None:
+    """The exit code of a quick start, or None when the full path must run."""
+    from kvmrun.errors import KvmrunError
+    from kvmrun.ops import quickstart
+
+    def err(text: str) -> None:
+        sys.stderr.write(text + "\n")
+    try:
+        done = quickstart.start(ref, note=err)
+    except KvmrunError as e:
+        err(f"kvmrun: error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        err("kvmrun: interrupted")
+        return 130
+    if done is None:
+        return None
+    from kvmrun.cli.text import started
+    from kvmrun.guest.rundir import Guest
+    result, entry = done
+    for line in started(result["name"], result, Guest(result["name"]).paths, entry.get("gdb"),
+                        bool(entry.get("halted"))):
+        sys.stdout.write(line + "\n")
+    return 0
