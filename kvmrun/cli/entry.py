@@ -33,9 +33,10 @@ VERBS: dict[str, str] = {
     "disk": "storage", "snapshot": "storage", "pool": "storage", "ssh": "storage",
     "net": "net", "doctor": "host", "systemd": "systemd",
     "convert": "libvirt",
+    "agent": "agent", "exec": "agent", "ip": "agent",
 }
 MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
-           "storage", "net"]
+           "storage", "net", "agent"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")

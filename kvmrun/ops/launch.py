@@ -26,6 +26,7 @@ from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, live_launches, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
+from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, warnings
 from kvmrun.qemu import checks, host
 from kvmrun.qemu.compile import Compiled, build
@@ -105,13 +106,14 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ephemeral_disks=[i for i, d in enumerate(profile.disks) if d.ephemeral],
         shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly}
                 for s in profile.shares],
-        ready_console=profile.ready.console, ready_timeout=profile.ready.timeout,
+        ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
-                 "shutdown_method": profile.shutdown.method})
+                 "shutdown_method": profile.shutdown.method,
+                 "ssh": sshops.login_defaults(profile)})
 
 
 @contextlib.contextmanager
@@ -146,7 +148,7 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
     matched the profile's ready pattern, with wait_ready). Nothing is left behind on failure."""
     profile, compiled = prepare(profile, note)
     guest = Guest(profile.name)
-    if profile.halted and wait_ready and profile.ready.console:
+    if profile.halted and wait_ready and profile.ready.pattern:
         note("kvmrun: halted: not waiting for the console (resume the guest first)")
         wait_ready = False
     with _starting(guest) as (lock_fd, undo):
@@ -251,7 +253,7 @@ def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready:
             if event == "qmp":
                 result["pid"] = message["pid"]
                 unlock()
-                if not wait_ready or not profile.ready.console:
+                if not wait_ready or not profile.ready.pattern:
                     break
             if event == "ready":
                 result["ready"] = True
@@ -259,7 +261,7 @@ def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready:
             if event == "ready-timeout":
                 raise GuestTimeout(
                     f"{profile.name} is running but its console did not match "
-                    f"{profile.ready.console!r} within {profile.ready.timeout}s",
+                    f"{profile.ready.pattern!r} within {profile.ready.timeout}s",
                     hint=f"see `kvmrun logs {profile.name}`; the guest was left running")
     return result
 
