@@ -17,6 +17,6 @@ from kvmrun.profile.model import (CLOUD_INIT_FINISHED, CloudInit, Disk, Kernel, 
                                   Profile, Ready, Share, Shutdown, Ssh)
 from kvmrun.profile.rules import referenced_files, warnings
 
-__all__ = ["CLOUD_INIT_FINISHED", "DISK", "PROFILE", "CloudInit", "Disk", "Kernel", "Network", "Profile", "Ready",
-           "Share", "Shutdown", "Ssh", "apply_set", "from_mapping", "json_schema", "load", "read",
-           "referenced_files", "to_dict", "warnings"]
+__all__ = ["CLOUD_INIT_FINISHED", "DISK", "PROFILE", "CloudInit", "Disk", "Kernel", "Network",
+           "Profile", "Ready", "Share", "Shutdown", "Ssh", "apply_set", "from_mapping",
+           "json_schema", "load", "read", "referenced_files", "to_dict", "warnings"]
