@@ -228,9 +228,7 @@ def ssh(
     if print_:
         out(shlex.join(found["argv"]))
         return
-    sshcmd.wait_for_sshd(name, found["addr"], found["port"], wait, note=err,
-                         alive=lambda: target.qemu_pid() is not None)
-    code = sshcmd.call(found["argv"])
+    code = sshcmd.connect(target, found, wait, note=err)
     hint = sshcmd.explain(code, found["user"])
     if hint:
         err(f"kvmrun: {hint.replace('NAME', name)}")

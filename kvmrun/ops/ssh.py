@@ -4,7 +4,7 @@ forward to guest port 22, the login defaults a profile gives it, and the wait fo
 Defaults come from the profile at start (kept in the launch record): `ssh.user`, and
 `ssh.identity` or else the private half of a `cloud_init.ssh_authorized_keys` `.pub` file
 (KEY.pub -> KEY, when that file exists). `session` gives everything the verb needs for a
-running guest; `call` runs ssh on the terminal and returns its exit code."""
+running guest; `connect` waits for sshd, runs ssh on the terminal and returns its exit code."""
 
 from __future__ import annotations
 
@@ -132,9 +132,14 @@ def session(guest: Guest, user: str | None = None, identity: str | None = None,
             "addr": addr, "port": port, "user": user}
 
 
-def call(argv: list[str]) -> int:
-    """Run ssh on this terminal; its exit code."""
+def connect(guest: Guest, found: dict, wait: float,
+            note: Callable[[str], None] = lambda m: None) -> int:
+    """Run the ssh of `session` on this terminal once the guest's sshd answers (up to `wait`
+    seconds); ssh's exit code."""
+    argv = found["argv"]
     if not shutil.which(argv[0]):
         raise HostError(f"{argv[0]} not found", hint="apt-get install openssh-client")
+    wait_for_sshd(guest.name, found["addr"], found["port"], wait, note=note,
+                  alive=lambda: guest.qemu_pid() is not None)
     log_argv(argv)
     return subprocess.call(argv)

@@ -335,3 +335,28 @@ def test_addresses_flatten():
                      "address": "10.0.2.15", "prefix": 24},
                     {"interface": "dummy0", "mac": "aa:bb:cc:dd:ee:ff", "family": None,
                      "address": None, "prefix": None}]
+
+
+# ---------------------------------------------------------------- the agent verbs
+
+def test_agent_json_args_are_checked():
+    from kvmrun.errors import UsageError
+    from kvmrun.ops import agent as agentops
+    assert agentops.parse_arguments('{"pid": 812}') == {"pid": 812}
+    assert agentops.parse_arguments(None) is None
+    with pytest.raises(UsageError, match="JSON-ARGS is not valid JSON") as info:
+        agentops.parse_arguments("{pid: 812}")
+    assert info.value.exit_code == 2
+    with pytest.raises(UsageError, match="must be a JSON object"):
+        agentops.parse_arguments("[1, 2]")
+
+
+@pytest.mark.parametrize("args", [["agent", "nosuch", "guest-ping"], ["ip", "nosuch"],
+                                  ["exec", "nosuch", "--", "true"]])
+def test_agent_verbs_need_a_running_guest(tmp_path, monkeypatch, capsys, args):
+    from kvmrun.cli import main
+    monkeypatch.setenv("KVMRUN_RUN_DIR", str(tmp_path / "run"))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 4
+    assert capsys.readouterr().err.startswith("kvmrun: error: nosuch is not running")
