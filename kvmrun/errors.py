@@ -9,7 +9,9 @@
      │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
+     │         └── AgentTimeout exit 5   the guest agent did not answer in time
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
+     │    └── AgentError        exit 6   the guest agent refused a command (its class kept)
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
@@ -160,6 +162,20 @@ class QMPError(KvmrunError):
         super().__init__(message, hint)
         self.command = command
         self.error_class = error_class
+
+
+class AgentTimeout(GuestTimeout):
+    """The guest agent did not answer within the deadline (not running, not installed, or
+    another client holds the channel)."""
+
+
+class AgentError(QMPError):
+    """The guest agent answered a command with an error; its class and text are kept."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        super().__init__(f"the guest agent refused {command}: {desc} ({error_class})",
+                         command=command, error_class=error_class)
+        self.desc = desc
 
 
 class LaunchError(KvmrunError):

@@ -34,9 +34,10 @@ VERBS: dict[str, str] = {
     "net": "net", "doctor": "host", "systemd": "systemd",
     "convert": "libvirt",
     "new": "new", "os": "new", "ui": "ui",
+    "agent": "agent", "exec": "agent", "ip": "agent",
 }
 MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
-           "storage", "net", "new", "ui"]
+           "storage", "net", "new", "ui", "agent"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")

@@ -67,6 +67,8 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     rows.append(("shutdown", info["shutdown_method"]))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
+        if info.get("agent"):
+            rows.append(("agent", info["agent"]))
     rows.append(("log", info["serial_log"]))
     if info["ended"]:
         rows.append(("ended", _ended_text(info["ended"])))
@@ -82,15 +84,12 @@ def list_cmd(
     defined: bool = typer.Option(False, "--defined", help="Only defined VMs."),
 ) -> None:
     """One line per guest: state, PID, memory, vCPUs, uptime."""
-    rows = [] if defined else inspect.list_guests()
+    live = inspect.list_guests()
+    rows = [] if defined else live
     if all_ or defined:
-        from kvmrun.ops.defined import list_defined     # yaml and the profile model
+        from kvmrun.ops.defined import defined_rows     # yaml and the profile model
         known = {r["name"] for r in rows}
-        for vm in list_defined():
-            if vm.name not in known:
-                rows.append({"name": vm.name, "state": "defined", "pid": None,
-                             "memory_mib": vm.memory, "vcpus": vm.smp, "uptime": None,
-                             "ended": None})
+        rows += [r for r in defined_rows(live) if r["name"] not in known]
     if as_json:
         emit_json(rows)
         return

@@ -20,7 +20,8 @@ def start(
     name: Optional[str] = typer.Option(None, "--name", help="Run under another name."),
     sets: Optional[List[str]] = SetOpt,
     wait_ready: bool = typer.Option(True, "--wait-ready/--no-wait-ready",
-                                    help="Wait for the profile's ready.console pattern."),
+                                    help="Wait for the profile's ready.console pattern (or, with "
+                                         "ready.cloud_init, for cloud-init to finish)."),
     ephemeral: bool = typer.Option(False, "--ephemeral",
                                    help="Throwaway run: every writable disk gets an overlay "
                                         "that is deleted when the guest stops."),

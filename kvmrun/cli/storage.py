@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import time
 from typing import List, Optional
 
 import typer
 
-from kvmrun.cli.app import app, emit_json, guest, lazy, out
+from kvmrun.cli.app import app, emit_json, err, guest, lazy, out
 from kvmrun.errors import HostError, KvmrunError
-from kvmrun.guest.rundir import guest_using, require_running
+from kvmrun.guest.rundir import Guest, guest_using, require_running
 from kvmrun.ops import ssh as sshcmd
 from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human
@@ -185,23 +184,30 @@ def snapshot_delete(name: str = NameOrProfile,
 def ssh(
     name: str = typer.Argument(..., metavar="NAME", help="A running guest."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD...]"),
-    user: Optional[str] = typer.Option(None, "-l", "--user", help="Login name."),
+    user: Optional[str] = typer.Option(None, "-l", "--user",
+                                       help="Login name (default: the profile's ssh.user)."),
     identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="KEY",
-                                           help="Private key file."),
+                                           help="Private key file (default: ssh.identity, "
+                                                "or the private half of a "
+                                                "cloud_init.ssh_authorized_keys .pub file)."),
+    wait: float = typer.Option(120.0, "--wait", metavar="SECONDS", min=0,
+                               help="How long to wait for the guest's sshd to answer."),
     print_: bool = typer.Option(False, "--print", help="Print the ssh command instead of "
                                                         "running it."),
 ) -> None:
     """ssh into a guest through its user-network forward to port 22 (host keys of
-    throwaway guests are not remembered)."""
+    throwaway guests are not remembered). Waits (up to --wait) while the guest's sshd is not
+    up yet; exit code is ssh's (5 when sshd never answered)."""
     target = guest(name)
-    require_running(target)
-    argv = sshcmd.ssh_argv(name, target.read_launch().forwards, user, identity, command or [])
+    found = sshcmd.session(target, user, identity, command or [])
     if print_:
-        out(shlex.join(argv))
+        out(shlex.join(found["argv"]))
         return
-    if not shutil.which("ssh"):
-        raise HostError("ssh not found", hint="apt-get install openssh-client")
-    os.execvp("ssh", argv)
+    code = sshcmd.connect(target, found, wait, note=err)
+    hint = sshcmd.explain(code, found["user"])
+    if hint:
+        err(f"kvmrun: {hint.replace('NAME', name)}")
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------- pools

@@ -32,7 +32,8 @@ FIELDS: dict[str, object] = {
     "shutdown_timeout": 60,
     "shutdown_method": "acpi",
     "shutdown_command": "poweroff",
-    "summary": {},                # arch, machine, accel, smp, memory, source, forwards
+    "summary": {},                # arch, machine, accel, smp, memory, source, forwards,
+                                  # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
 }
 
 
@@ -50,6 +51,7 @@ class LaunchRecord:
 
     # the summary's facts, named
     forwards = property(lambda self: list(self.summary.get("forwards", [])))
+    ssh_login = property(lambda self: dict(self.summary.get("ssh") or {}))
 
     def to_json(self) -> dict:
         return {"version": self.version, **{k: getattr(self, k) for k in FIELDS}}

@@ -2,7 +2,7 @@
 
 What libvirt has an element for is written as that element, in the form libvirt's RelaxNG
 schema accepts (the tests validate with /usr/share/libvirt/schemas/domain.rng). What only
-kvmrun has (accel auto, shutdown and ready settings, port forwards, cloud-init, ephemeral
+kvmrun has (accel auto, shutdown, ready and ssh settings, port forwards, cloud-init, ephemeral
 disks, …), and the defaults libvirt would otherwise fill in differently (kvmrun's default
 machine, CPU and MAC addresses are written out for libvirt), go as JSON into
 <metadata><kvmrun:profile>, so `kvmrun import` of the result gives the same profile back.
@@ -79,7 +79,7 @@ def to_xml(p: Profile) -> str:
         for arg in p.qemu_args:
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     plain = to_dict(p)
-    for key in ("shutdown", "ready", "cloud_init"):
+    for key in ("shutdown", "ready", "cloud_init", "ssh"):
         if plain.get(key):
             extra[key] = plain[key]
     for key in ("gdb", "halted", "semihosting"):

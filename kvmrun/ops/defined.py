@@ -9,6 +9,7 @@ describes the VM and moves to another host with `kvmrun export` / `kvmrun import
     update_from_file()   the saving half of `kvmrun edit` (validate, same name, atomic)
     export_text(profile) the self-contained YAML (`virsh dumpxml`)
     list_defined()       every defined VM, broken files included (with the reason)
+    defined_rows(live)   `list --defined`: each defined VM, running ones with state and PID
     resolve(ref)         a PROFILE argument: a file, or the name of a defined VM
 
 Every write goes to a temporary file in the same directory, is fsynced and renamed over the
@@ -341,3 +342,12 @@ def list_defined() -> list[DefinedVM]:
         out.append(DefinedVM(name, path, p.arch, p.memory, p.smp,
                              tuple(d.path for d in p.disks), p.vm_uuid, p.description, error))
     return out
+
+
+def defined_rows(live: list[dict]) -> list[dict]:
+    """`list --defined`: one row per defined VM, a running one as its live row from `live`
+    (kvmrun.ops.inspect.list_guests: state and PID), the others as `defined`."""
+    running = {r["name"]: r for r in live if r["pid"]}
+    return [running.get(vm.name) or {
+        "name": vm.name, "state": "defined", "pid": None, "memory_mib": vm.memory,
+        "vcpus": vm.smp, "uptime": None, "ended": None} for vm in list_defined()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import netrecord
+from kvmrun.guest import agent, netrecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State, guest_names
 from kvmrun.net.leases import leases
@@ -37,6 +37,7 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     }
     launch = guest.launch_or_none()
     info["ephemeral_disks"] = launch.ephemeral_disks if launch else []
+    info["agent"] = str(guest.paths.qga) if launch and agent.has_port(launch.argv) else None
     info["nics"] = nic_status(guest)
     info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
                       for s in (launch.shares if launch else [])]

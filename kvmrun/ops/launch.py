@@ -24,6 +24,7 @@ from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
 from kvmrun.ops import quickstart
+from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, referenced_files, warnings
 from kvmrun.qemu import checks, host
 from kvmrun.qemu.compile import Compiled, build
@@ -87,13 +88,14 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ephemeral_disks=[i for i, d in enumerate(profile.disks) if d.ephemeral],
         shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly}
                 for s in profile.shares],
-        ready_console=profile.ready.console, ready_timeout=profile.ready.timeout,
+        ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
-                 "shutdown_method": profile.shutdown.method})
+                 "shutdown_method": profile.shutdown.method,
+                 "ssh": sshops.login_defaults(profile)})
 
 
 @contextlib.contextmanager
@@ -134,7 +136,7 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
             notes.append(line)
     resolved, compiled = prepare(profile, noted)
     guest = Guest(profile.name)
-    if profile.halted and wait_ready and profile.ready.console:
+    if profile.halted and wait_ready and profile.ready.pattern:
         noted("kvmrun: halted: not waiting for the console (resume the guest first)")
         wait_ready = False
     with _starting(guest) as (lock_fd, undo):
@@ -219,10 +221,9 @@ def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
 def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
                     unlock: Callable[[], None] = lambda: None) -> dict:
     sup, rfd = _spawn(profile, guest)
-    return quickstart.wait_for_supervisor(
-        rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.console,
-        ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
-        log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
+from kvmrun.ops import quickstart
+from kvmrun.ops import ssh as sshops
+from kvmrun.profile import Profile, referenced_files, warnings
 
 
 def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,

@@ -13,10 +13,10 @@ formats, files that must exist) belongs to kvmrun.storage and kvmrun.qemu.
 
 from kvmrun.profile.keys import DISK, PROFILE
 from kvmrun.profile.load import apply_set, from_mapping, json_schema, load, read, to_dict
-from kvmrun.profile.model import (CloudInit, Disk, Kernel, Network, Profile, Ready, Share,
-                                  Shutdown)
+from kvmrun.profile.model import (CLOUD_INIT_FINISHED, CloudInit, Disk, Kernel, Network,
+                                  Profile, Ready, Share, Shutdown, Ssh)
 from kvmrun.profile.rules import referenced_files, warnings
 
-__all__ = ["DISK", "PROFILE", "CloudInit", "Disk", "Kernel", "Network", "Profile", "Ready",
-           "Share", "Shutdown", "apply_set", "from_mapping", "json_schema", "load", "read",
-           "referenced_files", "to_dict", "warnings"]
+__all__ = ["CLOUD_INIT_FINISHED", "DISK", "PROFILE", "CloudInit", "Disk", "Kernel", "Network",
+           "Profile", "Ready", "Share", "Shutdown", "Ssh", "apply_set", "from_mapping",
+           "json_schema", "load", "read", "referenced_files", "to_dict", "warnings"]

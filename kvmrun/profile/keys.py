@@ -13,11 +13,12 @@ import yaml
 from kvmrun import arch as archmod
 from kvmrun.paths import MAX_NAME, NAME_RE
 from kvmrun.profile.model import (CloudInit, Disk, Kernel, Network, Profile, Ready, Share,
-                                  Shutdown)
+                                  Shutdown, Ssh)
 from kvmrun.profile.spec import (Bool, Either, Enum, Field, FilePath, Int, List, Obj, Size,
                                  Spec, Str, suggest)
 
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
+SEED_INTERFACES = ("virtio", "ide", "scsi")
 DEVICES = ("rng", "balloon", "agent", "tablet")
 NET_TYPES = ("user", "isolated", "bridge", "nat", "none")
 USER_ONLY = ("forward", "restrict", "net", "dhcpstart", "tftp", "bootfile")
@@ -187,7 +188,10 @@ CLOUD_INIT = Obj(CloudInit, {
     "ssh_authorized_keys": Field(List(Str(), scalar_ok=True),
                                  "public keys for the default user (text or a .pub file path)"),
     "password": Field(Str(), "password of the default user (ssh password login enabled)"),
-}, "a NoCloud seed attached as a read-only CD-ROM labelled cidata")
+    "interface": Field(Enum(SEED_INTERFACES),
+                       "where the seed goes: virtio (a read-only virtio-blk disk, found by "
+                       "every cloud kernel), ide or scsi (a CD-ROM)"),
+}, "a NoCloud seed labelled cidata (a read-only virtio disk by default)")
 
 
 
@@ -258,6 +262,15 @@ READY = Obj(Ready, {
     "console": Field(Regex(), "regular expression; the guest is ready when its serial console "
                               "prints a match"),
     "timeout": Field(Int(1, 86400), "seconds to wait for readiness"),
+    "cloud_init": Field(Bool(), "ready when cloud-init has finished (its final console line "
+                                "'Cloud-init v. … finished'); instead of console"),
+})
+
+SSH = Obj(Ssh, {
+    "user": Field(Str(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", what="a user name"),
+                  "login name for `kvmrun ssh` (Debian's cloud images: debian)"),
+    "identity": Field(FilePath(), "private key for `kvmrun ssh`; default: the private half of "
+                                  "a cloud_init.ssh_authorized_keys .pub file"),
 })
 
 PROFILE = Obj(Profile, {
@@ -287,7 +300,8 @@ PROFILE = Obj(Profile, {
     "disks": Field(List(DISK), "disks, in order"),
     "cdrom": Field(FilePath(), "ISO image attached as CD-ROM"),
     "shares": Field(List(SHARE), "host directories shared with the guest (virtio-9p)"),
-    "cloud_init": Field(CLOUD_INIT, "cloud-init NoCloud seed (read-only CD-ROM)"),
+    "cloud_init": Field(CLOUD_INIT, "cloud-init NoCloud seed (a read-only disk labelled "
+                                    "cidata)"),
     "network": Field(List(NETWORK), "NICs; default: one user-mode NIC; [] for none"),
     "display": Field(Enum(("none", "vnc", "gtk", "sdl", "spice")), "graphical console"),
     "serial": Field(Enum(("log", "stdio", "socket", "none")),
@@ -295,6 +309,7 @@ PROFILE = Obj(Profile, {
     "devices": Field(List(Enum(DEVICES)), "virtio extras: " + ", ".join(DEVICES)),
     "shutdown": Field(SHUTDOWN, "graceful shutdown"),
     "ready": Field(READY, "when a started guest counts as ready"),
+    "ssh": Field(SSH, "how `kvmrun ssh` logs in"),
     "gdb": Field(Gdb(), "gdb stub: true, a port, or HOST:PORT (localhost by default)"),
     "halted": Field(Bool(), "start with vCPUs stopped (resume with `kvmrun resume` or gdb)"),
     "semihosting": Field(Bool(), "enable Arm/RISC-V semihosting"),

@@ -13,6 +13,10 @@ from kvmrun import arch as archmod
 from kvmrun.errors import Location
 from kvmrun.profile.yamlsrc import KeyPath
 
+# The line cloud-init's final stage prints on the console (cloud_final_modules, final_message)
+CLOUD_INIT_FINISHED = r"Cloud-init v\. \S+ finished at"
+
+
 @dataclass(frozen=True)
 class Kernel:
     path: str
@@ -54,6 +58,7 @@ class CloudInit:
     hostname: str | None = None
     ssh_authorized_keys: tuple[str, ...] = ()
     password: str | None = None
+    interface: str = "virtio"        # the seed's bus: virtio (read-only disk), ide, scsi (CD)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,18 @@ class Shutdown:
 class Ready:
     console: str | None = None
     timeout: int = 300
+    cloud_init: bool = False         # ready when cloud-init prints its final line
+
+    @property
+    def pattern(self) -> str | None:
+        """The console pattern the supervisor waits for (console, or cloud-init's last line)."""
+        return self.console or (CLOUD_INIT_FINISHED if self.cloud_init else None)
+
+
+@dataclass(frozen=True)
+class Ssh:
+    user: str | None = None          # `kvmrun ssh` login name
+    identity: str | None = None      # private key; default: a .pub key's private half
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,7 @@ class Profile:
     devices: tuple[str, ...] = ("rng",)
     shutdown: Shutdown = Shutdown()
     ready: Ready = Ready()
+    ssh: Ssh = Ssh()
     gdb: str | None = None
     halted: bool = False
     semihosting: bool = False

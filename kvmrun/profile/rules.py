@@ -29,6 +29,9 @@ def _check_board(p: Profile, ctx: Ctx) -> None:
         if disk.interface in PCI_ONLY_DISKS:
             ctx.error(("disks", i, "interface"), f"{why}: no place for {disk.interface} disks",
                       hint="use interface: virtio (virtio-mmio)" if board.virtio else None)
+    if p.cloud_init and p.cloud_init.interface == "ide":
+        ctx.error(("cloud_init", "interface"), f"{why}: no place for an IDE CD-ROM",
+                  hint="leave interface at virtio (virtio-mmio)" if board.virtio else None)
     if "tablet" in p.devices:
         ctx.error(("devices",), f"{why}: no USB controller for the tablet")
     if board.virtio is None:
@@ -59,8 +62,28 @@ POWER_BUTTON_HINT = ("set shutdown.method: console (with shutdown.command, e.g. 
 def warnings(p: Profile) -> list[ProfileError]:
     """Things that work but probably not as meant (printed by validate, cmdline, start)."""
     problem = power_button_problem(p)
-    return [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
-            ] if problem else []
+    found = [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
+             ] if problem else []
+    return found + list(_bus_driver_warnings(p))
+
+
+def _bus_driver_warnings(p: Profile) -> Iterable[ProfileError]:
+    """A CD-ROM on q35 sits on its AHCI controller, whose driver some kernels lack."""
+    a = archmod.for_machine(p.arch, p.machine)
+    machine = p.machine or a.machine
+    if a.cdrom_bus != "ide" or machine in ("pc", "isapc") or machine.startswith("pc-i440fx"):
+        return
+    why = (f"on the {machine} machine a CD-ROM is an ide-cd on its SATA AHCI controller; "
+           "kernels without AHCI (CONFIG_SATA_AHCI, e.g. Debian's cloud kernel "
+           "linux-image-cloud-amd64) do not see it")
+    if p.cdrom:
+        yield ProfileError(p.location("cdrom"), why,
+                           "for such a kernel attach the image as a disk (disks: [{path: ISO, "
+                           "format: raw, readonly: true}]) or use machine: pc")
+    if p.cloud_init and p.cloud_init.interface == "ide":
+        yield ProfileError(p.location("cloud_init", "interface"), why,
+                           "leave interface at virtio (a read-only virtio disk: every cloud "
+                           "kernel finds it)")
 
 
 def check_combinations(p: Profile, ctx: Ctx) -> None:
@@ -87,6 +110,10 @@ def check_combinations(p: Profile, ctx: Ctx) -> None:
                                                  "cannot be ephemeral")
         if disk.backing and os.path.realpath(disk.backing) == os.path.realpath(disk.path):
             ctx.error(("disks", i, "backing"), "a disk cannot be its own backing image")
+    if p.ready.console and p.ready.cloud_init:
+        ctx.error(("ready", "cloud_init"), "give ready.console or ready.cloud_init, not both",
+                  hint="ready.cloud_init waits for the console line "
+                       "'Cloud-init v. … finished'")
     _check_disk_sources(p, ctx)
     _check_ide_slots(p, ctx)
     _check_networks(p, ctx)
@@ -111,9 +138,10 @@ def ide_devices(p: Profile) -> list[tuple[str | int, ...]]:
     a = archmod.for_machine(p.arch, p.machine)
     found: list[tuple[str | int, ...]] = [("disks", i, "interface")
                                           for i, d in enumerate(p.disks) if d.interface == "ide"]
-    if a.cdrom_bus == "ide":
-        found += [("cdrom",)] if p.cdrom else []
-        found += [("cloud_init",)] if p.cloud_init else []
+    if a.cdrom_bus == "ide" and p.cdrom:
+        found.append(("cdrom",))
+    if p.cloud_init and p.cloud_init.interface == "ide":      # else a virtio disk or SCSI CD
+        found.append(("cloud_init", "interface"))
     return found
 
 

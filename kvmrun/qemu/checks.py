@@ -1,6 +1,7 @@
 """Checks of a profile against this host: referenced files exist, the NICs' files exist,
-the QEMU binary is installed, and the machine type and CPU model are ones the installed
-QEMU knows (with close matches suggested). `kvmrun validate`, `define` and `start` run
+no backing-file overlay kvmrun made is lost (kvmrun.storage.overlays), the QEMU binary is
+installed, and the machine type and CPU model are ones the installed QEMU knows (with close
+matches suggested). `kvmrun validate`, `define` and `start` run
 these; the compiler does not."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from kvmrun.errors import ProfileError, ProfileErrors
 from kvmrun.net.checks import file_errors
 from kvmrun.profile import Profile, referenced_files
 from kvmrun.qemu import host
+from kvmrun.storage.overlays import lost
 
 
 def missing_files(profile: Profile) -> list[ProfileError]:
@@ -31,6 +33,7 @@ def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
     errors = missing_files(profile) if files else []
     if files:
         errors += file_errors(profile)
+        errors += lost(profile)
     binary = host.qemu_binary(profile.arch)
     if profile.machine:
         known = host.qemu_machines(binary)

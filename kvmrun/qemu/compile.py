@@ -14,6 +14,7 @@ from typing import Iterator
 from kvmrun import arch as archmod
 from kvmrun.arch import Arch, HostFacts, ide_slots
 from kvmrun.errors import HostError
+from kvmrun.guest.agent import AGENT_PORT
 from kvmrun.net.names import hub_socket, port_socket, stable_mac, tap_name
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
@@ -147,14 +148,20 @@ def _kernel(p: Profile) -> Args:
         yield from ("-dtb", p.kernel.dtb)
 
 
+def _seed_bus(p: Profile) -> str | None:
+    """Where the cloud-init seed goes: virtio (a disk), ide or scsi (a CD-ROM)."""
+    return p.cloud_init.interface if p.cloud_init else None
+
+
 def _needs_scsi(p: Profile, a: Arch) -> bool:
-    return (any(d.interface == "scsi" for d in p.disks)
-            or ((p.cdrom is not None or p.cloud_init is not None) and a.cdrom_bus == "scsi"))
+    return (any(d.interface == "scsi" for d in p.disks) or _seed_bus(p) == "scsi"
+            or (p.cdrom is not None and a.cdrom_bus == "scsi"))
 
 
 def _needs_ahci(p: Profile, a: Arch) -> bool:
     """IDE disks on a machine without its own IDE bus (virt) go on an added AHCI controller."""
-    return a.cdrom_bus != "ide" and any(d.interface == "ide" for d in p.disks)
+    return a.cdrom_bus != "ide" and (any(d.interface == "ide" for d in p.disks)
+                                     or _seed_bus(p) == "ide")
 
 
 def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
@@ -197,11 +204,22 @@ def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
         yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
                                     drive="drive-cdrom0", id="cdrom0", **place,
                                     bootindex=boot.get("d")))
-    if p.cloud_init:                # the NoCloud seed (built by kvmrun.storage.cloudinit before launch)
-        yield from ("-drive", opts(file=qemu_escape(paths.cidata), format="raw", if_="none",
-                                   id="drive-cidata", media="cdrom", readonly=True))
-        place = ide_slot() if a.cdrom_bus == "ide" else {"bus": "scsi0.0"}
-        yield from ("-device", opts("ide-cd" if a.cdrom_bus == "ide" else "scsi-cd",
+    if p.cloud_init:          # the NoCloud seed (built by kvmrun.storage.cloudinit before launch)
+        yield from _seed(p, a, paths, ide_slot)
+
+
+def _seed(p: Profile, a: Arch, paths: RunPaths, ide_slot) -> Args:
+    """The seed, read-only: a virtio-blk disk (cloud-init finds NoCloud by its label on any
+    block device, and every cloud kernel has virtio-blk), or an IDE or SCSI CD-ROM."""
+    bus = _seed_bus(p)
+    yield from ("-drive", opts(file=qemu_escape(paths.cidata), format="raw", if_="none",
+                               id="drive-cidata", media=None if bus == "virtio" else "cdrom",
+                               readonly=True))
+    if bus == "virtio":
+        yield from ("-device", opts(a.virtio_device("blk"), drive="drive-cidata", id="cidata"))
+    else:
+        place = ide_slot() if bus == "ide" else {"bus": "scsi0.0"}
+        yield from ("-device", opts("ide-cd" if bus == "ide" else "scsi-cd",
                                     drive="drive-cidata", id="cidata", **place))
 
 
@@ -286,7 +304,7 @@ def _devices(p: Profile, a: Arch, paths: RunPaths) -> Args:
         yield from ("-chardev", opts("socket", id="qga0", path=qemu_escape(paths.qga),
                                      server=True, wait=False))
         yield from ("-device", opts("virtserialport", bus="vserial0.0", chardev="qga0",
-                                    name="org.qemu.guest_agent.0"))
+                                    name=AGENT_PORT))
     if "tablet" in wanted:
         yield from ("-device", "qemu-xhci,id=usb0", "-device", "usb-tablet,bus=usb0.0")
 

@@ -1,5 +1,7 @@
 """cloud-init NoCloud seeds: the profile's `cloud_init:` section as an ISO 9660 image
-labelled `cidata` (user-data, meta-data, network-config), attached as a read-only CD-ROM.
+labelled `cidata` (user-data, meta-data, network-config), attached read-only: a virtio-blk
+disk by default (cloud-init finds NoCloud by its label on any block device, and every cloud
+kernel has virtio-blk), or a CD-ROM with `cloud_init.interface: ide|scsi`.
 
 `render(profile)` gives the seed's files (pure but for reading user_data_file and .pub key
 files); `build_seed(profile, iso)` writes the ISO in-process with pycdlib (Joliet and Rock
@@ -76,6 +78,8 @@ def render(profile: Profile) -> dict[str, str]:
         if keys:
             config["ssh_authorized_keys"] = list(config.get("ssh_authorized_keys") or []) + keys
         config.update(shortcuts)
+        if ci.hostname:             # else every sudo says "unable to resolve host NAME"
+            config.setdefault("manage_etc_hosts", True)
         user = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
     meta: dict = {}
     if ci.meta_data:

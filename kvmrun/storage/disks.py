@@ -14,7 +14,7 @@ from kvmrun.guest.qmp import query
 from kvmrun.guest.rundir import Guest, guest_using
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
-from kvmrun.storage import pools
+from kvmrun.storage import overlays, pools
 from kvmrun.storage.cloudinit import build_seed
 from kvmrun.storage import images
 from kvmrun.storage.images import (check_new_size, create, create_overlay, detect_format,
@@ -85,6 +85,8 @@ def ensure_disks(profile: Profile) -> list[str]:
                 images.unlink(path)
             raise ProfileError(profile.location("disks", i), err.message, err.hint) from err
         made.append(disk.path)
+        if disk.backing:                # remembered: a lost overlay is an error later
+            overlays.remember(disk.path, disk.backing)
     return made
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvmrun import proc
 from kvmrun.errors import HostError, KvmrunError, StorageError
-from kvmrun.storage import nfsclient
+from kvmrun.storage import nfsclient, overlays
 from kvmrun.storage.nfsclient import is_url
 
 FORMATS = ("qcow2", "raw")
@@ -42,6 +42,7 @@ def unlink(path, missing_ok: bool = True) -> None:
     if is_url(path):
         return nfsclient.unlink(path, missing_ok=missing_ok)
     Path(path).unlink(missing_ok=missing_ok)
+    overlays.forget(str(path))      # deleted on purpose: gone, but not lost
 
 
 def qemu_img() -> str:
@@ -230,6 +231,7 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    overlays.forget(str(path))      # made afresh on purpose: whatever was lost is replaced
     return info(str(path))
 
 

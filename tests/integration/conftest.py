@@ -269,3 +269,4 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.failed:
         item._failed = True
     return report
+from tests.integration.debian_fixtures import debian_guest  # noqa: E402,F401  (the real Debian guest)

@@ -25,6 +25,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
 from kvmrun import arch as archmod
+from kvmrun.storage import cloudinit
 from kvmrun.storage import disks as storage
 from kvmrun.qemu.compile import HostFacts, boot_indexes, compile, stable_mac
 from kvmrun.paths import RunPaths
@@ -264,6 +265,13 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
         assert cd["removable"] is True, "CD-ROM is removable"
         assert cd["inserted"]["file"] == profile.cdrom
         assert cd["inserted"]["ro"] is True, "CD-ROM is read-only"
+    if profile.cloud_init:
+        seed = block["drive-cidata"]
+        assert "cidata" in seed.get("qdev", ""), "the seed is attached to its device"
+        assert seed["inserted"]["file"] == str(paths.cidata), "seed file"
+        assert seed["inserted"]["ro"] is True, "the seed is read-only"
+        assert seed["removable"] is (profile.cloud_init.interface != "virtio"), \
+            "a virtio seed is a disk, an ide/scsi seed a CD-ROM"
     if profile.firmware == "uefi":
         assert block["pflash0"]["inserted"]["file"] == UEFI[a.name]
         assert block["pflash0"]["inserted"]["ro"] is True
@@ -315,6 +323,8 @@ def check_profile(profile: Profile, workdir: Path) -> list[str]:
     profile = with_free_ports(storage.with_formats(profile))
     paths = run_paths(workdir)
     make_nvram(profile, paths)
+    if profile.cloud_init:                  # what start does: the seed in the run directory
+        cloudinit.build_seed(profile, paths.cidata)
     argv = compile(profile, TCG_HOST, paths)
     with launch(argv, paths, workdir) as qmp:
         confirm(qmp, profile, paths, argv)

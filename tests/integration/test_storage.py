@@ -139,7 +139,7 @@ def test_seed_share_created_disk_and_live_resize(kr, tiny_guest):
         "mkdir -p /mnt/src /mnt/cd",
         "mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src && "
         "echo \"SHARE: $(cat /mnt/src/hello.txt)\"",
-        "mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
+        "mount -t iso9660 -o ro /dev/vdb /mnt/cd && "        # the seed: a virtio disk
         "echo \"SEED: $(grep local-hostname /mnt/cd/meta-data)\"",
         "echo \"DISK: $(cat /sys/block/vda/size)\""),
         disks=[{"path": str(disk), "size": "64M"}],
@@ -165,7 +165,7 @@ def test_seed_share_created_disk_and_live_resize(kr, tiny_guest):
     port = port.split("-")[0]
     assert kr.ok("ssh", "seed", "--print", "-l", "root", "--", "cat", "/etc/hostname").out == (
         f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-        "-o LogLevel=ERROR -l root 127.0.0.1 -- cat /etc/hostname\n")
+        "-o LogLevel=ERROR -o ConnectTimeout=10 -l root 127.0.0.1 -- cat /etc/hostname\n")
 
     # resize while running: live, through QMP block_resize
     resized = kr.ok("disk", "resize", disk, "+64M")

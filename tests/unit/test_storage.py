@@ -261,15 +261,31 @@ def test_compile_overlays_seed_and_shares(tmp_path):
             "id=drive-disk0") in text
     assert f"-drive file={tmp_path}/data.qcow2,format=qcow2,if=none,id=drive-disk1" in text
     assert ("-drive file=/run/kvmrun/t/cidata.iso,format=raw,if=none,id=drive-cidata,"
-            "media=cdrom,readonly=on -device ide-cd,drive=drive-cidata,id=cidata,bus=ide.0"
-            ) in text
+            "readonly=on -device virtio-blk-pci,drive=drive-cidata,id=cidata") in text
     assert (f"-fsdev local,id=fsdev0,path={tmp_path}/src,security_model=none,readonly=on "
             "-device virtio-9p-pci,fsdev=fsdev0,mount_tag=src,id=share0") in text
     assert f"path={tmp_path}/a,,b,security_model=mapped-xattr -device" in text
-    arm = load(write(tmp_path, "name: t\narch: aarch64\ncloud_init: {}\n"))
-    text = " ".join(compile(arm, HostFacts(), RunPaths(Path("/run/kvmrun/t"))))
-    assert "-device virtio-scsi-pci,id=scsi0" in text
-    assert "-device scsi-cd,drive=drive-cidata,id=cidata,bus=scsi0.0" in text
+
+
+@pytest.mark.parametrize("arch, interface, devices", [
+    ("x86_64", "ide", ["ide-cd,drive=drive-cidata,id=cidata,bus=ide.0"]),
+    ("x86_64", "scsi", ["virtio-scsi-pci,id=scsi0",
+                        "scsi-cd,drive=drive-cidata,id=cidata,bus=scsi0.0"]),
+    ("aarch64", "virtio", ["virtio-blk-pci,drive=drive-cidata,id=cidata"]),
+    ("aarch64", "scsi", ["virtio-scsi-pci,id=scsi0",
+                         "scsi-cd,drive=drive-cidata,id=cidata,bus=scsi0.0"]),
+    ("aarch64", "ide", ["ich9-ahci,id=ahci0", "ide-cd,drive=drive-cidata,id=cidata,bus=ahci0.0"]),
+])
+def test_compile_seed_interface(tmp_path, arch, interface, devices):
+    """cloud_init.interface puts the seed on virtio-blk (a disk) or an IDE/SCSI CD-ROM."""
+    p = load(write(tmp_path, f"name: t\narch: {arch}\nnetwork: []\ndevices: []\n"
+                             f"cloud_init: {{interface: {interface}}}\n"))
+    argv = compile(p, HostFacts(), RunPaths(Path("/run/kvmrun/t")))
+    found = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
+    assert found == devices
+    drive = argv[argv.index("-drive") + 1]
+    assert ("media=cdrom" in drive) == (interface != "virtio")
+    assert "readonly=on" in drive
 
 
 def test_ensure_disks_makes_sized_and_backed_disks(tmp_path):
@@ -332,7 +348,8 @@ def test_cloud_init_seed(tmp_path):
     config = yaml.safe_load(user)
     assert config == {"packages": ["htop"], "ssh_authorized_keys": [
         "ssh-rsa AAAAinline x@y", "ssh-ed25519 AAAAfile me@host"], "hostname": "box",
-        "password": "secret", "chpasswd": {"expire": False}, "ssh_pwauth": True}
+        "password": "secret", "chpasswd": {"expire": False}, "ssh_pwauth": True,
+        "manage_etc_hosts": True}
     meta = yaml.safe_load(isoinfo(iso, "-R", "-x", "/meta-data"))
     assert meta == {"instance-id": "iid-1", "local-hostname": "box"}
     assert "dhcp4: true" in isoinfo(iso, "-R", "-x", "/network-config")
@@ -401,11 +418,12 @@ def test_ssh_argv():
     fwd = ["tcp:127.0.0.1:8080-:80", "tcp:127.0.0.1:2222-:22"]
     assert ssh_argv("web", fwd) == [
         "ssh", "-p", "2222", "-o", "StrictHostKeyChecking=no", "-o",
-        "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "127.0.0.1"]
+        "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+        "127.0.0.1"]
     argv = ssh_argv("web", ["tcp:0.0.0.0:2200-10.0.2.15:22"], "debian", "/k", ["uname", "-a"])
     assert argv[2] == "2200" and argv[-6:] == ["-l", "debian", "127.0.0.1", "--", "uname",
                                               "-a"]
-    assert ["-i", "/k", "-o", "IdentitiesOnly=yes"] == argv[9:13]
+    assert ["-i", "/k", "-o", "IdentitiesOnly=yes"] == argv[11:15]
     from kvmrun.errors import GuestError
     with pytest.raises(GuestError, match="no port forward to guest port 22"):
         ssh_argv("web", ["tcp:127.0.0.1:2222-:2222"])

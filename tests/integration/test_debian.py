@@ -1,0 +1,164 @@
+"""A real Debian 12 cloud guest on the default q35 machine, booted once for several checks.
+
+The guest (tests/guest/debian.py) is what Debian's genericcloud image ships: the cloud kernel
+(no SATA AHCI), systemd, cloud-init 22.4, openssh-server, qemu-guest-agent. Its profile is what
+a new user writes: a qcow2 overlay on the image (`backing:`), a cloud-init hostname and .pub key,
+a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`.
+
+The tests run in file order on one boot; the last one stops the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import KvmrunEnv
+from kvmrun.net.names import stable_mac
+from kvmrun.profile import CLOUD_INIT_FINISHED
+
+NAME = "deb"
+HOSTNAME = "kvmrun-deb"
+BOOT_TIMEOUT = 900           # seconds for `kvmrun start` (cloud-init under TCG on 2 cores)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def booted(debian_guest):
+    """The guest, started with `kvmrun start` (which returned when cloud-init finished);
+    yields (env, log text at the moment start returned, start's result)."""
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("openssh-client is not installed")
+    base = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
+    env = KvmrunEnv(base)
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmrun-test",
+                        "-f", str(base / "id")], check=True, stdin=subprocess.DEVNULL,
+                       timeout=60)
+        profile = base / f"{NAME}.yaml"
+        profile.write_text(yaml.safe_dump({
+            "name": NAME, "accel": "tcg", "memory": "1G", "smp": 2,
+            "kernel": {"path": str(debian_guest.kernel), "initrd": str(debian_guest.initrd),
+                       "append": debian_guest.append},
+            "disks": [{"path": "root.qcow2", "backing": str(debian_guest.disk)}],
+            "devices": ["rng", "agent"],
+            "cloud_init": {"hostname": HOSTNAME, "ssh_authorized_keys": ["id.pub"]},
+            "network": [{"forward": [f"tcp:127.0.0.1:{free_port()}-:22"]}],
+            "ready": {"cloud_init": True, "timeout": BOOT_TIMEOUT - 60},
+            "ssh": {"user": debian_guest.user},
+            "shutdown": {"timeout": 120},
+        }, sort_keys=False))
+        started = env.run("start", profile, timeout=BOOT_TIMEOUT)
+        log = (env.guest_dir(NAME) / "serial.log").read_text(errors="replace")
+        assert started.code == 0, f"start failed:\n{started}\n--- serial log\n{log[-4000:]}"
+        yield env, log, started
+    finally:
+        env.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_start_returns_when_cloud_init_has_finished(booted):
+    env, log, started = booted
+    assert "ready" in started.out
+    assert re.search(CLOUD_INIT_FINISHED, log), "start returned before cloud-init finished"
+    # the seed was found on the virtio disk, though this kernel has no AHCI
+    assert re.search(r"Datasource DataSourceNoCloud \[seed=/dev/vd[b-z]\]", log)
+    assert env.status(NAME)["ready"] is True
+
+
+def test_ssh_without_flags(booted):
+    env, _, _ = booted
+    result = env.run("ssh", NAME, "--", "hostname", timeout=180)
+    assert result.code == 0, result
+    assert result.out.strip() == HOSTNAME          # cloud-init's hostname and key, both
+
+
+def test_hostname_resolves_for_sudo(booted):
+    """The hostname shortcut sets manage_etc_hosts, so sudo does not complain."""
+    env, _, _ = booted
+    result = env.run("ssh", NAME, "--", "sudo", "-n", "getent", "hosts", HOSTNAME,
+                     timeout=180)
+    assert result.code == 0, result
+    assert HOSTNAME in result.out and "unable to resolve" not in result.err
+
+
+def test_ssh_as_root_is_explained(booted):
+    env, _, _ = booted
+    result = env.run("ssh", "-l", "root", NAME, "--", "true", timeout=180)
+    assert result.code == 142, result
+    assert 'Please login as the user "debian"' in result.out
+    assert "the guest refuses root logins" in result.err and "ssh: {user: debian}" in result.err
+
+
+def test_exec_through_the_agent(booted):
+    env, _, _ = booted
+    result = env.run("exec", NAME, "--", "hostname")
+    assert result.code == 0 and result.out == f"{HOSTNAME}\n", result
+    result = env.run("exec", NAME, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (result.code, result.out, result.err) == (7, "out\n", "err\n")
+
+
+def test_ip_through_the_agent(booted):
+    env, _, _ = booted
+    rows = json.loads(env.ok("ip", NAME, "--json").out)
+    mine = [r for r in rows if r["mac"] == stable_mac(NAME, 0) and r["family"] == "ipv4"]
+    assert [(r["address"], r["prefix"]) for r in mine] == [("10.0.2.15", 24)], rows
+    text = env.ok("ip", NAME).out
+    assert re.search(rf"\S+\s+{stable_mac(NAME, 0)}\s+ipv4\s+10\.0\.2\.15/24", text), text
+
+
+def test_agent_verb_and_status(booted):
+    env, _, _ = booted
+    info = json.loads(env.ok("agent", NAME, "guest-get-host-name").out)
+    assert info == {"host-name": HOSTNAME}
+    status = env.status(NAME)
+    assert status["agent"] == str(env.guest_dir(NAME) / "qga.sock")
+    assert f"agent    {status['agent']}" in env.ok("status", NAME).out
+
+
+def test_a_silent_agent_is_exit_5_and_the_next_client_resyncs(booted):
+    """qemu-guest-agent stopped inside the guest: QEMU still accepts on qga.sock, nobody
+    answers; kvmrun gives up within --timeout. Started again, the next call works."""
+    env, _, _ = booted
+    assert env.run("ssh", NAME, "--", "sudo", "systemctl", "stop", "qemu-guest-agent",
+                   timeout=180).code == 0
+    result = env.run("agent", NAME, "guest-ping", "--timeout", "2", timeout=60)
+    assert result.code == 5, result
+    assert "did not answer guest-sync-delimited within 2s" in result.err
+    assert "qemu-guest-agent" in result.err                       # the hint
+    assert env.run("ssh", NAME, "--", "sudo", "systemctl", "start", "qemu-guest-agent",
+                   timeout=180).code == 0
+    result = env.run("exec", NAME, "--", "hostname")
+    assert result.code == 0 and result.out == f"{HOSTNAME}\n", result
+
+
+def test_stop_shuts_systemd_down(booted):
+    env, _, _ = booted
+    result = env.run("stop", NAME, timeout=300)
+    assert result.code == 0, result
+    assert "the guest powered off" in result.out
+    env.wait_state(NAME, lambda info: info["state"] == "stopped")
+    log = (env.guest_dir(NAME) / "serial.log").read_text(errors="replace")
+    tail = log[log.rindex("Cloud-init v."):]
+    assert re.search(r"Reached target .*poweroff\.target", _plain(tail)), _plain(tail)[-3000:]
+    assert "systemd-shutdown[1]: Unmounting file systems." in tail
+    assert "reboot: Power down" in tail
+    assert env.our_processes() == {}
+
+
+def _plain(text: str) -> str:
+    """The console without its colour escapes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
