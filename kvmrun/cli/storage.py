@@ -11,8 +11,8 @@ from typing import List, Optional
 import typer
 
 from kvmrun.cli.app import app, emit_json, err, guest, lazy, out
-from kvmrun.errors import HostError, KvmrunError
-from kvmrun.guest.rundir import Guest, guest_using, require_running
+from kvmrun.errors import KvmrunError
+from kvmrun.guest.rundir import guest_using
 from kvmrun.ops import ssh as sshcmd
 from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human

@@ -221,9 +221,10 @@ def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
 def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
                     unlock: Callable[[], None] = lambda: None) -> dict:
     sup, rfd = _spawn(profile, guest)
-from kvmrun.ops import quickstart
-from kvmrun.ops import ssh as sshops
-from kvmrun.profile import Profile, referenced_files, warnings
+    return quickstart.wait_for_supervisor(
+        rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.pattern,
+        ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
+        log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
 
 
 def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
