@@ -483,3 +483,47 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
     assert "stopped old: the guest powered off" in kr.ok("stop", "old").out
     ended = kr.status("old")["ended"]
     assert ended["reason"] == "stopped" and ended["stage"] == "acpi"
+
+
+# ---------------------------------------------------------------- the quick start
+
+def supervisor_cmdline(kr, name: str) -> list[str]:
+    pid = recorded_state(kr, name)["supervisor_pid"]
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest):
+    """The second `kvmrun start` of an unchanged profile forks its supervisor from the
+    light entry point (no second interpreter); the guest is the same, it stops gracefully,
+    and a change to the profile (or a file it names going away) takes the full path."""
+    profile = kr.profile("q", tiny_guest)
+    first = kr.ok("start", profile)
+    assert "kvmrun.guest.supervisor" in supervisor_cmdline(kr, "q")      # exec'd
+    argv = recorded_state(kr, "q")["argv"]
+    kr.ok("stop", "q")
+    assert len(list((kr.base / "cache" / "launch").glob("*.json"))) == 1
+
+    again = kr.ok("start", profile)
+    assert again.out.splitlines()[0].startswith("started q (pid ") and "ready" in again.out
+    assert again.out.splitlines()[1:] == first.out.splitlines()[1:]
+    assert "kvmrun.guest.supervisor" not in supervisor_cmdline(kr, "q")  # forked
+    assert recorded_state(kr, "q")["argv"] == argv
+    assert kr.status("q")["state"] == "running"
+    assert "stopped q: the guest powered off" in kr.ok("stop", "q").out
+    assert kr.status("q")["ended"]["stage"] == "acpi"
+
+    profile.write_text(profile.read_text().replace("256M", "320M"))       # changed: full path
+    kr.ok("start", profile)
+    assert "kvmrun.guest.supervisor" in supervisor_cmdline(kr, "q")
+    assert kr.status("q")["memory_mib"] == 320
+    kr.ok("kill", "q")
+    gone = kr.base / "gone.img"
+    gone.write_bytes(b"\0" * 65536)
+    withdisk = kr.profile("d", tiny_guest, disks=[{"path": str(gone), "format": "raw"}])
+    kr.ok("start", withdisk)
+    kr.ok("kill", "d")
+    gone.unlink()                                # a file it names is gone: the full error
+    result = kr.run("start", withdisk)
+    assert result.code == 2 and "not found" in result.err
