@@ -32,6 +32,7 @@ from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
 
 QMP_WAIT = 30.0          # seconds QEMU gets to open its monitor
+INF = float("inf")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -216,7 +217,7 @@ class Supervisor:
         console_fd = watch_file(self.paths.serial_log) if self.ready_re else None
         while True:
             booting = self.phase is Phase.BOOTING
-            waits = [60.0]
+            waits: list[float] = []    # idle: asleep until QEMU, QMP or a signal wakes us
             if booting:
                 # the console log wakes us through inotify; without it, poll it at 20 Hz
                 waits.append(0.05 if console_fd is None else
@@ -226,7 +227,9 @@ class Supervisor:
             fds = [self.pidfd] + ([self.qmp.fileno()] if self.qmp else []) + (
                 [sigfd] if sigfd is not None else []) + (
                 [console_fd] if console_fd is not None and booting else [])
-            readable, _, _ = select.select(fds, [], [], min(waits))
+            timeout = min(waits, default=None)
+            readable, _, _ = select.select(
+                fds, [], [], None if timeout in (None, INF) else timeout)
             if console_fd in readable:
                 try:
                     os.read(console_fd, 65536)
@@ -244,7 +247,7 @@ class Supervisor:
                 self.check_console()
                 if self.phase is Phase.BOOTING and time.monotonic() > ready_deadline:
                     self.report("ready-timeout")
-                    ready_deadline = float("inf")
+                    ready_deadline = INF
             if next_ping and time.monotonic() >= next_ping:
                 self.watchdog_ping()
                 next_ping = time.monotonic() + watchdog
