@@ -80,6 +80,19 @@ class Location:
         return f"{where}: {self.key}" if self.path else where
 
 
+SHOWN = 60                  # characters of a bad value an error message echoes
+
+
+def shown(value: object) -> str:
+    """A value as an error message echoes it: repr, cut to SHOWN characters (a 1 MB value
+    in a profile must not come back whole in the error)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value) if not isinstance(value, str) or len(value) <= 4 * SHOWN \
+        else repr(value[: 4 * SHOWN])
+    return text if len(text) <= SHOWN else f"{text[: SHOWN - 1]}…"
+
+
 def format_path(path: tuple[str | int, ...]) -> str:
     """('disks', 1, 'interface') -> 'disks[1].interface'"""
     out = ""

@@ -50,8 +50,12 @@ def start(
                                                             else ""))
     out(f"  console: kvmrun console {prof.name}   log: {info['console_log']}")
     out(f"  qmp:     {info['qmp']}")
-    if prof.gdb:
+    if prof.gdb == "unix":
+        out(f"  gdb:     target remote {paths.gdb}")
+    elif prof.gdb:
         out(f"  gdb:     target remote {prof.gdb}")
+        err(f"kvmrun: warning: the gdb stub listens on TCP {prof.gdb}: any local user can "
+            "pause this guest and read its memory (`gdb: true` uses a private unix socket)")
     if prof.halted:
         out(f"  halted:  vCPUs stopped; `kvmrun resume {prof.name}` or gdb's continue starts them")
 

@@ -121,13 +121,13 @@ def _merge(base: Any, over: Any) -> Any:
 
 def apply_set(data: dict, lines: Lines, assignment: str) -> None:
     """Apply `key.path=value` (value parsed as YAML) in place; indexes are numbers."""
-    where = f"{COMMAND_LINE} {assignment}"
+    where = f"{COMMAND_LINE} {assignment if len(assignment) <= 80 else assignment[:79] + '…'}"
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ProfileError(Location(where), "expected KEY=VALUE, e.g. memory=4G or "
                                             "disks.0.cache=unsafe")
     try:
-        value = parse_scalar(raw) if raw.strip() else None
+        value = parse_scalar(raw, where) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p

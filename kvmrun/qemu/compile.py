@@ -296,7 +296,11 @@ def _control(p: Profile, paths: RunPaths) -> Args:
                                      server=True, wait=False))
         yield from ("-mon", opts(chardev=chardev, mode="control"))
     yield from ("-pidfile", str(paths.pidfile))
-    if p.gdb:
+    if p.gdb == "unix":           # only this user can enter the run directory
+        yield from ("-chardev", opts("socket", id="gdb0", path=qemu_escape(paths.gdb),
+                                     server=True, wait=False))
+        yield from ("-gdb", "chardev:gdb0")
+    elif p.gdb:
         yield from ("-gdb", f"tcp:{p.gdb}")
     if p.halted:
         yield "-S"
