@@ -173,7 +173,7 @@ class Size(Spec):
         if mib is None:
             return ctx.error(path, f"{shown(value)} is not a size",
                              hint="use MiB as a number (2048) or a size with a unit: 512M, 2G")
-        if math.isinf(mib):
+        if isinstance(mib, float) and math.isinf(mib):
             return ctx.error(path, f"{shown(value)} is out of range ({self.min} MiB to "
                                    f"{self.max // (1024 * 1024)} TiB)")
         if mib != int(mib):

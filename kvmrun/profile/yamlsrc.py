@@ -11,6 +11,7 @@ MAX_VALUES values (no billion laughs), and a value its tag cannot build (`!!int 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ KeyPath = tuple[str | int, ...]
 Lines = dict[KeyPath, tuple[str, int]]
 
 PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
-MAX_BYTES = 256 * 1024       # a profile is a few KiB; a bigger file is refused unread
+MAX_BYTES = 64 * 1024        # a profile is a few KiB; a bigger file is refused unread
 MAX_DEPTH = 64               # nested mappings and lists (a real profile nests 3 deep)
-MAX_VALUES = 10_000          # values after alias expansion (billion laughs)
+MAX_VALUES = 5_000           # values after alias expansion (billion laughs)
+_FLOW = re.compile(r"[\[\]{}\n]|'[^'\n]*'|\"(?:[^\"\\\\\n]|\\\\.)*\"|#[^\n]*")
 
 
 def load_yaml(path: Path, display: str | None = None) -> tuple[Any, Lines]:
@@ -54,10 +56,16 @@ class _Loader(CoreLoader):
     `010` is ten (YAML 1.1 read it as octal 8). The composer stops at MAX_DEPTH."""
 
     _depth = 0
+    _nodes = 0
 
     def compose_node(self, parent, index):
         self._depth += 1
+        self._nodes += 1
         try:
+            if self._nodes > MAX_VALUES:
+                mark = self.peek_event().start_mark
+                raise ProfileError(Location(self.name, line=mark.line + 1),
+                                   f"more than {MAX_VALUES} values; a profile has a few dozen")
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
                 raise ProfileError(Location(self.name, line=mark.line + 1),
@@ -74,6 +82,7 @@ def parse_scalar(text: str, where: str = "command line") -> Any:
     bound or a tag."""
     if len(text) > MAX_BYTES:
         raise _too_big(where)
+    _flow_depth(text, where)
     loader = _Loader(text)
     loader.name = where
     try:
@@ -86,6 +95,23 @@ def parse_scalar(text: str, where: str = "command line") -> Any:
         loader.dispose()
 
 
+def _flow_depth(text: str, name: str) -> None:
+    """Refuse flow nesting over MAX_DEPTH before the scanner sees it (PyYAML's scanner
+    spends ~0.4 s on a line of brackets before the composer could stop it)."""
+    depth, line = 0, 1
+    for m in _FLOW.finditer(text):
+        tok = m.group()
+        if tok == "\n":
+            line += 1
+        elif tok in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ProfileError(Location(name, line=line),
+                                   f"nested more than {MAX_DEPTH} levels deep")
+        elif tok in "]}":
+            depth = max(0, depth - 1)
+
+
 def parse_yaml(raw: bytes, name: str) -> tuple[Any, Lines]:
     if len(raw) > MAX_BYTES:
         raise _too_big(name)
@@ -96,6 +122,7 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, Lines]:
         raise ProfileError(Location(name, line=line),
                            f"not valid UTF-8 (byte 0x{raw[err.start]:02x})",
                            hint="save the file as UTF-8") from None
+    _flow_depth(text, name)
     try:
         loader = _Loader(text)
         loader.name = name
@@ -175,7 +202,7 @@ def _scalar(loader: _Loader, node: yaml.Node, path: KeyPath, name: str) -> Any:
                            "a key must be a plain value, not a mapping or list")
     try:
         return loader.construct_object(node, deep=True)
-    except (ValueError, OverflowError, TypeError) as err:
+    except (ValueError, OverflowError, TypeError, KeyError, IndexError) as err:
         tag = node.tag.rsplit(":", 1)[-1]
         value = node.value if len(node.value) <= 40 else node.value[:40] + "…"
         reason = "too many digits" if "digits" in str(err) else f"not a valid {tag}"

@@ -67,7 +67,7 @@ def test_a_few_aliases_are_fine():
 def test_a_profile_over_the_size_limit_is_refused_unparsed(capsys):
     Path("big.yaml").write_text("name: big\ndescription: '" + "x" * MAX_BYTES + "'\n")
     code, out, err = kvmrun(capsys, "validate", "big.yaml")
-    assert code == 2 and "big.yaml: is larger than 256 KiB" in err
+    assert code == 2 and "big.yaml: is larger than 64 KiB" in err
     assert "xxxx" not in err and "internal error" not in err
 
 
