@@ -85,7 +85,7 @@ def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dic
             loop = " -> ".join(p.name for p in chain + [base_path])
             raise ProfileError(where, f"extends loop: {loop}")
         if not base_path.is_file():
-            raise ProfileError(where, f"base profile {shown(str(base_path))} "
+            raise ProfileError(where, f"base profile {str(base_path)!r} "
                                + ("is not a file" if base_path.exists() else "not found"))
     except OSError as err:          # a name too long, a loop of links, no permission
         raise ProfileError(where, f"cannot open base profile {shown(base_ref)}: "
