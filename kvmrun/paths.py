@@ -125,6 +125,7 @@ class RunPaths:
     qmp_cli = property(lambda self: self._p("qmp-cli.sock"))  # the CLI's monitor
     console = property(lambda self: self._p("console.sock"))
     serial_log = property(lambda self: self._p("serial.log"))
+    serial_log_old = property(lambda self: self._p("serial.log.1"))   # rotated away
     qga = property(lambda self: self._p("qga.sock"))
     gdb = property(lambda self: self._p("gdb.sock"))          # the gdb stub (gdb: true)
     vnc = property(lambda self: self._p("vnc.sock"))

@@ -38,7 +38,13 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if as_json:
         emit_json(info)
         return
-    rows = [("state", info["state"]), ("pid", info["pid"] or "-"),
+    rows = [("state", info["state"]), ("pid", info["pid"] or "-")]
+    if info.get("problem"):
+        rows.append(("problem", info["problem"]))
+    if info.get("supervisor") == "dead":
+        rows.append(("warning", "its supervisor is dead: events and the end are not "
+                                "recorded (stop or kill it with kvmrun, then start it again)"))
+    rows += [
             ("uptime", _duration(info["uptime"])),
             ("arch", f"{info['arch']}  machine {info['machine']}  accel {info['accel']}"),
             ("vcpus", info["vcpus"]), ("memory", f"{info['memory_mib']} MiB")]

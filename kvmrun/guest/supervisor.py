@@ -32,6 +32,7 @@ from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
 
 QMP_WAIT = 30.0          # seconds QEMU gets to open its monitor
+LOG_CHECK = 2.0          # seconds between looks at serial.log's size
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -98,7 +99,7 @@ class Supervisor:
                   ended=None, ready=False, unit=current_unit())
         proc.log_argv(argv)
         try:
-            with open(self.paths.qemu_log, "wb") as qemu_log:
+            with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                              stderr=subprocess.STDOUT, start_new_session=True,
                                              umask=0o177)     # its sockets and logs: 0600
@@ -212,6 +213,7 @@ class Supervisor:
         ready_deadline = time.monotonic() + self.launch.ready_timeout
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 / 2
         next_ping = time.monotonic() + watchdog if watchdog else None
+        next_log_check = time.monotonic() + LOG_CHECK
         sigfd = self.signal_fd()
         console_fd = watch_file(self.paths.serial_log) if self.ready_re else None
         while True:
@@ -223,6 +225,7 @@ class Supervisor:
                              max(0.0, ready_deadline - time.monotonic()))
             if next_ping:
                 waits.append(max(0.0, next_ping - time.monotonic()))
+            waits.append(max(0.0, next_log_check - time.monotonic()))
             fds = [self.pidfd] + ([self.qmp.fileno()] if self.qmp else []) + (
                 [sigfd] if sigfd is not None else []) + (
                 [console_fd] if console_fd is not None and booting else [])
@@ -245,9 +248,44 @@ class Supervisor:
                 if self.phase is Phase.BOOTING and time.monotonic() > ready_deadline:
                     self.report("ready-timeout")
                     ready_deadline = float("inf")
+            if time.monotonic() >= next_log_check:
+                self.rotate_log()
+                next_log_check = time.monotonic() + LOG_CHECK
             if next_ping and time.monotonic() >= next_ping:
                 self.watchdog_ping()
                 next_ping = time.monotonic() + watchdog
+
+    def rotate_log(self) -> None:
+        """Keep serial.log under serial_log_max: copy it to serial.log.1, then truncate it
+        in place (copytruncate). QEMU holds the file open with O_APPEND (logappend=on) and
+        has no way to reopen it, so renaming would only rename the file it keeps filling;
+        after a truncation its next write lands at offset 0, with no hole. Output written
+        between the copy and the truncation (microseconds) is lost."""
+        limit = self.launch.serial_log_max
+        try:
+            fd = os.open(self.paths.serial_log, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if not limit or os.fstat(fd).st_size <= limit:
+                return
+            tmp = self.paths.serial_log_old.with_name(".serial.log.1.tmp")
+            with files.open_private(tmp, "wb") as old:
+                while chunk := os.read(fd, 1 << 20):
+                    old.write(chunk)
+            os.replace(tmp, self.paths.serial_log_old)
+            os.ftruncate(fd, 0)
+            self.console_offset = 0
+            log(f"{self.guest.name}: serial.log reached {limit} bytes: rotated")
+        except OSError as err:         # a full run directory: truncate rather than fill it
+            log(f"{self.guest.name}: cannot rotate serial.log ({err.strerror}); truncating")
+            try:
+                os.ftruncate(fd, 0)
+                self.console_offset = 0
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
 
     def watchdog_ping(self) -> None:
         if not self.qmp:
@@ -276,7 +314,7 @@ class Supervisor:
         notify(f"STOPPING=1\nSTATUS=stopping the guest ({by})")
         notify(f"EXTEND_TIMEOUT_USEC={int((timeout + 2 * GRACE + 35) * 1e6)}")
         log(f"{self.guest.name}: {by}: stopping the guest (timeout {timeout:g}s)")
-        self.guest.set_request("stop", by)
+        self.guest.try_request("stop", by)
 
         def send(command: str) -> None:
             if self.qmp:
@@ -288,7 +326,7 @@ class Supervisor:
         ladder = Ladder(self.pidfd, send, method=self.launch.shutdown_method,
                         console_sock=str(self.paths.console), qga_sock=str(self.paths.qga),
                         command=self.launch.shutdown_command, progress=self.stop_progress)
-        self.guest.set_request("stop", by, stage=ladder.run(timeout, force=True))
+        self.guest.try_request("stop", by, stage=ladder.run(timeout, force=True))
 
     def stop_progress(self, stage: str, message: str) -> None:
         """Each step of the ladder: a log line, and more time from systemd while the

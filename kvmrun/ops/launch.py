@@ -95,6 +95,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
     launch_record(profile, compiled).write(guest.paths.launch)
+    guest.reserve_request()
 
 
 def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
@@ -108,6 +109,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ready_console=profile.ready.console, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
+        serial_log_max=profile.serial_log_max << 20,
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
@@ -212,7 +214,7 @@ def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
 
 def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    errlog = open(guest.paths.supervisor_log, "ab")
+    errlog = files.open_private(guest.paths.supervisor_log, "ab")
     try:
         sup = subprocess.Popen(
             supervisor_command(profile.name, guest.paths.dir.parent, "--ready-fd", str(wfd)),

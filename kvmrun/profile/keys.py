@@ -283,6 +283,8 @@ PROFILE = Obj(Profile, {
     "display": Field(Enum(("none", "vnc", "gtk", "sdl", "spice")), "graphical console"),
     "serial": Field(Enum(("log", "stdio", "socket", "none")),
                     "serial console: log (socket + log file), stdio, socket, none"),
+    "serial_log_max": Field(Size(1, 64 * 1024), "rotate serial.log at this size (the "
+                            "previous part is kept as serial.log.1); default 8M"),
     "devices": Field(List(Enum(DEVICES)), "virtio extras: " + ", ".join(DEVICES)),
     "shutdown": Field(SHUTDOWN, "graceful shutdown"),
     "ready": Field(READY, "when a started guest counts as ready"),

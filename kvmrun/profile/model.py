@@ -103,6 +103,7 @@ class Profile:
     network: tuple[Network, ...] = (Network(),)
     display: str = "none"
     serial: str = "log"
+    serial_log_max: int = 8                # MiB; serial.log is rotated at this size
     devices: tuple[str, ...] = ("rng",)
     shutdown: Shutdown = Shutdown()
     ready: Ready = Ready()
