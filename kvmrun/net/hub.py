@@ -26,7 +26,7 @@ from pathlib import Path
 from kvmrun import files, proc
 
 IDLE = float(os.environ.get("KVMRUN_HUB_IDLE") or 30.0)   # seconds without ports, then exit
-START_GRACE = 60.0       # seconds a new port may wait for its QEMU to start
+START_GRACE = float(os.environ.get("KVMRUN_PORT_GRACE") or 60.0)  # a new port's QEMU starts
 REFRESH = 1.0            # seconds between re-reads of the ports directory
 MAC_AGE = 300.0          # seconds a learnt MAC stays
 
