@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import select
@@ -23,7 +24,7 @@ from kvmrun import files, proc
 from kvmrun.errors import GuestError, GuestTimeout, HostError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.rundir import Guest, live_launches, prepare_run_dir
+from kvmrun.guest.rundir import Guest, live_launches, prepare_run_dir, trusted
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
 from kvmrun.profile import Profile, warnings
@@ -74,6 +75,26 @@ def _disks_in_use(profile: Profile) -> dict[str, str]:
     return busy
 
 
+def _lock_disks(profile: Profile, held: contextlib.ExitStack) -> None:
+    """An flock per disk image this guest writes, held until its QEMU is up (then QEMU's
+    own image lock guards the file, and the launch record names it for `_disks_in_use`):
+    two guests started at once with one disk cannot both pass the in-use check."""
+    locks = trusted(prepare_run_dir() / ".disks")
+    for disk in profile.disks:
+        if disk.readonly or disk.ephemeral:
+            continue
+        real = os.path.realpath(disk.path)
+        path = locks / (hashlib.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        held.callback(os.close, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GuestError(f"disk {disk.path} is being started by another guest",
+                             hint="give each guest its own disk (or mark it readonly)") \
+                from None
+
+
 def _claim(profile: Profile, guest: Guest, compiled: Compiled,
            undo: contextlib.ExitStack) -> None:
     """Under the guest's lock: refuse a second guest of this name or a disk in use, clear
@@ -82,6 +103,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     if guest.qemu_pid() is not None:
         raise GuestError(f"{profile.name} is already running (pid {guest.qemu_pid()})",
                          hint=f"see `kvmrun status {profile.name}`")
+    _lock_disks(profile, undo.held)
     busy = _disks_in_use(profile)
     if busy:
         path, other = next(iter(busy.items()))
@@ -116,14 +138,21 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "shutdown_method": profile.shutdown.method})
 
 
+class Undo(contextlib.ExitStack):
+    """The undos of a start, and (`held`) what it holds until it returns."""
+
+    held: contextlib.ExitStack
+
+
 @contextlib.contextmanager
 def _starting(guest: Guest):
     """The guest's lock and an ExitStack of undos; both released (and the undos run,
     the run directory cleared or removed) when the start fails before QEMU is up."""
     prepare_run_dir()
     created = not guest.paths.dir.exists()
-    with guest.lock() as lock_fd:
-        with contextlib.ExitStack() as undo:
+    with guest.lock() as lock_fd, contextlib.ExitStack() as held:
+        with Undo() as undo:
+            undo.held = held                # what a start holds until it returns (locks)
             undo.callback(_forget, guest, created)
             try:
                 yield lock_fd, undo

@@ -244,3 +244,25 @@ def test_isolated_hub_after_a_crash(kr, tiny_guest):
     kr.ok("net", "stop", lab)                          # collects the stale port
     assert not (ports / "g.0").exists()
     assert json.loads(kr.ok("net", "status", lab, "--json").out)["members"] == []
+
+
+# ---------------------------------------------------------------- bug 13: one disk, two starts
+
+def test_two_starts_with_one_disk(kr, tiny_guest):
+    """Two guests started at the same moment with one disk image: exactly one runs, the
+    other is refused by kvmrun (the per-disk lock, then the in-use check), never by a
+    half-started QEMU."""
+    disk = kr.base / "shared.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    profiles = [kr.profile(n, tiny_guest, disks=[{"path": str(disk)}]) for n in ("a", "b")]
+    starts = [kr.popen("start", p, "--no-wait-ready") for p in profiles]
+    results = [(s.wait(timeout=200), s.stderr.read().decode()) for s in starts]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 4], results
+    refused = next(err for code, err in results if code == 4)
+    assert "is being started by another guest" in refused or "is in use by" in refused
+    assert "qemu said" not in refused                     # kvmrun refused, not QEMU
+    winner = "a" if results[0][0] == 0 else "b"
+    loser = "b" if winner == "a" else "a"
+    assert kr.status(winner)["pid"] and not (kr.guest_dir(loser) / "qemu.pid").exists()
+    kr.ok("kill", winner)
