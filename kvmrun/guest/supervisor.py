@@ -27,6 +27,7 @@ from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.guest import ending
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
+from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
@@ -79,8 +80,22 @@ class Supervisor:
             os.close(self.ready_fd)
             self.ready_fd = None
 
+    def owns_run(self) -> bool:
+        """Whether the run directory is still this start's (launch.json carries our run
+        id): a supervisor never overwrites or clears another start's guest."""
+        if self.launch.run_id is None:
+            return True                         # a record from before run ids
+        try:
+            return LaunchRecord.read(self.paths.launch).run_id == self.launch.run_id
+        except (OSError, ValueError):
+            return False
+
     def save(self, **changes) -> None:
-        self.state.update(changes)
+        self.state.update(changes, run_id=self.launch.run_id)
+        if not self.owns_run():
+            log(f"{self.guest.name}: the run directory belongs to another start; "
+                "not writing its state")
+            return
         try:
             self.guest.write_state(self.state)
         except OSError as err:          # a full run directory: keep supervising the guest
@@ -347,6 +362,10 @@ class Supervisor:
         if ended["reason"] in ("crashed", "qemu-error"):
             ended["stderr"] = files.read_text(self.paths.qemu_log).strip()[-2000:]
         self.phase = Phase.ENDED
+        if not self.owns_run():
+            log(f"{self.guest.name}: ended ({ended['detail']}), but the run directory "
+                "belongs to another start now: leaving it alone")
+            return code
         try:
             ending.record_end(self.guest, self.state, ended, code)
         except OSError as err:

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -131,7 +132,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ready_console=profile.ready.console, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
-        serial_log_max=profile.serial_log_max << 20,
+        serial_log_max=profile.serial_log_max << 20, run_id=uuid.uuid4().hex,
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],

@@ -126,3 +126,21 @@ def test_a_directory_of_another_owner_is_refused(tmp_path):
 
 def test_unreadable_is_not_live():
     assert not State.UNREADABLE.live and State.NOT_RESPONDING.live
+
+
+def test_a_supervisor_touches_only_its_own_run(run):
+    """A second start's launch record (another run id) in the directory: the first
+    supervisor neither writes its state nor clears the directory (bug 2)."""
+    from kvmrun.guest.launch import LaunchRecord
+    from kvmrun.guest.supervisor import Supervisor
+    guest = Guest("good", run)
+    LaunchRecord(argv=["true"], run_id="first").write(guest.paths.launch)
+    sup = Supervisor(guest, None, foreground=False)
+    sup.save(state="running")
+    assert json.loads(guest.paths.state.read_text())["run_id"] == "first"
+    LaunchRecord(argv=["true"], run_id="second").write(guest.paths.launch)
+    guest.paths.qmp.write_text("")                       # the second start's socket
+    before = guest.paths.state.read_text()
+    sup.save(state="stopped")
+    assert guest.paths.state.read_text() == before
+    assert sup.owns_run() is False and guest.paths.qmp.exists()
