@@ -70,6 +70,8 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
         rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
                              f"rss {info['rss_mib']} MiB"))
     rows.append(("shutdown", info["shutdown_method"]))
+    if info.get("sandbox"):
+        rows.append(("sandbox", info["sandbox"]))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
     rows.append(("log", info["serial_log"]))

@@ -136,7 +136,8 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
-                 "shutdown_method": profile.shutdown.method})
+                 "shutdown_method": profile.shutdown.method,
+                 "sandbox": compiled.sandbox or "off"})
 
 
 class Undo(contextlib.ExitStack):

@@ -292,5 +292,7 @@ PROFILE = Obj(Profile, {
                  "or HOST:PORT (TCP on 127.0.0.1 by default: any local user can reach it)"),
     "halted": Field(Bool(), "start with vCPUs stopped (resume with `kvmrun resume` or gdb)"),
     "semihosting": Field(Bool(), "enable Arm/RISC-V semihosting"),
+    "sandbox": Field(Bool(), "QEMU's seccomp sandbox (obsolete, set*id, spawn and resource "
+                             "control denied); default true; false turns it off (a warning)"),
     "qemu_args": Field(List(Str()), "extra QEMU arguments, appended verbatim"),
 }, "A kvmrun VM profile")

@@ -110,6 +110,7 @@ class Profile:
     gdb: str | None = None
     halted: bool = False
     semihosting: bool = False
+    sandbox: bool = True                   # QEMU's seccomp sandbox (-sandbox on,…)
     qemu_args: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)
     lines: dict = field(default_factory=dict, compare=False, repr=False)

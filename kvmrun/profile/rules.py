@@ -59,8 +59,13 @@ POWER_BUTTON_HINT = ("set shutdown.method: console (with shutdown.command, e.g. 
 def warnings(p: Profile) -> list[ProfileError]:
     """Things that work but probably not as meant (printed by validate, cmdline, start)."""
     problem = power_button_problem(p)
-    return [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
-            ] if problem else []
+    found = [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
+             ] if problem else []
+    if not p.sandbox:
+        found.append(ProfileError(p.location("sandbox"), "QEMU runs without its seccomp "
+                                  "sandbox: a guest that breaks out of QEMU has all of "
+                                  "this user's system calls"))
+    return found
 
 
 def check_combinations(p: Profile, ctx: Ctx) -> None:

@@ -28,6 +28,7 @@ class Compiled:
     argv: list[str]
     accel: str
     machine: str
+    sandbox: str | None = None     # the -sandbox value, None when turned off
 
 
 def qemu_escape(value: str) -> str:
@@ -75,9 +76,30 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
                  _kernel(profile), _storage(profile, a, paths), _shares(profile, a),
                  _network(profile, a, host, paths),
                  _serial(profile, paths), _devices(profile, a, paths),
-                 _control(profile, paths), profile.qemu_args):
+                 _control(profile, paths)):
         argv.extend(part)
-    return Compiled(argv, accel, profile.machine or a.machine)
+    sandbox = sandbox_option(profile, host)
+    if sandbox:
+        argv += ["-sandbox", sandbox]
+    argv.extend(profile.qemu_args)
+    return Compiled(argv, accel, profile.machine or a.machine, sandbox)
+
+
+SANDBOX = {"obsolete": "deny", "elevateprivileges": "deny", "spawn": "deny",
+           "resourcecontrol": "deny"}
+
+
+def sandbox_option(p: Profile, host: HostFacts) -> str | None:
+    """QEMU's seccomp filter (as libvirt and incus run it): no obsolete system calls, no
+    set*id, no fork/exec, no CPU affinity or scheduler changes. Relaxed only where a
+    feature needs it: a bridge NIC without root runs the setuid qemu-bridge-helper (a
+    spawn that must keep its privileges). `sandbox: false` turns it off."""
+    if not p.sandbox:
+        return None
+    rules = dict(SANDBOX)
+    if any(n.type == "bridge" for n in p.network) and not host.net_admin:
+        rules.update(spawn="allow", elevateprivileges="allow")
+    return ",".join(["on"] + [f"{k}={v}" for k, v in rules.items()])
 
 
 def _identity(p: Profile) -> Args:

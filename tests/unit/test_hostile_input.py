@@ -174,3 +174,26 @@ def test_a_huge_value_is_not_echoed_whole(capsys):
     code, out, err = kvmrun(capsys, "validate", "long.yaml")
     assert code == 2 and "is not a known architecture" in err
     assert len(err) < 2000
+
+
+# ---------------------------------------------------------------- confinement
+
+def test_the_sandbox_is_on_by_default_and_relaxed_for_the_bridge_helper():
+    from kvmrun.arch import HostFacts
+    from kvmrun.qemu.compile import sandbox_option
+    Path("br.yaml").write_text("name: br\narch: x86_64\nnetwork:\n  - type: bridge\n"
+                               "    bridge: br0\n")
+    plain = load("vm.yaml")
+    assert sandbox_option(plain, HostFacts(machine="x86_64")) == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+    bridged = load("br.yaml")
+    assert "spawn=allow" in sandbox_option(bridged, HostFacts(machine="x86_64",
+                                                              net_admin=False))
+    assert "spawn=deny" in sandbox_option(bridged, HostFacts(machine="x86_64",
+                                                             net_admin=True))
+
+
+def test_sandbox_off_warns(capsys):
+    code, out, err = kvmrun(capsys, "cmdline", "vm.yaml", "--set", "sandbox=false")
+    assert code == 0 and "-sandbox" not in out
+    assert "without its seccomp sandbox" in err
