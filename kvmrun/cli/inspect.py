@@ -72,6 +72,8 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     rows.append(("shutdown", info["shutdown_method"]))
     if info.get("sandbox"):
         rows.append(("sandbox", info["sandbox"]))
+    if info.get("qemu_user"):
+        rows.append(("runs as", info["qemu_user"]))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
     rows.append(("log", info["serial_log"]))

@@ -121,6 +121,10 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     guest.reserve_request()
 
 
+def _runas(argv: list[str]) -> str | None:
+    return argv[argv.index("-runas") + 1] if "-runas" in argv else None
+
+
 def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
     return LaunchRecord(
         argv=compiled.argv,
@@ -137,7 +141,8 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
                  "shutdown_method": profile.shutdown.method,
-                 "sandbox": compiled.sandbox or "off"})
+                 "sandbox": compiled.sandbox or "off",
+                 "qemu_user": _runas(compiled.argv)})
 
 
 class Undo(contextlib.ExitStack):

@@ -78,11 +78,24 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths)):
         argv.extend(part)
+    runas = runas_user(profile, host)
+    if runas:
+        argv += ["-runas", runas]
     sandbox = sandbox_option(profile, host)
     if sandbox:
         argv += ["-sandbox", sandbox]
     argv.extend(profile.qemu_args)
     return Compiled(argv, accel, profile.machine or a.machine, sandbox)
+
+
+def runas_user(p: Profile, host: HostFacts) -> str | None:
+    """The user QEMU drops to after opening what needs root (disks, taps, /dev/kvm,
+    sockets, logs: all opened before -runas takes effect). Not with features QEMU uses
+    by path after start-up: virtio-9p shares (root's files) and isolated networks (the
+    hub socket in root's 0700 run directory)."""
+    if not host.qemu_user or p.shares or any(n.type == "isolated" for n in p.network):
+        return None
+    return host.qemu_user
 
 
 SANDBOX = {"obsolete": "deny", "elevateprivileges": "deny", "spawn": "deny",
@@ -99,6 +112,8 @@ def sandbox_option(p: Profile, host: HostFacts) -> str | None:
     rules = dict(SANDBOX)
     if any(n.type == "bridge" for n in p.network) and not host.net_admin:
         rules.update(spawn="allow", elevateprivileges="allow")
+    if runas_user(p, host):         # -runas calls setuid after the filter is in place;
+        rules.update(elevateprivileges="allow")   # once dropped, set*id cannot regain root
     return ",".join(["on"] + [f"{k}={v}" for k, v in rules.items()])
 
 

@@ -157,3 +157,37 @@ def test_gdb_stub_is_out_of_another_users_reach(kr, tiny_guest, make_user):
     result = as_user_run(other, PYTHON, "-c", probe)
     assert result.stdout.strip() == str(13), result      # EACCES
     kr.ok("kill", "g")
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in
+                Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_qemu_drops_to_an_unprivileged_user(kr, tiny_guest, make_user):
+    """kvmrun as root with KVMRUN_QEMU_USER: QEMU opens its disk, sockets and logs as
+    root, then runs as that user with no capabilities, under its seccomp filter; the
+    guest boots, answers QMP and stops gracefully."""
+    user = make_user()
+    kr.env = {**kr.env, "KVMRUN_QEMU_USER": user.pw_name}
+    disk = kr.base / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    kr.start(kr.profile("g", tiny_guest, disks=[{"path": str(disk)}]))
+    info = kr.status("g")
+    assert info["qemu_user"] == user.pw_name and info["qemu_status"] == "running"
+    assert "elevateprivileges=allow" in info["sandbox"]
+    status = proc_status(info["pid"])
+    assert status["Uid"].split() == [str(user.pw_uid)] * 4
+    assert int(status["CapEff"], 16) == 0 and status["Seccomp"].strip() == "2"
+    assert kr.ok("stop", "g").code == 0
+    ended = kr.wait_state("g", lambda i: i["state"] != "running")["ended"]
+    assert ended["reason"] == "stopped" and ended["by"] == "kvmrun stop", ended
+
+
+def test_qemu_user_must_exist(kr, tmp_path):
+    kr.env = {**kr.env, "KVMRUN_QEMU_USER": "no-such-user-krt"}
+    (kr.base / "v.yaml").write_text("name: v\nmemory: 64\naccel: tcg\nnetwork: []\n")
+    code, out, err = kr.run("start", kr.base / "v.yaml")
+    assert code == 3 and "KVMRUN_QEMU_USER='no-such-user-krt': no such user" in err

@@ -197,3 +197,16 @@ def test_sandbox_off_warns(capsys):
     code, out, err = kvmrun(capsys, "cmdline", "vm.yaml", "--set", "sandbox=false")
     assert code == 0 and "-sandbox" not in out
     assert "without its seccomp sandbox" in err
+
+
+def test_runas_only_where_no_feature_needs_root_paths():
+    from kvmrun.arch import HostFacts
+    from kvmrun.qemu.compile import runas_user, sandbox_option
+    host = HostFacts(machine="x86_64", qemu_user="kvmrun")
+    plain = load("vm.yaml")
+    assert runas_user(plain, host) == "kvmrun"
+    assert "elevateprivileges=allow" in sandbox_option(plain, host)
+    Path("iso.yaml").write_text("name: iso\narch: x86_64\nnetwork:\n  - type: isolated\n"
+                                "    name: lab\n")
+    assert runas_user(load("iso.yaml"), host) is None
+    assert runas_user(plain, HostFacts(machine="x86_64")) is None
