@@ -86,9 +86,10 @@ class Supervisor:
         if self.launch.run_id is None:
             return True                         # a record from before run ids
         try:
-            return LaunchRecord.read(self.paths.launch).run_id == self.launch.run_id
+            recorded = LaunchRecord.read(self.paths.launch).run_id
         except (OSError, ValueError):
             return False
+        return recorded in (None, self.launch.run_id)   # None: no newer start wrote it
 
     def save(self, **changes) -> None:
         self.state.update(changes, run_id=self.launch.run_id)
