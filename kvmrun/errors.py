@@ -5,7 +5,8 @@
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
      │    └── ProfileErrors     exit 2   several at once, one per line
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
-     │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    ├── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    └── NotPrivate        exit 3   a directory kvmrun would trust is another user's
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
@@ -135,6 +136,11 @@ class HostError(KvmrunError):
 
 class NetworkError(HostError):
     """A network verb failed (bad name, not defined, overlapping subnet, in use)."""
+
+
+class NotPrivate(HostError):
+    """A directory kvmrun would put sockets and logs in is not this user's own (another
+    owner, a link, a file): refused, as ssh refuses a loose ~/.ssh."""
 
 
 class GuestError(KvmrunError):

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from kvmrun.errors import NotPrivate
+
 
 def mkdirs(directory: Path, mode: int = 0o700) -> None:
     """Create `directory` and missing parents with `mode`, whatever the umask."""
@@ -34,10 +36,6 @@ def mkdirs(directory: Path, mode: int = 0o700) -> None:
         except FileExistsError:
             continue
         os.chmod(d, mode)
-
-
-class NotPrivate(Exception):
-    """A directory kvmrun would trust is not the user's own (see `private_dir`)."""
 
 
 def private_dir(directory: Path, create: bool = True) -> Path:

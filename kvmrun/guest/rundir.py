@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kvmrun import files, proc
-from kvmrun.errors import GuestError, GuestTimeout, HostError
+from kvmrun.errors import GuestError, GuestTimeout, NotPrivate
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.paths import RunPaths, run_dir
 
@@ -288,10 +288,10 @@ def trusted(directory: Path, create: bool = True) -> Path:
     /tmp/kvmrun-UID planted by another user must not receive a guest's console)."""
     try:
         return files.private_dir(directory, create)
-    except files.NotPrivate as err:
-        raise HostError(f"refusing to use {directory}: {err}",
-                        hint="remove it (it may be another user's trap), or choose another "
-                             "run directory with --run-dir or KVMRUN_RUN_DIR") from None
+    except NotPrivate as err:
+        raise NotPrivate(f"refusing to use {directory}: {err.message}",
+                         hint="remove it (it may be another user's trap), or choose another "
+                              "run directory with --run-dir or KVMRUN_RUN_DIR") from None
 
 
 def prepare_run_dir(base: Path | None = None) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import ending
+from kvmrun.guest import ending, serial_log
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
@@ -272,36 +272,10 @@ class Supervisor:
                 next_ping = time.monotonic() + watchdog
 
     def rotate_log(self) -> None:
-        """Keep serial.log under serial_log_max: copy it to serial.log.1, then truncate it
-        in place (copytruncate). QEMU holds the file open with O_APPEND (logappend=on) and
-        has no way to reopen it, so renaming would only rename the file it keeps filling;
-        after a truncation its next write lands at offset 0, with no hole. Output written
-        between the copy and the truncation (microseconds) is lost."""
-        limit = self.launch.serial_log_max
-        try:
-            fd = os.open(self.paths.serial_log, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            if not limit or os.fstat(fd).st_size <= limit:
-                return
-            tmp = self.paths.serial_log_old.with_name(".serial.log.1.tmp")
-            with files.open_private(tmp, "wb") as old:
-                while chunk := os.read(fd, 1 << 20):
-                    old.write(chunk)
-            os.replace(tmp, self.paths.serial_log_old)
-            os.ftruncate(fd, 0)
-            self.console_offset = 0
-            log(f"{self.guest.name}: serial.log reached {limit} bytes: rotated")
-        except OSError as err:         # a full run directory: truncate rather than fill it
-            log(f"{self.guest.name}: cannot rotate serial.log ({err.strerror}); truncating")
-            try:
-                os.ftruncate(fd, 0)
-                self.console_offset = 0
-            except OSError:
-                pass
-        finally:
-            os.close(fd)
+        if serial_log.rotate(self.paths, self.launch.serial_log_max):
+            self.console_offset = 0          # the ready check reads the new file from 0
+            log(f"{self.guest.name}: serial.log reached {self.launch.serial_log_max} "
+                "bytes: rotated")
 
     def watchdog_ping(self) -> None:
         if not self.qmp:
