@@ -182,6 +182,7 @@ class HostFacts:
     kvm: bool = False                           # /dev/kvm usable and guests boot under it
     forced_accel: str | None = None             # KVMRUN_ACCEL
     net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
+    qemu_user: str | None = None                # root: QEMU drops to this user (-runas)
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
 
 

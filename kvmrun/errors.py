@@ -6,7 +6,8 @@
      │    ├── ProfileErrors     exit 2   several at once, one per line
      │    └── LostSettings      exit 2   a libvirt domain uses what kvmrun cannot express
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
-     │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    ├── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    └── NotPrivate        exit 3   a directory kvmrun would trust is another user's
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      │         └── AgentTimeout exit 5   the guest agent did not answer in time
@@ -87,6 +88,19 @@ class Location:
         return f"{where}: {self.key}" if self.path else where
 
 
+SHOWN = 60                  # characters of a bad value an error message echoes
+
+
+def shown(value: object) -> str:
+    """A value as an error message echoes it: repr, cut to SHOWN characters (a 1 MB value
+    in a profile must not come back whole in the error)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value) if not isinstance(value, str) or len(value) <= 4 * SHOWN \
+        else repr(value[: 4 * SHOWN])
+    return text if len(text) <= SHOWN else f"{text[: SHOWN - 1]}…"
+
+
 def format_path(path: tuple[str | int, ...]) -> str:
     """('disks', 1, 'interface') -> 'disks[1].interface'"""
     out = ""
@@ -140,6 +154,11 @@ class HostError(KvmrunError):
 
 class NetworkError(HostError):
     """A network verb failed (bad name, not defined, overlapping subnet, in use)."""
+
+
+class NotPrivate(HostError):
+    """A directory kvmrun would put sockets and logs in is not this user's own (another
+    owner, a link, a file): refused, as ssh refuses a loose ~/.ssh."""
 
 
 class GuestError(KvmrunError):

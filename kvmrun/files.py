@@ -13,10 +13,14 @@ import errno
 import fcntl
 import json
 import os
+import stat
+import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from kvmrun.errors import NotPrivate
 
 
 def mkdirs(directory: Path, mode: int = 0o700) -> None:
@@ -32,6 +36,27 @@ def mkdirs(directory: Path, mode: int = 0o700) -> None:
         except FileExistsError:
             continue
         os.chmod(d, mode)
+
+
+def private_dir(directory: Path, create: bool = True) -> Path:
+    """`directory` as kvmrun may trust it: a real directory (not a link), owned by this
+    user, entered by nobody else (as ssh insists for ~/.ssh). Created 0700 when missing;
+    a directory of ours that others may enter is tightened to 0700; one owned by another
+    user (say a /tmp/kvmrun-UID planted by someone else) raises NotPrivate."""
+    if create:
+        mkdirs(directory, 0o700)
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return directory
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise NotPrivate(f"{directory} is not a directory (a link or a file is there)")
+    if st.st_uid != os.geteuid():
+        raise NotPrivate(f"{directory} belongs to uid {st.st_uid}, not to this user "
+                         f"(uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+    return directory
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
@@ -66,6 +91,74 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
             pass            # the rename happened; a directory fsync is best effort
 
 
+RESERVED = 4096       # bytes a reserved record keeps allocated (one page)
+
+
+def reserve(path: Path, size: int = RESERVED) -> None:
+    """Create `path` as `size` bytes of blanks, so later `write_reserved` calls need no
+    free space (a stop or kill on a full run directory must still be recorded)."""
+    atomic_write(path, b" " * size)
+
+
+def write_reserved(path: Path, data: str) -> None:
+    """Write `data` over a file made by `reserve`, in place and padded with blanks (JSON
+    allows trailing blanks), under an flock readers take too. Falls back to `atomic_write`
+    when the file is missing or too small."""
+    raw = data.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return atomic_write(path, raw)
+    try:
+        size = os.fstat(fd).st_size
+        if size < len(raw):
+            return atomic_write(path, raw)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, raw + b" " * (size - len(raw)), 0)
+    finally:
+        os.close(fd)
+
+
+def read_reserved(path: Path) -> Any:
+    """The JSON of a reserved record (None when missing, blank or unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        raw = os.read(fd, 1 << 20)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return None
+
+
+def overwrite(path: Path, data: str) -> None:
+    """Replace the contents of an existing file in place (no temporary file, so it needs
+    no free space while the new text fits the old file's blocks): the fallback of a
+    record that must be written on a full disk."""
+    raw = data.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        os.pwrite(fd, raw + b" " * max(0, size - len(raw)), 0)    # JSON allows the blanks
+    finally:
+        os.close(fd)
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """A log file opened for writing with O_NOFOLLOW (a planted link is refused, never
+    followed), created 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (
+        os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
 def write_json(path: Path, value: Any, mode: int = 0o600, **kw) -> None:
     atomic_write(path, json.dumps(value, indent=1), mode, **kw)
 
@@ -90,6 +183,17 @@ def unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def write_locked(fd: int) -> bool:
+    """Whether another open file description holds a write lock on the file of `fd`
+    (F_OFD_GETLK: asks without taking the lock, so it never races the holder)."""
+    query = struct.pack("hhqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        found = fcntl.fcntl(fd, getattr(fcntl, "F_OFD_GETLK", 36), query)
+    except OSError:
+        return False
+    return struct.unpack("hhqqixxxx", found)[0] != fcntl.F_UNLCK
 
 
 @contextmanager

@@ -125,7 +125,9 @@ class RunPaths:
     qmp_cli = property(lambda self: self._p("qmp-cli.sock"))  # the CLI's monitor
     console = property(lambda self: self._p("console.sock"))
     serial_log = property(lambda self: self._p("serial.log"))
+    serial_log_old = property(lambda self: self._p("serial.log.1"))   # rotated away
     qga = property(lambda self: self._p("qga.sock"))
+    gdb = property(lambda self: self._p("gdb.sock"))          # the gdb stub (gdb: true)
     vnc = property(lambda self: self._p("vnc.sock"))
     spice = property(lambda self: self._p("spice.sock"))
     pidfile = property(lambda self: self._p("qemu.pid"))
@@ -144,7 +146,8 @@ class RunPaths:
         return self._p(f"overlay-disk{index}.qcow2")
 
     def sockets(self) -> list[Path]:
-        return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice]
+        return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice,
+                self.gdb]
 
     def check_length(self) -> None:
         longest = max(self.sockets(), key=lambda p: len(os.fsencode(p)))

@@ -107,8 +107,9 @@ def oneoff_options() -> dict:
         initrd=typer.Option(None, "--initrd", metavar="FILE", help="Initial ramdisk."),
         append=typer.Option(None, "--append", metavar="CMDLINE", help="Kernel command line."),
         gdb=typer.Option(None, "--gdb", metavar="[PORT]",
-                         help="gdb stub on 127.0.0.1:1234, or on PORT / HOST:PORT "
-                              "(`target remote :1234`)."),
+                         help="gdb stub on a private unix socket (gdb.sock in the run "
+                              "directory), or on TCP PORT / HOST:PORT (any local user "
+                              "can reach TCP)."),
         halted=typer.Option(False, "--halted",
                             help="Start with vCPUs stopped (`kvmrun resume` or gdb's "
                                  "`continue` starts them)."),

@@ -10,6 +10,7 @@ an unknown one, every module is imported so typer can list them and suggest name
 
 from __future__ import annotations
 
+import errno
 import importlib
 import re
 import sys
@@ -44,13 +45,14 @@ GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")
 
 
 def optional_values(argv: list[str]) -> list[str]:
-    """`--gdb` takes an optional value: `--gdb` alone (or before a non-port) means 1234."""
+    """`--gdb` takes an optional value: `--gdb` alone (or before a non-port) means the
+    private unix socket (gdb.sock in the run directory)."""
     fixed = []
     for i, arg in enumerate(argv):
         if arg == "--":
             return fixed + argv[i:]
         if arg == "--gdb" and not (i + 1 < len(argv) and GDB_VALUE.fullmatch(argv[i + 1])):
-            arg = "--gdb=1234"
+            arg = "--gdb=unix"
         fixed.append(arg)
     return fixed
 
@@ -89,6 +91,26 @@ def build_command(argv: list[str]):
     return typer.main.get_command(only)
 
 
+PLAIN_ERRNOS = {errno.ENOSPC: "free some space, or move it with KVMRUN_RUN_DIR / "
+                               "KVMRUN_DATA_DIR",
+                errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is mounted read-only",
+                errno.EACCES: "check the owner and mode of the file and its directories",
+                errno.EPERM: "check the owner and mode of the file and its directories",
+                errno.ENAMETOOLONG: "use a shorter path",
+                errno.EMFILE: "too many open files (ulimit -n)"}
+
+
+def plain_oserror(e: OSError) -> str:
+    """An OS error as a user reads it: what failed on which file, and what to do (a full
+    disk, a read-only file system, a permission, a long name are not internal errors)."""
+    where = f"{e.filename}: " if e.filename else ""
+    where = where if len(where) <= 120 else where[:100] + "…: "
+    text = f"{where}{e.strerror or e}"
+    hint = PLAIN_ERRNOS.get(e.errno)
+    return text + (f"\n  hint: {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     nopydantic.install()             # plain values skip typer's pydantic (see nopydantic)
     argv = optional_values(sys.argv[1:] if argv is None else argv)
@@ -115,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except BrokenPipeError:
         code = 0
+    except OSError as e:
+        if debug():
+            import traceback
+            traceback.print_exc()
+        err(f"kvmrun: error: {plain_oserror(e)}")
+        code = 1
     except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks
         if debug():
             import traceback

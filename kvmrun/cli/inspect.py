@@ -39,7 +39,13 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
         emit_json(info)
         return
     why = [("why", info["paused_reason"])] if info.get("paused_reason") else []
-    rows = [("state", info["state"]), *why, ("pid", info["pid"] or "-"),
+    rows = [("state", info["state"]), *why, ("pid", info["pid"] or "-")]
+    if info.get("problem"):
+        rows.append(("problem", info["problem"]))
+    if info.get("supervisor") == "dead":
+        rows.append(("warning", "its supervisor is dead: events and the end are not "
+                                "recorded (stop or kill it with kvmrun, then start it again)"))
+    rows += [
             ("uptime", _duration(info["uptime"])),
             ("arch", f"{info['arch']}  machine {info['machine']}  accel {info['accel']}"),
             ("vcpus", info["vcpus"]), ("memory", f"{info['memory_mib']} MiB")]
@@ -65,6 +71,10 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
         rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
                              f"rss {info['rss_mib']} MiB"))
     rows.append(("shutdown", info["shutdown_method"]))
+    if info.get("sandbox"):
+        rows.append(("sandbox", info["sandbox"]))
+    if info.get("qemu_user"):
+        rows.append(("runs as", info["qemu_user"]))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
         if info.get("agent"):

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from kvmrun.cli.app import ONEOFF, SetOpt, app, emit_json, err, guest, lazy, out
-from kvmrun.cli.text import started
+from kvmrun.cli.text import gdb_warning, started
 
 launch = lazy("kvmrun.ops.launch")
 loader = lazy("kvmrun.ops.profiles")
@@ -50,6 +50,8 @@ def start(
         return
     for line in started(prof.name, result, paths, prof.gdb, prof.halted):
         out(line)
+    if gdb_warning(prof.gdb):
+        err(gdb_warning(prof.gdb))
 
 
 @app.command()

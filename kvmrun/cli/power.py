@@ -4,6 +4,7 @@ qmp, console, logs."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -96,14 +97,13 @@ def logs(
     if not path.exists():
         raise GuestError(f"no console log for {name} at {path}")
     with open(path, "rb") as f:
-        data = f.read()
-        if lines is not None:
-            # like tail -n: an unfinished last line (a shell prompt) counts as a line
-            keep = lines + 1 if data.endswith(b"\n") else lines
-            data = b"\n".join(data.split(b"\n")[-keep:]) if lines else b""
+        data = tail(f, lines) if lines is not None else f.read()
+        f.seek(0, os.SEEK_END)
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         while follow:
+            if os.fstat(f.fileno()).st_size < f.tell():
+                f.seek(0)                         # rotated (truncated) under us
             chunk = f.read()
             if chunk:
                 sys.stdout.buffer.write(chunk)
@@ -112,6 +112,26 @@ def logs(
                 break
             else:
                 time.sleep(0.2)
+
+
+def tail(f, lines: int, block: int = 65536) -> bytes:
+    """The last `lines` lines of an open file, read backwards from its end in blocks (a
+    huge log costs only what is printed). Like tail -n, an unfinished last line (a shell
+    prompt) counts as a line."""
+    if lines <= 0:
+        return b""
+    end = f.seek(0, os.SEEK_END)
+    data, pos = b"", end
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step) + data
+        want = lines + 1 if data.endswith(b"\n") else lines
+        if data.count(b"\n") >= want:
+            break
+    keep = lines + 1 if data.endswith(b"\n") else lines
+    return b"\n".join(data.split(b"\n")[-keep:])
 
 
 @app.command()

@@ -35,10 +35,12 @@ def _quick_start(ref: str) -> int | None:
         return 130
     if done is None:
         return None
-    from kvmrun.cli.text import started
+    from kvmrun.cli.text import gdb_warning, started
     from kvmrun.guest.rundir import Guest
     result, entry = done
     for line in started(result["name"], result, Guest(result["name"]).paths, entry.get("gdb"),
                         bool(entry.get("halted"))):
         sys.stdout.write(line + "\n")
+    if gdb_warning(entry.get("gdb")):
+        err(gdb_warning(entry.get("gdb")))
     return 0

@@ -27,7 +27,12 @@ EXIT_KILLED = 11         # hard power-off on request (`kvmrun kill`)
 
 def classify(returncode: int, shutdown_reason: str | None, panicked: bool,
              request: dict) -> tuple[dict, int]:
-    """Why the guest ended. Returns (ended record, supervisor exit code)."""
+    """Why the guest ended. Returns (ended record, supervisor exit code).
+
+    How QEMU really exited comes first: a QEMU that died of a signal nobody in kvmrun sent
+    crashed, even while a stop was under way (only a stop that reached its sigkill stage
+    sent SIGKILL; a kill may send it too). So systemd's Restart=on-failure sees a crash
+    during a stop as the crash it is."""
     action, by, stage = request.get("action"), request.get("by", "kvmrun"), request.get("stage")
     base = {"shutdown_reason": shutdown_reason}
     if panicked:
@@ -35,6 +40,13 @@ def classify(returncode: int, shutdown_reason: str | None, panicked: bool,
     if action == "kill":
         return {**base, "reason": "killed", "by": by,
                 "detail": f"powered off hard by {by}"}, EXIT_KILLED
+    ours = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}.get(stage or "")
+    if returncode < 0 and -returncode != ours:
+        sig = -returncode
+        during = f" during {by}'s stop" if action == "stop" else ""
+        return {**base, "reason": "crashed", "signal": sig,
+                "detail": f"QEMU was killed by signal {sig} ({signal.Signals(sig).name})"
+                          f"{during}"}, EXIT_CRASHED
     if action == "stop":
         if stage in HARD_STAGES:
             return {**base, "reason": "stopped", "by": by, "stage": stage,

@@ -7,6 +7,8 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
 (the same keys, no "version"); each new version says here what it changed.
 
     1   adds "version"
+    2   adds "serial_log_max" (bytes; serial.log is rotated at that size) and "run_id"
+        (one start's id: its supervisor writes only while launch.json still carries it)
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 1
+VERSION = 2
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -32,6 +34,8 @@ FIELDS: dict[str, object] = {
     "shutdown_timeout": 60,
     "shutdown_method": "acpi",
     "shutdown_command": "poweroff",
+    "serial_log_max": 8 << 20,    # bytes; the supervisor rotates serial.log at this size
+    "run_id": None,               # this start's id (a new start writes a new one)
     "summary": {},                # arch, machine, accel, smp, memory, source, forwards,
                                   # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
 }

@@ -9,7 +9,8 @@
         network.json            what network setup made for the NICs (taps, hub ports)
         qemu.pid                QEMU's -pidfile (QEMU holds a lock on it while it lives)
         qemu.log                QEMU's own stdout/stderr
-        serial.log              the serial console
+        serial.log              the serial console (rotated at serial_log_max)
+        serial.log.1            the part before the last rotation
         overlay-diskN.qcow2     the throwaway overlay of ephemeral disk N (gone when it ends)
         cidata.iso              the cloud-init NoCloud seed (+ cidata.sha256 of its inputs)
         qmp.sock qmp-cli.sock console.sock [qga.sock vnc.sock]   mode 0600
@@ -24,6 +25,7 @@ Standard library and kvmrun's ground floor only: the supervisor imports it.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import time
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kvmrun import files, proc
-from kvmrun.errors import GuestError, GuestTimeout
+from kvmrun.errors import GuestError, GuestTimeout, NotPrivate
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.paths import RunPaths, run_dir
 
@@ -48,6 +50,8 @@ class State(str, enum.Enum):
     SHUTTING_DOWN = "shutting-down"
     STOPPED = "stopped"
     CRASHED = "crashed"
+    NOT_RESPONDING = "not-responding"    # QEMU alive but stopped by a signal or QMP mute
+    UNREADABLE = "unreadable"            # state.json is corrupt and no QEMU holds the name
 
     def __str__(self) -> str:
         return self.value
@@ -57,7 +61,9 @@ class State(str, enum.Enum):
         return self in LIVE_STATES
 
 
-LIVE_STATES = (State.STARTING, State.RUNNING, State.PAUSED, State.SHUTTING_DOWN)
+LIVE_STATES = (State.STARTING, State.RUNNING, State.PAUSED, State.SHUTTING_DOWN,
+               State.NOT_RESPONDING)
+UNREADABLE = {"record": "unreadable"}     # what read_state gives for a corrupt state.json
 CRASH_REASONS = ("crashed", "qemu-error", "panicked", "failed-to-start")
 
 
@@ -74,14 +80,31 @@ class Guest:
     def __init__(self, name: str, base: Path | None = None):
         self.name = name
         self.paths = RunPaths.for_guest(name, base)
+        trusted(self.paths.dir.parent, create=False)
+        trusted(self.paths.dir, create=False)
 
     # -------------------------------------------------------- records
     def read_state(self) -> dict | None:
-        state = files.read_json(self.paths.state)
-        return state if isinstance(state, dict) else None
+        """The state record; None when there is none, UNREADABLE (a copy) when it does not
+        parse as an object (truncated, `[]`): liveness then comes from the pidfile."""
+        try:
+            state = json.loads(self.paths.state.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return dict(UNREADABLE)
+        return state if isinstance(state, dict) else dict(UNREADABLE)
 
     def write_state(self, state: dict) -> None:
-        files.write_json(self.paths.state, {**state, "version": STATE_VERSION})
+        """Atomically; on a full disk, in place over the old record (which keeps its
+        blocks), so the end of a guest is still recorded."""
+        text = json.dumps({**state, "version": STATE_VERSION}, indent=1)
+        try:
+            files.atomic_write(self.paths.state, text)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.paths.state.exists():
+                raise
+            files.overwrite(self.paths.state, text)
 
     def read_launch(self) -> LaunchRecord:
         return LaunchRecord.read(self.paths.launch)
@@ -100,12 +123,31 @@ class Guest:
         """Record what a command asked for (stop, kill) and who asks: a request expires
         with its requester, so a stop that was killed is not credited later."""
         me = os.getpid()
-        files.write_json(self.paths.request, {
+        files.write_reserved(self.paths.request, json.dumps({
             "action": action, "by": by, "at": time.time(), "stage": stage,
-            "pid": me, "starttime": proc.starttime(me)})
+            "pid": me, "starttime": proc.starttime(me)}))
+
+    def clear_request(self) -> None:
+        """Withdraw a request (a stop that timed out), keeping the reserved page."""
+        if self.paths.request.exists():
+            files.write_reserved(self.paths.request, "")
+
+    def try_request(self, action: str, by: str, stage: str | None = None) -> bool:
+        """set_request, but a run directory that cannot take it never stops the action
+        (the end is then attributed from QEMU's exit alone)."""
+        try:
+            self.set_request(action, by, stage)
+            return True
+        except OSError:
+            return False
+
+    def reserve_request(self) -> None:
+        """Made at launch: request.json as a reserved page, so a stop or kill can record
+        itself on a full run directory."""
+        files.reserve(self.paths.request)
 
     def request(self) -> dict | None:
-        found = files.read_json(self.paths.request)
+        found = files.read_reserved(self.paths.request)
         if not isinstance(found, dict):
             return None
         if found.get("pid") and not proc.identified(found["pid"], found.get("starttime")):
@@ -114,14 +156,43 @@ class Guest:
 
     # -------------------------------------------------------- liveness
     def qemu_pid(self, state: dict | None = None) -> int | None:
-        """QEMU's PID if (and only if) the recorded process is alive and is our QEMU."""
+        """QEMU's PID if (and only if) a live process is our QEMU: the one state.json
+        records (same start time, our -pidfile in its command line), or, when the record
+        is missing or corrupt, the process that holds the lock on our pidfile."""
         state = state if state is not None else self.read_state()
-        if not state or state.get("boot_id") != proc.boot_id():
-            return None
-        pid = state.get("qemu_pid")
-        if proc.identified(pid, state.get("qemu_starttime"), str(self.paths.pidfile)):
-            return pid
+        if state and state.get("boot_id") == proc.boot_id():
+            pid = state.get("qemu_pid")
+            if proc.identified(pid, state.get("qemu_starttime"), str(self.paths.pidfile)):
+                return pid
+        if not state or state.get("record") == "unreadable" or not state.get("qemu_pid"):
+            return self.pidfile_holder()
         return None
+
+    def pidfile_holder(self) -> int | None:
+        """The PID in qemu.pid if QEMU still holds its lock on that file (QEMU locks its
+        -pidfile for its whole life) and the process names the file: liveness without
+        state.json."""
+        try:
+            fd = os.open(self.paths.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not files.write_locked(fd):
+                return None
+            text = os.read(fd, 32).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        if not (text.isascii() and text.isdigit()):
+            return None
+        pid = int(text)
+        return pid if proc.identified(pid, proc.starttime(pid), str(self.paths.pidfile)) \
+            else None
+
+    def responding(self, pid: int) -> bool:
+        """False for a QEMU stopped by a signal (SIGSTOP, a debugger): its monitor cannot
+        answer, so `status` says so at once instead of waiting on QMP."""
+        fields = proc.stat_fields(pid)
+        return bool(fields) and fields[0] not in ("T", "t")
 
     def supervisor_pid(self, state: dict | None = None) -> int | None:
         state = state if state is not None else self.read_state()
@@ -135,9 +206,16 @@ class Guest:
         running while its QEMU is gone (crash, host reboot, PID reuse) reads as ended."""
         state = self.read_state()
         if state is None:
-            return State.STOPPED, {}
-        alive = self.qemu_pid(state) is not None
+            pid = self.pidfile_holder()
+            return (State.RUNNING, {"record": "missing", "qemu_pid": pid}) if pid \
+                else (State.STOPPED, {})
+        pid = self.qemu_pid(state)
+        alive = pid is not None
+        if state.get("record") == "unreadable":
+            return (State.RUNNING if alive else State.UNREADABLE), {**state, "qemu_pid": pid}
         recorded = _state(state.get("state", State.STOPPED))
+        if alive and not self.responding(pid):
+            return State.NOT_RESPONDING, state
         if alive:
             if not recorded.live:
                 recorded = State.RUNNING
@@ -173,6 +251,7 @@ class Guest:
             files.unlink(p)
         if not keep_logs:
             for p in (self.paths.state, self.paths.events, self.paths.serial_log,
+                      self.paths.serial_log_old,
                       self.paths.qemu_log, self.paths.launch):
                 files.unlink(p)
         for p in self.paths.dir.glob("overlay-disk*.qcow2"):   # ephemeral disks' writes
@@ -203,10 +282,20 @@ class Guest:
             pass
 
 
+def trusted(directory: Path, create: bool = True) -> Path:
+    """A run directory only this user can enter, or a HostError that says why not:
+    sockets, logs and records are only made and read in such directories (issue 12: a
+    /tmp/kvmrun-UID planted by another user must not receive a guest's console)."""
+    try:
+        return files.private_dir(directory, create)
+    except NotPrivate as err:
+        raise NotPrivate(f"refusing to use {directory}: {err.message}",
+                         hint="remove it (it may be another user's trap), or choose another "
+                              "run directory with --run-dir or KVMRUN_RUN_DIR") from None
+
+
 def prepare_run_dir(base: Path | None = None) -> Path:
-    base = base or run_dir()
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return base
+    return trusted(base or run_dir())
 
 
 def guest_names(base: Path | None = None) -> list[str]:

@@ -25,14 +25,16 @@ from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import ending
+from kvmrun.guest import ending, serial_log
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
+from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
 
 QMP_WAIT = 30.0          # seconds QEMU gets to open its monitor
 INF = float("inf")
+LOG_CHECK = 2.0          # at most this often serial.log's size is looked at, after writes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -79,8 +81,23 @@ class Supervisor:
             os.close(self.ready_fd)
             self.ready_fd = None
 
+    def owns_run(self) -> bool:
+        """Whether the run directory is still this start's (launch.json carries our run
+        id): a supervisor never overwrites or clears another start's guest."""
+        if self.launch.run_id is None:
+            return True                         # a record from before run ids
+        try:
+            recorded = LaunchRecord.read(self.paths.launch).run_id
+        except (OSError, ValueError):
+            return False
+        return recorded in (None, self.launch.run_id)   # None: no newer start wrote it
+
     def save(self, **changes) -> None:
-        self.state.update(changes)
+        self.state.update(changes, run_id=self.launch.run_id)
+        if not self.owns_run():
+            log(f"{self.guest.name}: the run directory belongs to another start; "
+                "not writing its state")
+            return
         try:
             self.guest.write_state(self.state)
         except OSError as err:          # a full run directory: keep supervising the guest
@@ -99,7 +116,7 @@ class Supervisor:
                   ended=None, ready=False, unit=current_unit())
         proc.log_argv(argv)
         try:
-            with open(self.paths.qemu_log, "wb") as qemu_log:
+            with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                              stderr=subprocess.STDOUT, start_new_session=True,
                                              umask=0o177)     # its sockets and logs: 0600
@@ -210,31 +227,34 @@ class Supervisor:
         return rfd
 
     def loop(self) -> None:
+        """Sleep until something happens: QEMU exits, QMP sends an event, a signal, the
+        console log is written (inotify: the ready pattern, and the log's size for
+        rotation at most every LOG_CHECK s), the ready deadline, the watchdog. An idle guest
+        whose console is quiet wakes the supervisor for nothing."""
         ready_deadline = time.monotonic() + self.launch.ready_timeout
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 / 2
         next_ping = time.monotonic() + watchdog if watchdog else None
+        next_log_check, log_written = time.monotonic(), False
         sigfd = self.signal_fd()
-        console_fd = watch_file(self.paths.serial_log) if self.ready_re else None
+        console_fd = watch_file(self.paths.serial_log)
+        poll_log = console_fd is None and self.paths.serial_log.exists()   # no inotify here
         while True:
             booting = self.phase is Phase.BOOTING
-            waits: list[float] = []    # idle: asleep until QEMU, QMP or a signal wakes us
-            if booting:
-                # the console log wakes us through inotify; without it, poll it at 20 Hz
+            waits: list[float] = []
+            if booting:              # without inotify, the console is polled at 20 Hz
                 waits.append(0.05 if console_fd is None else
                              max(0.0, ready_deadline - time.monotonic()))
             if next_ping:
                 waits.append(max(0.0, next_ping - time.monotonic()))
-            fds = [self.pidfd] + ([self.qmp.fileno()] if self.qmp else []) + (
-                [sigfd] if sigfd is not None else []) + (
-                [console_fd] if console_fd is not None and booting else [])
+            if log_written or poll_log:
+                waits.append(max(0.0, next_log_check - time.monotonic()))
+            fds = [fd for fd in (self.pidfd, self.qmp.fileno() if self.qmp else None, sigfd,
+                                 console_fd) if fd is not None]
             timeout = min(waits, default=None)
             readable, _, _ = select.select(
                 fds, [], [], None if timeout in (None, INF) else timeout)
             if console_fd in readable:
-                try:
-                    os.read(console_fd, 65536)
-                except BlockingIOError:
-                    pass
+                log_written = self._drain_inotify(console_fd)
             if self.qmp and self.qmp.fileno() in readable:
                 self.drain_events()
             if sigfd in readable:
@@ -248,9 +268,26 @@ class Supervisor:
                 if self.phase is Phase.BOOTING and time.monotonic() > ready_deadline:
                     self.report("ready-timeout")
                     ready_deadline = INF
+            if (log_written or poll_log) and time.monotonic() >= next_log_check:
+                self.rotate_log()
+                next_log_check, log_written = time.monotonic() + LOG_CHECK, False
             if next_ping and time.monotonic() >= next_ping:
                 self.watchdog_ping()
                 next_ping = time.monotonic() + watchdog
+
+    @staticmethod
+    def _drain_inotify(fd: int) -> bool:
+        try:
+            os.read(fd, 65536)
+        except BlockingIOError:
+            pass
+        return True
+
+    def rotate_log(self) -> None:
+        if serial_log.rotate(self.paths, self.launch.serial_log_max):
+            self.console_offset = 0          # the ready check reads the new file from 0
+            log(f"{self.guest.name}: serial.log reached {self.launch.serial_log_max} "
+                "bytes: rotated")
 
     def watchdog_ping(self) -> None:
         if not self.qmp:
@@ -279,7 +316,7 @@ class Supervisor:
         notify(f"STOPPING=1\nSTATUS=stopping the guest ({by})")
         notify(f"EXTEND_TIMEOUT_USEC={int((timeout + 2 * GRACE + 35) * 1e6)}")
         log(f"{self.guest.name}: {by}: stopping the guest (timeout {timeout:g}s)")
-        self.guest.set_request("stop", by)
+        self.guest.try_request("stop", by)
 
         def send(command: str) -> None:
             if self.qmp:
@@ -291,7 +328,7 @@ class Supervisor:
         ladder = Ladder(self.pidfd, send, method=self.launch.shutdown_method,
                         console_sock=str(self.paths.console), qga_sock=str(self.paths.qga),
                         command=self.launch.shutdown_command, progress=self.stop_progress)
-        self.guest.set_request("stop", by, stage=ladder.run(timeout, force=True))
+        self.guest.try_request("stop", by, stage=ladder.run(timeout, force=True))
 
     def stop_progress(self, stage: str, message: str) -> None:
         """Each step of the ladder: a log line, and more time from systemd while the
@@ -312,6 +349,10 @@ class Supervisor:
         if ended["reason"] in ("crashed", "qemu-error"):
             ended["stderr"] = files.read_text(self.paths.qemu_log).strip()[-2000:]
         self.phase = Phase.ENDED
+        if not self.owns_run():
+            log(f"{self.guest.name}: ended ({ended['detail']}), but the run directory "
+                "belongs to another start now: leaving it alone")
+            return code
         try:
             ending.record_end(self.guest, self.state, ended, code)
         except OSError as err:

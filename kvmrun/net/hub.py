@@ -25,9 +25,47 @@ from pathlib import Path
 
 from kvmrun import files, proc
 
-IDLE = 30.0              # seconds without ports before the hub exits
+IDLE = float(os.environ.get("KVMRUN_HUB_IDLE") or 30.0)   # seconds without ports, then exit
+START_GRACE = float(os.environ.get("KVMRUN_PORT_GRACE") or 60.0)  # a new port's QEMU starts
 REFRESH = 1.0            # seconds between re-reads of the ports directory
 MAC_AGE = 300.0          # seconds a learnt MAC stays
+
+
+def collect_stale(ports_dir: Path) -> list[str]:
+    """Remove the port links whose guest's QEMU is gone (a guest that crashed with its
+    supervisor, so nobody tore its port down): a port is live while a QEMU holds the
+    pidfile lock in the run directory the port's socket lives in, or while it is younger
+    than START_GRACE (its QEMU is still starting). Returns the names removed."""
+    removed = []
+    try:
+        links = list(ports_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    for link in links:
+        try:
+            target = Path(os.readlink(link))
+            age = time.time() - link.lstat().st_ctime
+        except OSError:
+            continue
+        if age < START_GRACE or _qemu_alive(target.parent / "qemu.pid"):
+            continue
+        try:
+            link.unlink()
+            removed.append(link.name)
+        except OSError:
+            pass
+    return removed
+
+
+def _qemu_alive(pidfile: Path) -> bool:
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return files.write_locked(fd)
+    finally:
+        os.close(fd)
 
 
 class Hub:
@@ -39,6 +77,7 @@ class Hub:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.path = directory / "hub.sock"
         self.refreshed = 0.0
+        self.collected = 0.0
         self.empty_since = time.monotonic()
 
     def bind(self) -> None:
@@ -56,6 +95,9 @@ class Hub:
                          {"pid": os.getpid(), "starttime": proc.starttime(os.getpid())})
 
     def refresh(self) -> None:
+        if time.monotonic() - self.collected > START_GRACE / 4:
+            collect_stale(self.ports_dir)
+            self.collected = time.monotonic()
         ports = set()
         try:
             for link in self.ports_dir.iterdir():

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, NetworkError
+from kvmrun.net.hub import collect_stale
 from kvmrun.net.names import net_dir, port_socket
 from kvmrun.paths import RunPaths
 
@@ -85,7 +86,9 @@ def ensure_hub(directory: Path) -> None:
 
 
 def members(name: str, base: Path | None = None) -> list[str]:
-    """GUEST.INDEX of the NICs attached to a named network."""
+    """GUEST.INDEX of the NICs attached to a named network (ports of guests that are
+    gone are collected first)."""
+    collect_stale(net_dir(name, base) / "ports")
     try:
         return sorted(p.name for p in (net_dir(name, base) / "ports").iterdir())
     except FileNotFoundError:

@@ -99,6 +99,21 @@ def _nft_rules(state: dict) -> str:
 """
 
 
+def _dnsmasq_user() -> list[str]:
+    """dnsmasq drops root once its sockets, lease and log files are open: to
+    KVMRUN_DNSMASQ_USER, else `nobody` (with that user's group)."""
+    import grp
+    import pwd
+    name = os.environ.get("KVMRUN_DNSMASQ_USER") or "nobody"
+    try:
+        entry = pwd.getpwnam(name)
+        group = grp.getgrgid(entry.pw_gid).gr_name
+    except KeyError:
+        raise HostError(f"no user {name!r} for dnsmasq to run as",
+                        hint="set KVMRUN_DNSMASQ_USER to an unprivileged user") from None
+    return [f"--user={name}", f"--group={group}"]
+
+
 def _start_dnsmasq(directory: Path, state: dict, subnet: ipaddress.IPv4Network) -> dict:
     leases_file = directory / "leases"
     leases_file.touch(mode=0o644)
@@ -109,7 +124,7 @@ def _start_dnsmasq(directory: Path, state: dict, subnet: ipaddress.IPv4Network) 
             "--dhcp-no-override", f"--dhcp-range={first},{last},{subnet.netmask},1h",
             f"--dhcp-lease-max={subnet.num_addresses}",
             f"--dhcp-leasefile={leases_file}", f"--pid-file={directory / 'dnsmasq.pid'}",
-            "--user=root", "--group=root",
+            *_dnsmasq_user(),
             f"--log-facility={directory / 'dnsmasq.log'}", "--log-dhcp",
             f"--conf-dir={directory / 'dnsmasq.d'}"]
     (directory / "dnsmasq.d").mkdir(exist_ok=True, mode=0o700)

@@ -20,30 +20,47 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     if not state:
         raise GuestError(f"no guest named {guest.name!r} in {guest.paths.dir.parent}",
                          hint="see `kvmrun list --all`")
-    summary = state.get("summary", {})
+    summary = state.get("summary") if isinstance(state.get("summary"), dict) else {}
     pid = guest.qemu_pid(state)
+    supervisor = guest.supervisor_pid(state)
     info = {
         "name": guest.name, "state": state_name, "pid": pid,
-        "uptime": round(time.time() - state["started_at"], 1) if pid else None,
+        "uptime": _uptime(state) if pid else None,
         "arch": summary.get("arch"), "machine": summary.get("machine"),
         "accel": summary.get("accel"), "vcpus": summary.get("smp"),
         "memory_mib": summary.get("memory"), "forwards": summary.get("forwards", []),
         "shutdown_method": summary.get("shutdown_method"), "ready": state.get("ready"),
+        "sandbox": summary.get("sandbox"), "qemu_user": summary.get("qemu_user"),
         "profile": summary.get("source"),
         "console": str(guest.paths.console), "serial_log": str(guest.paths.serial_log),
         "qmp": str(guest.paths.qmp_cli), "run_dir": str(guest.paths.dir),
-        "supervisor_pid": guest.supervisor_pid(state),
+        "supervisor_pid": supervisor,
+        # a guest whose supervisor died still runs, but nobody records its events or end
+        "supervisor": None if not pid else "running" if supervisor else "dead",
         "ended": None if pid else state.get("ended"),
     }
+    if state.get("record") in ("unreadable", "missing"):
+        info["record"] = state["record"]
+        info["problem"] = (f"{guest.paths.state} is {state['record']}"
+                           + ("; QEMU still holds the guest's pidfile" if pid else ""))
     launch = guest.launch_or_none()
     info["ephemeral_disks"] = launch.ephemeral_disks if launch else []
     info["agent"] = str(guest.paths.qga) if launch and agent.has_port(launch.argv) else None
     info["nics"] = nic_status(guest)
     info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
                       for s in (launch.shares if launch else [])]
-    if pid and detailed:
+    if pid and detailed and state_name is State.NOT_RESPONDING:
+        info["problem"] = "QEMU is stopped by a signal (SIGSTOP or a debugger): it cannot " \
+                          "answer its monitor"
+        info.update(usage(pid))
+    elif pid and detailed:
         info.update(_live_details(guest, pid))
     return info
+
+
+def _uptime(state: dict) -> float | None:
+    started = state.get("started_at")
+    return round(time.time() - started, 1) if isinstance(started, (int, float)) else None
 
 
 def share_mount_command(tag: str, readonly: bool = False) -> str:
@@ -83,8 +100,9 @@ def _live_details(guest: Guest, pid: int) -> dict:
                  "io_status": b.get("io-status")}
                 for b in client.execute("query-block") if b.get("inserted")]
             details["paused_reason"] = paused_reason(status, details["disks"])
-    except (QMPError, GuestError) as err:
+    except (QMPError, GuestError) as err:   # a hung QEMU: bounded by the 2 s timeout
         details["qmp_error"] = str(err)
+        details["state"] = State.NOT_RESPONDING
     details.update(usage(pid))
     return details
 
@@ -106,15 +124,16 @@ def list_guests(include_ended: bool = True) -> list[dict]:
     rows = []
     for name in guest_names():
         guest = Guest(name)
-        state_name, state = guest.live_state()
+        state_name, state = guest.live_state()      # one bad record spoils only its row
         if not include_ended and not state_name.live:
             continue
-        summary = state.get("summary", {})
+        summary = state.get("summary") if isinstance(state.get("summary"), dict) else {}
         pid = guest.qemu_pid(state)
+        ended = state.get("ended") if isinstance(state.get("ended"), dict) else {}
         rows.append({"name": name, "state": state_name, "pid": pid,
                      "memory_mib": summary.get("memory"), "vcpus": summary.get("smp"),
-                     "uptime": round(time.time() - state["started_at"], 1) if pid else None,
-                     "ended": None if pid else (state.get("ended") or {}).get("reason"),
+                     "uptime": _uptime(state) if pid else None,
+                     "ended": None if pid else ended.get("reason"),
                      "unit": state.get("unit")})
     return rows
 

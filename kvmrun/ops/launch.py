@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shlex
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +22,7 @@ from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir
+from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir, trusted
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
 from kvmrun.ops import quickstart
@@ -56,6 +58,26 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     return profile, compiled
 
 
+def _lock_disks(profile: Profile, held: contextlib.ExitStack) -> None:
+    """An flock per disk image this guest writes, held until its QEMU is up (then QEMU's
+    own image lock guards the file, and the launch record names it for `_disks_in_use`):
+    two guests started at once with one disk cannot both pass the in-use check."""
+    locks = trusted(prepare_run_dir() / ".disks")
+    for disk in profile.disks:
+        if disk.readonly or disk.ephemeral:
+            continue
+        real = os.path.realpath(disk.path)
+        path = locks / (hashlib.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        held.callback(os.close, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GuestError(f"disk {disk.path} is being started by another guest",
+                             hint="give each guest its own disk (or mark it readonly)") \
+                from None
+
+
 def _claim(profile: Profile, guest: Guest, compiled: Compiled,
            undo: contextlib.ExitStack) -> None:
     """Under the guest's lock: refuse a second guest of this name or a disk in use, clear
@@ -64,6 +86,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     if guest.qemu_pid() is not None:
         raise GuestError(f"{profile.name} is already running (pid {guest.qemu_pid()})",
                          hint=f"see `kvmrun status {profile.name}`")
+    _lock_disks(profile, undo.held)
     busy = disks_in_use(profile.name, [d.path for d in profile.disks],
                         [d.path for d in profile.disks if d.readonly or d.ephemeral])
     if busy:
@@ -78,6 +101,11 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
     launch_record(profile, compiled).write(guest.paths.launch)
+    guest.reserve_request()
+
+
+def _runas(argv: list[str]) -> str | None:
+    return argv[argv.index("-runas") + 1] if "-runas" in argv else None
 
 
 def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
@@ -91,11 +119,20 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
+        serial_log_max=profile.serial_log_max << 20, run_id=uuid.uuid4().hex,
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],
                  "shutdown_method": profile.shutdown.method,
-                 "ssh": sshops.login_defaults(profile)})
+                 "ssh": sshops.login_defaults(profile),
+                 "sandbox": compiled.sandbox or "off",
+                 "qemu_user": _runas(compiled.argv)})
+
+
+class Undo(contextlib.ExitStack):
+    """The undos of a start, and (`held`) what it holds until it returns."""
+
+    held: contextlib.ExitStack
 
 
 @contextlib.contextmanager
@@ -104,8 +141,9 @@ def _starting(guest: Guest):
     the run directory cleared or removed) when the start fails before QEMU is up."""
     prepare_run_dir()
     created = not guest.paths.dir.exists()
-    with guest.lock() as lock_fd:
-        with contextlib.ExitStack() as undo:
+    with guest.lock() as lock_fd, contextlib.ExitStack() as held:
+        with Undo() as undo:
+            undo.held = held                # what a start holds until it returns (locks)
             undo.callback(_forget, guest, created)
             try:
                 yield lock_fd, undo
@@ -206,7 +244,7 @@ def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
 
 def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    errlog = open(guest.paths.supervisor_log, "ab")
+    errlog = files.open_private(guest.paths.supervisor_log, "ab")
     try:
         sup = subprocess.Popen(
             supervisor_command(profile.name, guest.paths.dir.parent, "--ready-fd", str(wfd)),

@@ -64,7 +64,7 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
     try:
         launch = guest.read_launch()
         timeout = float(timeout if timeout is not None else launch.shutdown_timeout)
-        guest.set_request("stop", "kvmrun stop")
+        guest.try_request("stop", "kvmrun stop")
         recorded: list[str] = []
 
         def record_stage(stage: str, message: str) -> None:
@@ -73,7 +73,7 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
             # and would re-create the file after it cleaned up).
             if stage not in recorded:
                 recorded.append(stage)
-                guest.set_request("stop", "kvmrun stop", stage)
+                guest.try_request("stop", "kvmrun stop", stage)
             progress(stage, message)
 
         ladder = Ladder(pidfd, _cli_qmp(guest), method=launch.shutdown_method,
@@ -83,7 +83,7 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
         try:
             stage = ladder.run(timeout, force)
         except GuestTimeout:
-            guest.paths.request.unlink(missing_ok=True)
+            guest.clear_request()
             raise
     finally:
         os.close(pidfd)
@@ -91,7 +91,13 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
     _record_end_without_supervisor(guest, state, {"reason": "stopped", "by": "kvmrun stop",
                                                   "stage": stage,
                                                   "detail": f"stopped by kvmrun stop ({stage})"})
-    return {"name": guest.name, "stage": stage, "state": guest.live_state()[0],
+    final, recorded = guest.live_state()
+    if final is State.CRASHED:          # the supervisor saw how QEMU really exited
+        ended = recorded.get("ended") or {}
+        raise GuestError(f"{guest.name} crashed while it was being stopped: "
+                         f"{ended.get('detail', 'QEMU died')}",
+                         hint=f"see `kvmrun status {guest.name}` and `kvmrun logs {guest.name}`")
+    return {"name": guest.name, "stage": stage, "state": final,
             "method": launch.shutdown_method}
 
 
@@ -99,7 +105,7 @@ def kill(guest: Guest) -> dict:
     """Hard power-off now: QMP quit, SIGKILL if QMP does not end it quickly."""
     pidfd, state = _identified_pidfd(guest)
     try:
-        guest.set_request("kill", "kvmrun kill")
+        guest.try_request("kill", "kvmrun kill")
         stage = "quit"
         try:
             query(guest.paths.qmp_cli, "quit", timeout=2)

@@ -22,6 +22,7 @@ import json
 import os
 import select
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -116,6 +117,7 @@ def start(ref: str, note: Callable[[str], None]) -> tuple[dict, dict] | None:
     if entry is None:
         return None
     launch = LaunchRecord.from_json(entry["launch"])
+    launch.run_id = uuid.uuid4().hex                 # every start is a run of its own
     guest = Guest(entry["name"])
     for line in entry.get("notes", []):
         note(line)

@@ -15,7 +15,7 @@ from kvmrun.paths import MAX_NAME, NAME_RE
 from kvmrun.profile.model import (CloudInit, Disk, Kernel, Network, Profile, Ready, Share,
                                   Shutdown, Ssh)
 from kvmrun.profile.spec import (Bool, Either, Enum, Field, FilePath, Int, List, Obj, Size,
-                                 Spec, Str, suggest)
+                                 Spec, Str, shown, suggest)
 
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 SEED_INTERFACES = ("virtio", "ide", "scsi")
@@ -30,7 +30,7 @@ class ArchSpec(Spec):
     def check(self, value, ctx, path):
         found = archmod.canonical(str(value))
         if found is None:
-            return ctx.error(path, f"{value!r} is not a known architecture"
+            return ctx.error(path, f"{shown(value)} is not a known architecture"
                              + suggest(str(value), list(archmod.ARCHES)),
                              hint="known: " + ", ".join(archmod.ARCHES))
         return found
@@ -43,12 +43,13 @@ class Boot(Str):
     def check(self, value, ctx, path):
         value = super().check(value, ctx, path)
         if value is not None and len(set(value)) != len(value):
-            return ctx.error(path, f"{value!r} names a device twice")
+            return ctx.error(path, f"{shown(value)} names a device twice")
         return value
 
 
-_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d+)[-:]"
-                     r"(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d+)")
+_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d{1,5})[-:]"
+                     r"(?:(\d{1,3}(?:\.\d{1,3}){3})?:)?(\d{1,5})", re.ASCII)  # no '٣'
+GDB_UNIX = "unix"         # gdb: true -> a unix socket in the run directory (gdb.sock)
 
 
 class Forward(Spec):
@@ -60,7 +61,7 @@ class Forward(Spec):
     def check(self, value, ctx, path):
         m = _FWD_RE.fullmatch(str(value).strip())
         if not m or isinstance(value, bool):
-            return ctx.error(path, f"{value!r} is not a port forward",
+            return ctx.error(path, f"{shown(value)} is not a port forward",
                              hint="write HOSTPORT:GUESTPORT (2222:22) or QEMU's form "
                                   "tcp:127.0.0.1:2222-:22")
         proto, haddr, hport, gaddr, gport = m.groups()
@@ -74,16 +75,18 @@ class Forward(Spec):
 
 
 class Gdb(Spec):
-    """true (port 1234), a port, or HOST:PORT; normalised to `HOST:PORT`."""
+    """true (a unix socket only this user can reach: `gdb.sock` in the run directory), a
+    port, or HOST:PORT (TCP, which any local user can reach); normalised to `unix` or
+    `HOST:PORT`."""
 
     def check(self, value, ctx, path):
         if value is False:
             return None
-        if value is True:
-            return "127.0.0.1:1234"
-        m = re.fullmatch(r"(?:([\w.-]+|\[[0-9a-fA-F:]+\]):)?(\d+)", str(value))
+        if value is True or value == GDB_UNIX:
+            return GDB_UNIX
+        m = re.fullmatch(r"(?:([\w.-]+|\[[0-9a-fA-F:]+\]):)?(\d{1,5})", str(value), re.ASCII)
         if not m or not 1 <= int(m.group(2)) <= 65535:
-            return ctx.error(path, f"{value!r} is not a gdb port",
+            return ctx.error(path, f"{shown(value)} is not a gdb port",
                              hint="true, a port (1234) or HOST:PORT (127.0.0.1:1234)")
         return f"{m.group(1) or '127.0.0.1'}:{m.group(2)}"
 
@@ -169,7 +172,7 @@ class YamlText(Spec):
                                                 default_flow_style=False)
         if isinstance(value, str):
             return value
-        return ctx.error(path, f"expected text or a mapping, found {value!r}")
+        return ctx.error(path, f"expected text or a mapping, found {shown(value)}")
 
     def schema(self):
         return {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}]}
@@ -205,10 +208,10 @@ class IPv4Net(Str):
         try:
             net = ipaddress.IPv4Network(value)
         except ValueError as err:
-            return ctx.error(path, f"{value!r} is not an IPv4 network: {err}",
+            return ctx.error(path, f"{shown(value)} is not an IPv4 network: {err}",
                              hint="write ADDRESS/PREFIX, e.g. 10.0.2.0/24")
         if net.prefixlen > 29:
-            return ctx.error(path, f"{value!r} is too small (a /29 at most)")
+            return ctx.error(path, f"{shown(value)} is too small (a /29 at most)")
         return str(net)
 
 
@@ -220,7 +223,7 @@ class IPv4Addr(Str):
         try:
             return str(ipaddress.IPv4Address(value))
         except ValueError:
-            return ctx.error(path, f"{value!r} is not an IPv4 address")
+            return ctx.error(path, f"{shown(value)} is not an IPv4 address")
 
 
 NETWORK = Obj(Network, {
@@ -306,12 +309,17 @@ PROFILE = Obj(Profile, {
     "display": Field(Enum(("none", "vnc", "gtk", "sdl", "spice")), "graphical console"),
     "serial": Field(Enum(("log", "stdio", "socket", "none")),
                     "serial console: log (socket + log file), stdio, socket, none"),
+    "serial_log_max": Field(Size(1, 64 * 1024), "rotate serial.log at this size (the "
+                            "previous part is kept as serial.log.1); default 8M"),
     "devices": Field(List(Enum(DEVICES)), "virtio extras: " + ", ".join(DEVICES)),
     "shutdown": Field(SHUTDOWN, "graceful shutdown"),
     "ready": Field(READY, "when a started guest counts as ready"),
     "ssh": Field(SSH, "how `kvmrun ssh` logs in"),
-    "gdb": Field(Gdb(), "gdb stub: true, a port, or HOST:PORT (localhost by default)"),
+    "gdb": Field(Gdb(), "gdb stub: true (a unix socket, gdb.sock in the run directory), or a port "
+                 "or HOST:PORT (TCP on 127.0.0.1 by default: any local user can reach it)"),
     "halted": Field(Bool(), "start with vCPUs stopped (resume with `kvmrun resume` or gdb)"),
     "semihosting": Field(Bool(), "enable Arm/RISC-V semihosting"),
+    "sandbox": Field(Bool(), "QEMU's seccomp sandbox (obsolete, set*id, spawn and resource "
+                             "control denied); default true; false turns it off (a warning)"),
     "qemu_args": Field(List(Str()), "extra QEMU arguments, appended verbatim"),
 }, "A kvmrun VM profile")

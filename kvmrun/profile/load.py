@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from kvmrun.errors import Location, ProfileError
+from kvmrun.errors import Location, ProfileError, shown
 from kvmrun.paths import NAME_RE
 from kvmrun.profile.keys import PROFILE
 from kvmrun.profile.model import Profile
@@ -78,14 +78,18 @@ def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dic
     where = Location(display, ("extends",), lines[("extends",)][1])
     if not isinstance(base_ref, str) or not base_ref or "\0" in base_ref:
         raise ProfileError(where, "expected a file path")
-    base_path = (path.resolve().parent / os.path.expanduser(base_ref)).resolve()
-    chain = stack + [path.resolve()]
-    if base_path in chain:
-        loop = " -> ".join(p.name for p in chain + [base_path])
-        raise ProfileError(where, f"extends loop: {loop}")
-    if not base_path.is_file():
-        raise ProfileError(where, f"base profile {str(base_path)!r} "
-                                  + ("is not a file" if base_path.exists() else "not found"))
+    try:
+        base_path = (path.resolve().parent / os.path.expanduser(base_ref)).resolve()
+        chain = stack + [path.resolve()]
+        if base_path in chain:
+            loop = " -> ".join(p.name for p in chain + [base_path])
+            raise ProfileError(where, f"extends loop: {loop}")
+        if not base_path.is_file():
+            raise ProfileError(where, f"base profile {str(base_path)!r} "
+                               + ("is not a file" if base_path.exists() else "not found"))
+    except OSError as err:          # a name too long, a loop of links, no permission
+        raise ProfileError(where, f"cannot open base profile {shown(base_ref)}: "
+                                  f"{err.strerror}") from None
     base, base_lines = _load_with_extends(base_path, str(base_path), chain)
     base.pop("name", None)          # a VM's name is its own, never inherited
     del data["extends"]
@@ -121,13 +125,13 @@ def _merge(base: Any, over: Any) -> Any:
 
 def apply_set(data: dict, lines: Lines, assignment: str) -> None:
     """Apply `key.path=value` (value parsed as YAML) in place; indexes are numbers."""
-    where = f"{COMMAND_LINE} {assignment}"
+    where = f"{COMMAND_LINE} {assignment if len(assignment) <= 80 else assignment[:79] + '…'}"
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ProfileError(Location(where), "expected KEY=VALUE, e.g. memory=4G or "
                                             "disks.0.cache=unsafe")
     try:
-        value = parse_scalar(raw) if raw.strip() else None
+        value = parse_scalar(raw, where) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p

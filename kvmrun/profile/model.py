@@ -122,6 +122,7 @@ class Profile:
     network: tuple[Network, ...] = (Network(),)
     display: str = "none"
     serial: str = "log"
+    serial_log_max: int = 8                # MiB; serial.log is rotated at this size
     devices: tuple[str, ...] = ("rng",)
     shutdown: Shutdown = Shutdown()
     ready: Ready = Ready()
@@ -129,6 +130,7 @@ class Profile:
     gdb: str | None = None
     halted: bool = False
     semihosting: bool = False
+    sandbox: bool = True                   # QEMU's seccomp sandbox (-sandbox on,…)
     qemu_args: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)
     lines: dict = field(default_factory=dict, compare=False, repr=False)

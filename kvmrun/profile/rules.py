@@ -64,6 +64,10 @@ def warnings(p: Profile) -> list[ProfileError]:
     problem = power_button_problem(p)
     found = [ProfileError(p.location("shutdown", "method"), problem, POWER_BUTTON_HINT)
              ] if problem else []
+    if not p.sandbox:
+        found.append(ProfileError(p.location("sandbox"), "QEMU runs without its seccomp "
+                                  "sandbox: a guest that breaks out of QEMU has all of "
+                                  "this user's system calls"))
     return found + list(_bus_driver_warnings(p))
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmrun.errors import Location, ProfileError, ProfileErrors
+from kvmrun.errors import Location, ProfileError, ProfileErrors, shown
 from kvmrun.profile.yamlsrc import KeyPath, Lines
 
 COMMAND_LINE = "--set"
+PATH_MAX, NAME_MAX = 4095, 255     # Linux: longer gives ENAMETOOLONG
 
 
 class Ctx:
@@ -80,11 +82,11 @@ class Str(Spec):
             return ctx.error(path, f"expected {self.what}, found {type_name(value)}")
         value = str(value)
         if "\0" in value:              # no argument to a process can carry one
-            return ctx.error(path, f"{value!r} contains a NUL character")
+            return ctx.error(path, f"{shown(value)} contains a NUL character")
         if self.max_len and len(value) > self.max_len:
-            return ctx.error(path, f"{value!r} is longer than {self.max_len} characters")
+            return ctx.error(path, f"{shown(value)} is longer than {self.max_len} characters")
         if self.pattern and not re.fullmatch(self.pattern, value):
-            return ctx.error(path, f"{value!r} is not {self.what}")
+            return ctx.error(path, f"{shown(value)} is not {self.what}")
         return value
 
     def schema(self):
@@ -102,7 +104,7 @@ class Enum(Spec):
 
     def check(self, value, ctx, path):
         if str(value) not in self.choices or isinstance(value, (bool, dict, list)):
-            return ctx.error(path, f"{value!r} is not one of {', '.join(self.choices)}"
+            return ctx.error(path, f"{shown(value)} is not one of {', '.join(self.choices)}"
                              + suggest(str(value), list(self.choices)))
         return str(value)
 
@@ -120,7 +122,7 @@ class Int(Spec):
             if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
                 value = int(value)
             else:
-                return ctx.error(path, f"expected a whole number, found {value!r}")
+                return ctx.error(path, f"expected a whole number, found {shown(value)}")
         if not self.min <= value <= self.max:
             return ctx.error(path, f"{value} is out of range ({self.min} to {self.max})")
         return value
@@ -132,7 +134,7 @@ class Int(Spec):
 class Bool(Spec):
     def check(self, value, ctx, path):
         if not isinstance(value, bool):
-            return ctx.error(path, f"expected true or false, found {value!r}")
+            return ctx.error(path, f"expected true or false, found {shown(value)}")
         return value
 
     def schema(self):
@@ -149,7 +151,11 @@ def parse_size_mib(value: Any) -> float | None:
         return None
     if isinstance(value, int):
         return value
-    m = _SIZE_RE.fullmatch(str(value).strip())
+    text = str(value).strip()
+    if isinstance(value, float) and not math.isfinite(value) or (
+            len(text) > 40 and text[:1].isascii() and text[:1].isdigit()):
+        return math.inf                   # far out of any range: '9' * 400 + 'M'
+    m = _SIZE_RE.fullmatch(text)
     if not m:
         return None
     return float(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
@@ -165,12 +171,15 @@ class Size(Spec):
     def check(self, value, ctx, path):
         mib = parse_size_mib(value)
         if mib is None:
-            return ctx.error(path, f"{value!r} is not a size",
+            return ctx.error(path, f"{shown(value)} is not a size",
                              hint="use MiB as a number (2048) or a size with a unit: 512M, 2G")
+        if isinstance(mib, float) and math.isinf(mib):
+            return ctx.error(path, f"{shown(value)} is out of range ({self.min} MiB to "
+                                   f"{self.max // (1024 * 1024)} TiB)")
         if mib != int(mib):
-            return ctx.error(path, f"{value!r} is not a whole number of MiB")
+            return ctx.error(path, f"{shown(value)} is not a whole number of MiB")
         if not self.min <= mib <= self.max:
-            return ctx.error(path, f"{value!r} is out of range ({self.min} MiB to "
+            return ctx.error(path, f"{shown(value)} is out of range ({self.min} MiB to "
                                    f"{self.max // (1024 * 1024)} TiB)")
         return int(mib)
 
@@ -189,10 +198,14 @@ class FilePath(Spec):
         if not isinstance(value, str) or not value:
             return ctx.error(path, f"expected a file path, found {type_name(value)}")
         if "\0" in value:
-            return ctx.error(path, f"{value!r} contains a NUL character")
+            return ctx.error(path, f"{shown(value)} contains a NUL character")
+        if len(os.fsencode(value)) > PATH_MAX or any(
+                len(os.fsencode(part)) > NAME_MAX for part in value.split("/")):
+            return ctx.error(path, f"{shown(value)} is longer than a path can be "
+                                   f"({NAME_MAX} bytes a name, {PATH_MAX} in all)")
         expanded = os.path.expanduser(value)
         if expanded.startswith("~"):
-            return ctx.error(path, f"{value!r} names an unknown user's home directory")
+            return ctx.error(path, f"{shown(value)} names an unknown user's home directory")
         return os.path.normpath(ctx.base_dir(path) / expanded)
 
     def schema(self):

@@ -29,6 +29,7 @@ class Compiled:
     argv: list[str]
     accel: str
     machine: str
+    sandbox: str | None = None     # the -sandbox value, None when turned off
 
 
 def qemu_escape(value: str) -> str:
@@ -76,9 +77,45 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
                  _kernel(profile), _storage(profile, a, paths), _shares(profile, a),
                  _network(profile, a, host, paths),
                  _serial(profile, paths), _devices(profile, a, paths),
-                 _control(profile, paths), profile.qemu_args):
+                 _control(profile, paths)):
         argv.extend(part)
-    return Compiled(argv, accel, profile.machine or a.machine)
+    runas = runas_user(profile, host)
+    if runas:
+        argv += ["-runas", runas]
+    sandbox = sandbox_option(profile, host)
+    if sandbox:
+        argv += ["-sandbox", sandbox]
+    argv.extend(profile.qemu_args)
+    return Compiled(argv, accel, profile.machine or a.machine, sandbox)
+
+
+def runas_user(p: Profile, host: HostFacts) -> str | None:
+    """The user QEMU drops to after opening what needs root (disks, taps, /dev/kvm,
+    sockets, logs: all opened before -runas takes effect). Not with features QEMU uses
+    by path after start-up: virtio-9p shares (root's files) and isolated networks (the
+    hub socket in root's 0700 run directory)."""
+    if not host.qemu_user or p.shares or any(n.type == "isolated" for n in p.network):
+        return None
+    return host.qemu_user
+
+
+SANDBOX = {"obsolete": "deny", "elevateprivileges": "deny", "spawn": "deny",
+           "resourcecontrol": "deny"}
+
+
+def sandbox_option(p: Profile, host: HostFacts) -> str | None:
+    """QEMU's seccomp filter (as libvirt and incus run it): no obsolete system calls, no
+    set*id, no fork/exec, no CPU affinity or scheduler changes. Relaxed only where a
+    feature needs it: a bridge NIC without root runs the setuid qemu-bridge-helper (a
+    spawn that must keep its privileges). `sandbox: false` turns it off."""
+    if not p.sandbox:
+        return None
+    rules = dict(SANDBOX)
+    if any(n.type == "bridge" for n in p.network) and not host.net_admin:
+        rules.update(spawn="allow", elevateprivileges="allow")
+    if runas_user(p, host):         # -runas calls setuid after the filter is in place;
+        rules.update(elevateprivileges="allow")   # once dropped, set*id cannot regain root
+    return ",".join(["on"] + [f"{k}={v}" for k, v in rules.items()])
 
 
 def _identity(p: Profile) -> Args:
@@ -315,7 +352,11 @@ def _control(p: Profile, paths: RunPaths) -> Args:
                                      server=True, wait=False))
         yield from ("-mon", opts(chardev=chardev, mode="control"))
     yield from ("-pidfile", str(paths.pidfile))
-    if p.gdb:
+    if p.gdb == "unix":           # only this user can enter the run directory
+        yield from ("-chardev", opts("socket", id="gdb0", path=qemu_escape(paths.gdb),
+                                     server=True, wait=False))
+        yield from ("-gdb", "chardev:gdb0")
+    elif p.gdb:
         yield from ("-gdb", f"tcp:{p.gdb}")
     if p.halted:
         yield "-S"

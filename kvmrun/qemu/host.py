@@ -35,7 +35,25 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
         if found:
             uefi[a.name] = found
     return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
-                     net_admin=os.geteuid() == 0)
+                     net_admin=os.geteuid() == 0, qemu_user=qemu_user())
+
+
+def qemu_user() -> str | None:
+    """The user QEMU drops to when kvmrun runs as root: KVMRUN_QEMU_USER (an existing
+    user; opt-in for now, see the README). None when not root or not set."""
+    name = os.environ.get("KVMRUN_QEMU_USER") or None
+    if name is None or os.geteuid() != 0:
+        return None
+    import pwd
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise HostError(f"KVMRUN_QEMU_USER={name!r}: no such user",
+                        hint="create it (useradd --system --no-create-home --shell "
+                             "/usr/sbin/nologin kvmrun) or unset the variable") from None
+    if entry.pw_uid == 0:
+        raise HostError(f"KVMRUN_QEMU_USER={name!r} is root: nothing would be dropped")
+    return name
 
 
 def uefi_vars_template(arch_name: str) -> str | None:

@@ -132,7 +132,9 @@ def with_free_ports(profile: Profile) -> Profile:
         return f"{proto}:{haddr}:{free_port()}-{rest.split('-', 1)[1]}"
     nets = tuple(dataclasses.replace(n, forward=tuple(move(f) for f in n.forward))
                  for n in profile.network)
-    gdb = f"{profile.gdb.rsplit(':', 1)[0]}:{free_port()}" if profile.gdb else None
+    gdb = profile.gdb                   # a unix socket (gdb: true) needs no free port
+    if gdb and gdb != "unix":
+        gdb = f"{gdb.rsplit(':', 1)[0]}:{free_port()}"
     return dataclasses.replace(profile, network=nets, gdb=gdb)
 
 

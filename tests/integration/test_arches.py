@@ -202,7 +202,10 @@ def test_cmdline_shows_gdb_and_halted(kr):
     out = kr.ok("cmdline", "--arch", "riscv64", "--kernel", UBOOT, "--gdb", "--halted",
                 "--json").out
     argv = json.loads(out)
-    assert argv[argv.index("-gdb") + 1] == "tcp:127.0.0.1:1234" and "-S" in argv
+    # `--gdb` alone: a unix socket in the private run directory (issue 12), not TCP 1234
+    assert argv[argv.index("-gdb") + 1] == "chardev:gdb0" and "-S" in argv
+    assert any(a.startswith("socket,id=gdb0,path=") and a.count("gdb.sock") == 1
+               for a in argv)
     argv = json.loads(kr.ok("cmdline", "--gdb", "0.0.0.0:3333", "--arch", "arm", "--kernel",
                             UBOOT, "--json").out)
     assert argv[argv.index("-gdb") + 1] == "tcp:0.0.0.0:3333" and "-S" not in argv

@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 from contextlib import contextmanager
 
 import pytest
@@ -321,6 +322,9 @@ def test_nat_network(kr, tiny_guest):
         info = json.loads(ok_ns(kr, ns, "net", "status", "default", "--json"))
         assert info["running"] and len(info["taps"]) == 2 and len(info["leases"]) == 2
         assert "table ip kvmrun_default" in in_ns(ns, "nft", "list", "tables").stdout
+        uids = [line.split()[1:] for line in Path(f"/proc/{info['dnsmasq_pid']}/status")
+                .read_text().splitlines() if line.startswith("Uid:")][0]
+        assert "0" not in uids                     # dnsmasq dropped root (issue 12)
 
         code, _, err = kr_ns(kr, ns, "net", "stop", "default")
         assert code == 4 and "in use by 2 guest NIC(s)" in err
