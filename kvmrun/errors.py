@@ -5,7 +5,9 @@
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
      │    └── ProfileErrors     exit 2   several at once, one per line
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
-     │    └── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    ├── NetworkError      exit 3   a network verb failed (name, definition, subnet)
+     │    └── RemoteError       exit 3   another host cannot be reached, logged in to, or
+     │                                   has no kvmrun (ssh's own failures, one line)
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
@@ -122,6 +124,11 @@ class HostError(KvmrunError):
 
 class NetworkError(HostError):
     """A network verb failed (bad name, not defined, overlapping subnet, in use)."""
+
+
+class RemoteError(HostError):
+    """`-H HOST`, a migration or an export --to could not reach HOST, log in there, or
+    run kvmrun there (ssh exit 255, or the command not found)."""
 
 
 class GuestError(KvmrunError):

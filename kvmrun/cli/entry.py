@@ -19,6 +19,7 @@ import typer
 from kvmrun.cli import nopydantic
 from kvmrun.cli.app import SETTINGS, app, err
 from kvmrun.errors import KvmrunError
+from kvmrun.ops.remote import split_hosts
 from kvmrun.proc import debug
 
 VERBS: dict[str, str] = {
@@ -85,13 +86,23 @@ def build_command(argv: list[str]):
     return typer.main.get_command(only)
 
 
+def run(argv: list[str]) -> int:
+    """One call: on this host, or (with -H/--host or $KVMRUN_HOST) through ssh on another
+    (kvmrun.cli.hosts)."""
+    hosts, argv = split_hosts(argv)
+    if hosts:
+        from kvmrun.cli import hosts as remote_cli
+        return remote_cli.dispatch(hosts, argv, _verb(argv), build_command)
+    command = build_command(argv)
+    result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
+    return result if isinstance(result, int) else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     nopydantic.install()             # plain values skip typer's pydantic (see nopydantic)
     argv = optional_values(sys.argv[1:] if argv is None else argv)
-    command = build_command(argv)
     try:
-        result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
+        code = run(argv)
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:
