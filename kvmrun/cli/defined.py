@@ -81,19 +81,39 @@ def define(
 
 @app.command(name="import")
 def import_(
-    profile_file: str = typer.Argument(..., metavar="FILE",
-                                       help="A profile exported with `kvmrun export`."),
+    profile_file: str = typer.Argument(..., metavar="FILE|-",
+                                       help="A profile exported with `kvmrun export`, or an "
+                                            "archive of `export --with-disks` (- reads it "
+                                            "from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Import it under this name."),
     force: bool = Force,
     no_check_files: bool = NoCheckFiles,
     new_uuid: bool = NewUuid,
+    pool: Optional[str] = typer.Option(None, "--pool", help="Archive: put the disks in this "
+                                                            "directory pool."),
+    directory: Optional[str] = typer.Option(None, "--dir", metavar="DIR",
+                                            help="Archive: put the disks in DIR (default "
+                                                 "$KVMRUN_DATA_DIR/disks/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Archive: the result as JSON."),
 ) -> None:
-    """Define a VM from an exported profile (typically from another host).
+    """Define a VM from an exported profile, or from an archive with its disks (typically
+    from another host).
 
-    Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
-    with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
-    moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+    A profile: every disk, ISO, kernel and firmware path must exist here; each missing one is
+    reported with its key path (--no-check-files imports anyway). The uuid in the file is
+    kept, so a moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+
+    An archive (`kvmrun export NAME --with-disks`): every file's size and SHA-256 sum is
+    checked before anything is defined, the disks land in --dir/--pool (backing chains
+    rebased, holes kept), the UEFI variable store beside this host's others, the uuid kept.
+    An existing VM or disk is never overwritten, and a failed or interrupted import leaves
+    nothing behind. Streams: `kvmrun export web --with-disks -o - | ssh host kvmrun import -`.
     """
+    from kvmrun.cli import archive
+    if archive.is_archive(profile_file):
+        if force or new_uuid:
+            raise KvmrunError("--force and --new-uuid do not apply to an archive")
+        return archive.import_(profile_file, name, pool, directory, no_check_files, as_json)
     try:
         _define(store.load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
     except ProfileError as e:
@@ -191,15 +211,32 @@ def export(
     profile_ref: str = typer.Argument(..., metavar="NAME|FILE", help=_REF_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write it to FILE instead of stdout."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (with "
+                                                       "--with-disks: the summary)."),
+    with_disks: bool = typer.Option(False, "--with-disks",
+                                    help="One archive with the profile, every disk and "
+                                         "the UEFI variable store (-o FILE, -o - or --to)."),
+    flatten: bool = typer.Option(False, "--flatten", help="--with-disks: each disk as one "
+                                 "image instead of its qcow2 backing chain."),
+    live: bool = typer.Option(False, "--live", help="--with-disks of a running guest: "
+                              "pause it while its disks are copied beside themselves."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="HOST",
+                                     help="--with-disks: stream it into `kvmrun import -` "
+                                          "on HOST over ssh."),
 ) -> None:
-    """Print a VM's self-contained profile (like `virsh dumpxml`).
+    """Print a VM's self-contained profile (like `virsh dumpxml`), or with --with-disks
+    write an archive holding its disks too.
 
     Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
-    on another host."""
+    on another host. The archive is a tar (zstd-compressed when zstd is installed) with a
+    manifest of sizes and SHA-256 sums; sparse disks stay sparse. Refused while the guest
+    runs unless --live."""
     import json
 
     prof = store.resolve(profile_ref)
+    if with_disks or to:
+        from kvmrun.cli import archive
+        return archive.export(prof, output, to, flatten, live, as_json)
     text = (json.dumps(store.export_dict(prof), indent=2) + "\n" if as_json
             else store.export_text(prof))
     if output and output != "-":

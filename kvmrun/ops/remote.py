@@ -130,7 +130,7 @@ def kvmrun_words(argv: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------- running
 
-class _Relay(threading.Thread):
+class Relay(threading.Thread):
     """Relays a child's stderr to ours line by line, holding back the lines ssh (or the
     remote shell) writes about itself, which become one RemoteError instead."""
 
@@ -152,7 +152,7 @@ class _Relay(threading.Thread):
                 sys.stderr.flush()
 
 
-def _failure(host: Host, code: int, relay: _Relay, what: str) -> RemoteError | None:
+def failure_of(host: Host, code: int, relay: Relay, what: str) -> RemoteError | None:
     """The RemoteError for an ssh (255) or command-not-found (127) exit, or None."""
     held = [line.strip() for line in relay.held if line.strip()]
     reason = held[-1] if held else ""
@@ -176,7 +176,7 @@ def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
                           hint="KVMRUN_SSH names the ssh command") from None
 
 
-def finish(host: Host, proc: subprocess.Popen, relay: _Relay, what: str) -> int:
+def finish(host: Host, proc: subprocess.Popen, relay: Relay, what: str) -> int:
     """Wait for `proc`; its exit code, or RemoteError for ssh's own failures."""
     import sys
     try:
@@ -186,7 +186,7 @@ def finish(host: Host, proc: subprocess.Popen, relay: _Relay, what: str) -> int:
         proc.wait()
         raise
     relay.join(5)
-    failure = _failure(host, code, relay, what)
+    failure = failure_of(host, code, relay, what)
     if failure:
         raise failure
     if relay.relay:
@@ -198,7 +198,7 @@ def call(host: Host, argv: Sequence[str], *, tty: bool = False, stdin=None) -> i
     """`kvmrun ARGV` on `host` with our stdin (or `stdin`) and stdout; its exit code."""
     words = kvmrun_words(argv)
     proc = _spawn(ssh_argv(host, words, tty=tty), stdin=stdin, stderr=subprocess.PIPE)
-    relay = _Relay(proc.stderr)
+    relay = Relay(proc.stderr)
     relay.start()
     return finish(host, proc, relay, shlex.join(remote_command()))
 
@@ -209,7 +209,7 @@ def capture(host: Host, argv: Sequence[str] | None = None, *, shell: str | None 
     argv_ = ssh_argv(host, kvmrun_words(argv or []) if shell is None else None, shell=shell)
     proc = _spawn(argv_, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    relay = _Relay(proc.stderr, relay=False)
+    relay = Relay(proc.stderr, relay=False)
     relay.start()
     try:
         out, _ = proc.communicate(input)
@@ -218,7 +218,7 @@ def capture(host: Host, argv: Sequence[str] | None = None, *, shell: str | None 
         proc.wait()
         raise
     relay.join(5)
-    failure = _failure(host, proc.returncode, relay,
+    failure = failure_of(host, proc.returncode, relay,
                        what or shlex.join(remote_command()))
     if failure:
         raise failure
