@@ -12,6 +12,7 @@
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
+     ├── MigrationError         exit 1   a migration failed or was refused (the source runs on)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
      └── StoreError             exit 1   the set of defined VMs (write failed, …)
@@ -166,6 +167,11 @@ class LaunchError(KvmrunError):
         if self.argv:
             full += "\n  command: " + shlex.join(self.argv)
         super().__init__(full, hint)
+
+
+class MigrationError(KvmrunError):
+    """`kvmrun migrate` was refused by its preflight or failed; everything it made on the
+    target was removed and the source guest keeps running."""
 
 
 class StorageError(KvmrunError):

@@ -33,8 +33,10 @@ VERBS: dict[str, str] = {
     "import": "defined", "defined": "defined",
     "disk": "storage", "snapshot": "storage", "pool": "storage", "ssh": "storage",
     "net": "net", "doctor": "host", "systemd": "systemd",
+    "migrate": "migrate", "migrate-target": "migrate",
 }
-MODULES = ["profile", "launch", "power", "inspect", "defined", "host", "systemd", "storage", "net"]
+MODULES = ["profile", "launch", "power", "inspect", "defined", "host", "systemd", "storage", "net",
+           "migrate"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")

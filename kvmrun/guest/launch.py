@@ -7,6 +7,8 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
 (the same keys, no "version"); each new version says here what it changed.
 
     1   adds "version"
+    2   adds "machine_type": the versioned machine type behind an alias (pc ->
+        pc-i440fx-7.2), so a migration target runs the very machine the guest runs
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 1
+VERSION = 2
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -33,6 +35,7 @@ FIELDS: dict[str, object] = {
     "shutdown_method": "acpi",
     "shutdown_command": "poweroff",
     "summary": {},                # arch, machine, accel, smp, memory, source, forwards
+    "machine_type": None,         # the versioned machine type (None: not known, v1)
 }
 
 

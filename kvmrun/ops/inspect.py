@@ -40,9 +40,24 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     info["nics"] = nic_status(guest)
     info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
                       for s in (launch.shares if launch else [])]
+    info["migration"] = migration(guest) if pid else None
     if pid and detailed:
         info.update(_live_details(guest, pid))
     return info
+
+
+def migration(guest: Guest) -> dict | None:
+    """The migration under way from this guest (kvmrun.ops.migrate's record, while the
+    `kvmrun migrate` that wrote it lives), or None."""
+    from kvmrun.files import read_json
+    from kvmrun.proc import identified
+    record = read_json(guest.paths.migration)
+    if not isinstance(record, dict) or record.get("role") != "source":
+        return None
+    if not identified(record.get("pid"), record.get("starttime")):
+        return None
+    return {"to": record.get("to"), "status": record.get("status"),
+            "ram_bytes": record.get("ram")}
 
 
 def share_mount_command(tag: str, readonly: bool = False) -> str:

@@ -108,6 +108,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ready_console=profile.ready.console, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
+        machine_type=host.machine_version(compiled.argv[0], compiled.machine.split(",")[0]),
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],

@@ -1,0 +1,430 @@
+"""`kvmrun migrate NAME --to HOST`: move a guest to another host over OpenSSH.
+
+Offline (a stopped, defined VM): its archive with disks (kvmrun.ops.archive) streamed into
+`kvmrun import -` there, then undefined here.
+
+Live (a running guest), driving QEMU's own migration and NBD mirror, never a daemon:
+  1. preflight there (kvmrun.ops.migrate_target): QEMU present and not older, the versioned
+     machine type the guest really runs (QOM /machine's type, pinned in the launch record),
+     forwards' host ports free, disks visible (--shared-storage) or absent (--copy-storage);
+  2. the target supervisor starts from this guest's launch record with -incoming defer -S;
+  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock;
+  4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
+     every job is READY;
+  5. `migrate`, its downtime limit raised step by step up to a cap if it does not converge;
+  6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
+     defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
+     undefined here unless --keep-source-definition.
+Any failure before step 6 runs the target (Ctrl-C included) cancels the migration and the
+mirrors, removes what the target made, and leaves this guest running as it was.
+While it lasts, the guest's migration.json here says "migrating to HOST" (`kvmrun status`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kvmrun import files
+from kvmrun.errors import GuestError, KvmrunError, MigrationError, QMPError, UsageError
+from kvmrun.guest.qmp import QMPClient
+from kvmrun.guest.rundir import Guest
+from kvmrun.ops import remote
+from kvmrun.proc import log_argv, starttime
+
+Note = Callable[[str], None]
+STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
+SERIAL_TAIL = 1 << 20        # bytes of serial log carried over
+
+
+@dataclass
+class Plan:
+    name: str
+    host: remote.Host
+    guest: Guest
+    copy: bool
+    disks: list[dict] = field(default_factory=list)   # source, target, copy, drive, format, size
+    jobs: list[str] = field(default_factory=list)
+    tunnel: subprocess.Popen | None = None
+    prepared: bool = False
+    paused_by_us: bool = False
+    serial_offset: int = 0          # how much of the serial log the target has
+
+
+def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
+            copy_storage: bool = False, shared_storage: bool = False,
+            target_dir: str | None = None, downtime: int = 100, cap: int | None = None,
+            bandwidth: int | None = None, keep_source: bool = False,
+            note: Note = lambda m: None) -> dict:
+    from kvmrun.ops.defined import is_running
+    if copy_storage and shared_storage:
+        raise UsageError("--copy-storage and --shared-storage exclude each other")
+    running = is_running(name)
+    if offline or not running:
+        if offline is False:
+            raise GuestError(f"{name} is not running; a live migration needs a running guest")
+        return migrate_offline(name, host, target_dir, keep_source, note)
+    return migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
+                        cap or max(downtime * 20, 2000), bandwidth, keep_source, note)
+
+
+# ---------------------------------------------------------------- offline
+
+def migrate_offline(name, host, target_dir, keep_source, note) -> dict:
+    from kvmrun.ops import archive, defined
+    profile = defined.load(defined.require_defined(name))
+    dirs = {os.path.dirname(d.path) for d in profile.disks}
+    if target_dir is None and len(dirs) > 1:
+        raise UsageError(f"{name}'s disks are in several directories; --target-dir names "
+                         "the one they go to there")
+    where = target_dir or (dirs.pop() if dirs else None)
+    note(f"copying {name} with its disks to {host}")
+    summary = archive.export_to(host, profile, directory=where)
+    if not keep_source:
+        defined.undefine(name)
+    return {"name": name, "to": str(host), "mode": "offline",
+            "defined": summary["imported"].get("path"), "source_undefined": not keep_source}
+
+
+# ---------------------------------------------------------------- steps there
+
+def step(host: remote.Host, what: str, request: dict) -> dict:
+    code, out, err = remote.capture(host, ["migrate-target", what],
+                                    input=json.dumps(request).encode())
+    if code != 0:
+        said = err.strip().removeprefix("kvmrun: error: ")
+        raise MigrationError(f"{what} on {host} failed: {said or f'exit status {code}'}")
+    return json.loads(out)
+
+
+# ---------------------------------------------------------------- live
+
+def _disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[dict]:
+    blocks = {b["device"]: b for b in qmp.execute("query-block") if b.get("inserted")}
+    disks = []
+    for i, path in enumerate(launch.disks):
+        drive = f"drive-disk{i}"
+        image = blocks.get(drive, {}).get("inserted", {})
+        writable = path not in launch.shared_disks and not image.get("ro")
+        moved = copy and writable
+        target = os.path.join(target_dir, os.path.basename(path)) if moved and target_dir \
+            else path
+        disks.append({"source": path, "target": target, "copy": moved, "drive": drive,
+                      "format": image.get("drv") if image.get("drv") in ("qcow2", "raw")
+                      else "qcow2",
+                      "size": image.get("image", {}).get("virtual-size")})
+    return disks
+
+
+def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
+    machine = qmp.execute("qom-get", {"path": "/machine", "property": "type"})
+    machine = machine.removesuffix("-machine")
+    if launch.machine_type and launch.machine_type != machine:
+        raise MigrationError(f"the launch record pins {launch.machine_type} but QEMU runs "
+                             f"{machine}")
+    version = qmp.execute("query-version")["qemu"]
+    ports = []
+    for fwd in launch.forwards:
+        parts = fwd.split("-")[0].split(":")
+        if len(parts) == 3 and parts[2].isdigit():
+            ports.append([parts[1], int(parts[2])])
+    paths = plan.guest.paths
+    nvram = paths.nvram if paths.nvram and paths.nvram.exists() and \
+        str(paths.nvram) in " ".join(launch.argv) else None
+    serial = b""
+    if paths.serial_log.exists():
+        with open(paths.serial_log, "rb") as f:
+            f.seek(max(0, paths.serial_log.stat().st_size - SERIAL_TAIL))
+            serial = f.read()
+            plan.serial_offset = f.tell()
+    run_files = {leaf: base64.b64encode((paths.dir / leaf).read_bytes()).decode()
+                 for leaf in ("cidata.iso",) if (paths.dir / leaf).exists()}
+    return {"name": plan.name, "binary": launch.argv[0], "qemu_version":
+            f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
+            "disks": plan.disks, "ports": ports, "launch": launch.to_json(),
+            "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
+            "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
+            "serial": base64.b64encode(serial).decode(), "run_files": run_files}
+
+
+def _record(plan: Plan, status: str, **extra) -> None:
+    me = os.getpid()
+    files.write_json(plan.guest.paths.migration, {
+        "role": "source", "to": str(plan.host), "status": status, "pid": me,
+        "starttime": starttime(me), "at": time.time(), **extra})
+
+
+def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime, cap,
+                 bandwidth, keep_source, note) -> dict:
+    guest = Guest(name)
+    launch = guest.read_launch()
+    if launch.ephemeral_disks:
+        raise MigrationError(f"{name} has ephemeral disks; their overlays cannot move yet")
+    plan = Plan(name, host, guest, copy_storage)
+    started = time.monotonic()
+    with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
+        plan.disks = _disks(qmp, launch, copy_storage, target_dir)
+        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks]
+        if writable and not (copy_storage or shared_storage):
+            raise UsageError(f"{name} has writable disks: say --copy-storage (mirror them "
+                             "over) or --shared-storage (the target sees the same files)")
+        request = _request(plan, qmp, launch, guest.read_state() or {})
+        _record(plan, "preflight")
+        try:
+            answer = step(host, "preflight", request)
+            if answer["problems"]:
+                raise MigrationError(f"{host} cannot take {name}: "
+                                     + "; ".join(answer["problems"]))
+            result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
+        except BaseException:
+            _rollback(plan, qmp, note)
+            files.unlink(guest.paths.migration)
+            raise
+    _finish_source(plan, note)
+    result.update(name=name, to=str(host), mode="live",
+                  total_seconds=round(time.monotonic() - started, 2))
+    if not keep_source:
+        from kvmrun.ops import defined
+        from kvmrun.paths import is_defined
+        if is_defined(name):
+            defined.undefine(name, keep_nvram=False)
+            result["source_undefined"] = True
+    return result
+
+
+def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
+    note(f"starting the target on {plan.host}")
+    plan.prepared = True
+    there = step(plan.host, "prepare", request)
+    exports = [d["drive"] for d in plan.disks if d["copy"]]
+    plan.tunnel = _tunnel(plan, there, bool(exports))
+    step(plan.host, "incoming", {"name": plan.name, "exports": exports})
+    if exports:
+        _record(plan, "copying disks")
+        _mirror(plan, qmp, exports, note)
+    _record(plan, "migrating")
+    stats = _stream(plan, qmp, downtime, cap, bandwidth, note)
+    for job in plan.jobs:                       # the source is paused: the mirrors catch up
+        qmp.execute("block-job-cancel", {"device": job})
+    _wait_jobs_gone(qmp, plan.jobs)
+    plan.jobs = []
+    profile = _profile_there(plan)
+    done = step(plan.host, "finish", {"name": plan.name, "exports": exports,
+                                      "profile": profile, "serial": _serial_rest(plan)})
+    plan.prepared = False                       # it runs there now: no rollback
+    stats["defined_there"] = done.get("defined")
+    return stats
+
+
+def _serial_rest(plan: Plan) -> str:
+    """What the console printed here since prepare (the guest is paused now), so the log
+    there continues without a gap."""
+    try:
+        with open(plan.guest.paths.serial_log, "rb") as f:
+            f.seek(plan.serial_offset)
+            return base64.b64encode(f.read(SERIAL_TAIL)).decode()
+    except OSError:
+        return ""
+
+
+def _tunnel(plan: Plan, there: dict, nbd: bool) -> subprocess.Popen:
+    paths = plan.guest.paths
+    forwards = ["-L", f"{paths.migrate_out}:{there['migrate_sock']}"]
+    if nbd:
+        forwards += ["-L", f"{paths.nbd_out}:{there['nbd_sock']}"]
+    for sock in (paths.migrate_out, paths.nbd_out):
+        files.unlink(sock)
+    argv = remote.ssh_argv(plan.host, shell="", options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
+    log_argv(argv)
+    tunnel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    wanted = [paths.migrate_out] + ([paths.nbd_out] if nbd else [])
+    while not all(p.exists() for p in wanted):
+        if tunnel.poll() is not None or time.monotonic() > deadline:
+            tunnel.kill()
+            tunnel.wait()
+            raise MigrationError(f"the ssh tunnel to {plan.host} did not come up: "
+                                 + tunnel.stderr.read().decode(errors="replace").strip())
+        time.sleep(0.05)
+    return tunnel
+
+
+def _mirror(plan: Plan, qmp: QMPClient, exports: list[str], note) -> None:
+    sock = plan.guest.paths.nbd_out
+    for drive in exports:
+        job = f"mirror-{drive}"
+        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
+                                     "mode": "existing", "format": "raw",
+                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
+        plan.jobs.append(job)
+    while True:
+        jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
+        missing = [j for j in plan.jobs if j not in jobs]
+        if missing:
+            raise MigrationError(f"the disk mirror {missing[0]} stopped: "
+                                 + _job_error(qmp, missing[0]))
+        failed = [j for j in jobs.values() if j.get("status") == "concluded"
+                  or j.get("io-status", "ok") != "ok"]
+        if failed:
+            raise MigrationError(f"the disk mirror {failed[0]['device']} failed: "
+                                 f"{failed[0].get('error', failed[0].get('io-status'))}")
+        done = sum(j["offset"] for j in jobs.values())
+        total = sum(j["len"] for j in jobs.values())
+        note(f"disks: {done >> 20} / {total >> 20} MiB")
+        if all(j.get("ready") for j in jobs.values() if j["device"] in plan.jobs):
+            return
+        _tunnel_alive(plan)
+        time.sleep(0.2)
+
+
+def _job_error(qmp: QMPClient, job: str) -> str:
+    for event in qmp.pending_events:
+        data = event.get("data", {})
+        if data.get("device") == job and data.get("error"):
+            return data["error"]
+    return "it ended early"
+
+
+def _tunnel_alive(plan: Plan) -> None:
+    if plan.tunnel is not None and plan.tunnel.poll() is not None:
+        raise MigrationError(f"the ssh tunnel to {plan.host} closed: "
+                             + plan.tunnel.stderr.read().decode(errors="replace").strip())
+
+
+def _stream(plan: Plan, qmp: QMPClient, downtime, cap, bandwidth, note) -> dict:
+    params = {"downtime-limit": downtime}
+    if bandwidth:
+        params["max-bandwidth"] = bandwidth << 20
+    qmp.execute("migrate-set-parameters", params)
+    qmp.execute("migrate", {"uri": f"unix:{plan.guest.paths.migrate_out}"})
+    limit, last_step = downtime, time.monotonic()
+    while True:
+        info = qmp.execute("query-migrate")
+        status = info.get("status")
+        ram = info.get("ram", {})
+        if status == "completed":
+            return {"downtime_ms": info.get("downtime"), "ram_bytes": ram.get("transferred"),
+                    "setup_ms": info.get("setup-time"), "migration_ms": info.get("total-time"),
+                    "downtime_limit_ms": limit}
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"the migration {status}: "
+                                 f"{info.get('error-desc', 'QEMU gave no reason')}")
+        if status in ("device", "pre-switchover"):
+            plan.paused_by_us = True
+        note(f"RAM: {ram.get('transferred', 0) >> 20} / {ram.get('total', 0) >> 20} MiB, "
+             f"{ram.get('mbps', 0):.0f} Mbit/s, expected downtime "
+             f"{info.get('expected-downtime', '?')} ms (limit {limit} ms)")
+        _record(plan, "migrating", ram=ram.get("transferred"), limit_ms=limit)
+        if time.monotonic() - last_step > STEP_WAIT and status == "active":
+            if limit >= cap:
+                raise MigrationError(f"the migration does not converge within a downtime "
+                                     f"of {cap} ms; given up (the guest runs on here)")
+            limit = min(cap, limit * 2)
+            qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
+            last_step = time.monotonic()
+        _tunnel_alive(plan)
+        time.sleep(0.1)
+
+
+def _wait_jobs_gone(qmp: QMPClient, jobs: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while any(j["device"] in jobs for j in qmp.execute("query-block-jobs")):
+        if time.monotonic() > deadline:
+            raise MigrationError("the disk mirrors did not finish after the switch-over")
+        time.sleep(0.05)
+
+
+def _profile_there(plan: Plan) -> str | None:
+    """The definition to make there: this VM's, with its disks where they went."""
+    from kvmrun.paths import is_defined
+    if not is_defined(plan.name):
+        return None
+    import yaml
+
+    from kvmrun.ops import defined
+    data = defined.export_dict(defined.load(defined.defined_path(plan.name)))
+    copied = {d["source"]: d["target"] for d in plan.disks if d["copy"]}
+    for disk in data.get("disks", []):
+        if disk.get("path") in copied:
+            disk["path"] = copied[disk["path"]]
+            disk.pop("backing", None)       # the mirror flattened the chain into one image
+        disk.pop("pool", None)
+        disk.pop("volume", None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
+    """Undo a failed migration: cancel it and the mirrors, remove the target's guest,
+    and make sure this guest runs as before."""
+    note("migration failed: undoing it")
+    for command, args in [("migrate_cancel", None)] + [
+            ("block-job-cancel", {"device": j, "force": True}) for j in plan.jobs]:
+        try:
+            qmp.execute(command, args)
+        except (QMPError, KvmrunError):
+            pass
+    if plan.jobs:
+        try:
+            _wait_jobs_gone(qmp, plan.jobs, timeout=30)
+        except (QMPError, KvmrunError):
+            pass
+    _close_tunnel(plan)
+    if plan.prepared:
+        try:
+            step(plan.host, "abort", {"name": plan.name})
+        except KvmrunError as err:
+            note(f"could not clean up on {plan.host}: {err}")
+    try:
+        deadline = time.monotonic() + 30
+        while qmp.execute("query-migrate").get("status") in ("cancelling", "active"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        status = qmp.execute("query-status")
+        if not status.get("running") and status.get("status") in ("postmigrate", "paused"):
+            qmp.execute("cont")
+    except (QMPError, KvmrunError):
+        pass
+
+
+def _close_tunnel(plan: Plan) -> None:
+    if plan.tunnel is not None:
+        if plan.tunnel.poll() is None:
+            plan.tunnel.terminate()
+            try:
+                plan.tunnel.wait(10)
+            except subprocess.TimeoutExpired:
+                plan.tunnel.kill()
+                plan.tunnel.wait()
+        plan.tunnel = None
+    for sock in (plan.guest.paths.migrate_out, plan.guest.paths.nbd_out):
+        files.unlink(sock)
+
+
+def _finish_source(plan: Plan, note) -> None:
+    """The guest runs there: record "migrated to HOST" here and end QEMU."""
+    _close_tunnel(plan)
+    guest = plan.guest
+    guest.set_request("migrate", str(plan.host))
+    try:
+        with QMPClient(guest.paths.qmp_cli, timeout=10) as qmp:
+            qmp.execute("quit")
+    except QMPError:
+        pass                                    # quit may end in EOF: that is success
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = guest.read_state() or {}
+        if guest.supervisor_pid(state) is None and guest.qemu_pid(state) is None:
+            break
+        time.sleep(0.1)
+    files.unlink(guest.paths.migration)
+    note(f"{plan.name} runs on {plan.host} now")
