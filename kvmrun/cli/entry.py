@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
 import sys
 
 import typer
@@ -100,11 +101,24 @@ def run(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     nopydantic.install()             # plain values skip typer's pydantic (see nopydantic)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     argv = optional_values(sys.argv[1:] if argv is None else argv)
     try:
         code = run(argv)
+        if code == 130 and _interrupted:     # typer turned Ctrl-C into a silent exit 130
+            err("kvmrun: interrupted")
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:

@@ -15,11 +15,15 @@ migration = lazy("kvmrun.ops.migrate")
 
 
 def _note():
-    if not sys.stderr.isatty():
-        return lambda message: None
+    """Progress on a terminal (one line, redrawn); warnings always."""
+    tty = sys.stderr.isatty()
+
     def note(message: str) -> None:
-        sys.stderr.write(f"\r{message}\033[K")
-        sys.stderr.flush()
+        if message.startswith("warning: "):
+            err(("\n" if tty else "") + f"kvmrun: {message}")
+        elif tty:
+            sys.stderr.write(f"\r{message}\033[K")
+            sys.stderr.flush()
     return note
 
 

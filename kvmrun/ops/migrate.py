@@ -382,7 +382,7 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
         try:
             step(plan.host, "abort", {"name": plan.name})
         except KvmrunError as err:
-            note(f"could not clean up on {plan.host}: {err}")
+            note(f"warning: could not clean up on {plan.host}: {err}")
     try:
         deadline = time.monotonic() + 30
         while qmp.execute("query-migrate").get("status") in ("cancelling", "active"):

@@ -104,11 +104,12 @@ def prepare(req: dict) -> dict:
     prepare_run_dir()
     if guest.paths.dir.exists() and guest.qemu_pid() is not None:
         raise GuestError(f"{req['name']} already runs here")
-    made = {"disks": [], "nvram": None, "dir": not guest.paths.dir.exists()}
+    made = {"disks": [], "nvram": None, "dir": not guest.paths.dir.exists(), "dirs": []}
     files.mkdirs(guest.paths.dir)
     files.write_json(guest.paths.migration, {"role": "target", "made": made})
     for disk in req["disks"]:
         if disk["copy"]:
+            made["dirs"] += _mkdirs(Path(disk["target"]).parent)
             images.create(disk["target"], disk["size"], disk["format"])
             made["disks"].append(disk["target"])
             files.write_json(guest.paths.migration, {"role": "target", "made": made})
@@ -128,6 +129,17 @@ def prepare(req: dict) -> dict:
     _spawn(guest)
     return {"run_dir": str(guest.paths.dir), "migrate_sock": str(guest.paths.migrate_sock),
             "nbd_sock": str(guest.paths.nbd_sock)}
+
+
+def _mkdirs(directory: Path) -> list[str]:
+    """Make `directory` and its missing parents; the ones made, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(str(directory))
+        directory = directory.parent
+    for path in reversed(missing):
+        os.mkdir(path, 0o755)
+    return missing
 
 
 def _spawn(guest: Guest) -> None:
@@ -223,6 +235,11 @@ def abort(req: dict) -> dict:
         if os.path.exists(path):
             os.unlink(path)
             removed.append(path)
+    for directory in made.get("dirs", []):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                              # not empty: someone else's files too
     if made.get("dir"):
         shutil.rmtree(guest.paths.dir, ignore_errors=True)
     else:

@@ -49,6 +49,7 @@ class SshHost:
     root: Path                       # its kvmrun directories live here
     veth: str                        # the root-namespace end of its link (cut: set down)
     sshd: subprocess.Popen | None = None
+    env: dict | None = None          # what its ssh sessions get (sshd's SetEnv)
 
     @property
     def run_dir(self) -> Path:
@@ -117,7 +118,7 @@ class Hosts:
             (host.root / sub).mkdir(parents=True, exist_ok=True)
         path = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:" \
                "/usr/bin:/sbin:/bin"
-        env = {"PATH": path, "KVMRUN_RUN_DIR": host.run_dir,
+        host.env = env = {"PATH": path, "KVMRUN_RUN_DIR": host.run_dir,
                "KVMRUN_CONFIG_DIR": host.config_dir, "KVMRUN_DATA_DIR": host.root / "data",
                "KVMRUN_CACHE_DIR": host.root / "cache", "KVMRUN_ACCEL": "tcg",
                "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN}
@@ -154,6 +155,15 @@ class Hosts:
         return subprocess.run(["ssh", "-F", str(self.ssh_config), self[name].alias, command],
                               capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
+
+    def popen_on(self, name: str, argv: list, **kwargs) -> subprocess.Popen:
+        """`argv` run on host `name` directly (in its namespace, with its environment), not
+        through ssh: a signal sent to it reaches that very process."""
+        env = {k: str(v) for k, v in self[name].env.items()}
+        return subprocess.Popen(["ip", "netns", "exec", self[name].netns, "env", "-i",
+                                 *(f"{k}={v}" for k, v in env.items()), *map(str, argv)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, **kwargs)
 
     def processes(self) -> dict[int, int]:
         return processes_mentioning(str(self.base))
