@@ -84,5 +84,6 @@ def migrate_target(step: str = typer.Argument(..., metavar="STEP")) -> None:
     from kvmrun.ops import migrate_target as target
     if step not in target.STEPS:
         raise UsageError(f"unknown step {step!r}")
-    request = json.loads(sys.stdin.read() or "{}")
-    out(json.dumps(target.STEPS[step](request)))
+    request, rest = target.read_request()
+    out(json.dumps(target.watch(request, rest) if step == "watch"
+                   else target.STEPS[step](request)))

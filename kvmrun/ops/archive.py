@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -42,8 +41,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from kvmrun import paths
-from kvmrun.errors import (AlreadyDefined, GuestError, HostError, KvmrunError, StorageError,
-                           UsageError)
+from kvmrun.errors import GuestError, HostError, StorageError
 from kvmrun.proc import log_argv
 
 FORMAT = 1
@@ -225,7 +223,7 @@ def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,
            compress: bool | None = None, progress: Progress = lambda d, t: None) -> dict:
     """Write the archive of `profile` (a defined VM or a profile file) to `out`."""
     from kvmrun.guest.rundir import Guest
-    from kvmrun.ops.defined import export_text, is_running
+    from kvmrun.ops.defined import is_running
     import yaml
     running = is_running(profile.name)
     if running and not live:

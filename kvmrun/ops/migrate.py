@@ -28,18 +28,17 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from kvmrun import files
 from kvmrun.errors import GuestError, KvmrunError, MigrationError, QMPError, UsageError
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest
+from kvmrun.ops import migrate_qemu as mq
 from kvmrun.ops import remote
-from kvmrun.proc import log_argv, starttime
+from kvmrun.proc import starttime
 
 Note = Callable[[str], None]
-STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
 SERIAL_TAIL = 1 << 20        # bytes of serial log carried over
 
 
@@ -53,8 +52,9 @@ class Plan:
     jobs: list[str] = field(default_factory=list)
     tunnel: subprocess.Popen | None = None
     prepared: bool = False
-    paused_by_us: bool = False
     serial_offset: int = 0          # how much of the serial log the target has
+    watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
+    uncertain: bool = False         # `finish` was sent, and its answer lost
 
 
 def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
@@ -105,23 +105,6 @@ def step(host: remote.Host, what: str, request: dict) -> dict:
 
 # ---------------------------------------------------------------- live
 
-def _disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[dict]:
-    blocks = {b["device"]: b for b in qmp.execute("query-block") if b.get("inserted")}
-    disks = []
-    for i, path in enumerate(launch.disks):
-        drive = f"drive-disk{i}"
-        image = blocks.get(drive, {}).get("inserted", {})
-        writable = path not in launch.shared_disks and not image.get("ro")
-        moved = copy and writable
-        target = os.path.join(target_dir, os.path.basename(path)) if moved and target_dir \
-            else path
-        disks.append({"source": path, "target": target, "copy": moved, "drive": drive,
-                      "format": image.get("drv") if image.get("drv") in ("qcow2", "raw")
-                      else "qcow2",
-                      "size": image.get("image", {}).get("virtual-size")})
-    return disks
-
-
 def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
     machine = qmp.execute("qom-get", {"path": "/machine", "property": "type"})
     machine = machine.removesuffix("-machine")
@@ -169,7 +152,7 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
-        plan.disks = _disks(qmp, launch, copy_storage, target_dir)
+        plan.disks = mq.disks(qmp, launch, copy_storage, target_dir)
         writable = [d for d in plan.disks if d["source"] not in launch.shared_disks]
         if writable and not (copy_storage or shared_storage):
             raise UsageError(f"{name} has writable disks: say --copy-storage (mirror them "
@@ -200,6 +183,7 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
 
 def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
     note(f"starting the target on {plan.host}")
+    _start_watch(plan)
     plan.prepared = True
     there = step(plan.host, "prepare", request)
     exports = [d["drive"] for d in plan.disks if d["copy"]]
@@ -207,19 +191,74 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     step(plan.host, "incoming", {"name": plan.name, "exports": exports})
     if exports:
         _record(plan, "copying disks")
-        _mirror(plan, qmp, exports, note)
+        mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,
+                  lambda: _tunnel_alive(plan), note)
     _record(plan, "migrating")
-    stats = _stream(plan, qmp, downtime, cap, bandwidth, note)
+    stats = mq.stream(qmp, plan.guest.paths.migrate_out, downtime, cap, bandwidth,
+                      lambda: _tunnel_alive(plan), note,
+                      lambda **figures: _record(plan, "migrating", **figures))
     for job in plan.jobs:                       # the source is paused: the mirrors catch up
         qmp.execute("block-job-cancel", {"device": job})
-    _wait_jobs_gone(qmp, plan.jobs)
+    mq.wait_jobs_gone(qmp, plan.jobs)
     plan.jobs = []
     profile = _profile_there(plan)
-    done = step(plan.host, "finish", {"name": plan.name, "exports": exports,
-                                      "profile": profile, "serial": _serial_rest(plan)})
+    try:
+        done = step(plan.host, "finish", {"name": plan.name, "exports": exports,
+                                          "profile": profile, "serial": _serial_rest(plan)})
+    except remote.RemoteError as err:
+        if not remote.never_connected(err):   # it may have reached the target
+            plan.uncertain = True
+        else:
+            raise
+        raise MigrationError(
+            f"lost {plan.host} while it started the guest there ({err.message}); the guest "
+            f"is left paused here", hint=f"see `kvmrun -H {plan.host} status {plan.name}`: if "
+            f"it runs there, `kvmrun kill {plan.name}` here; if not, `kvmrun resume "
+            f"{plan.name}`") from None
     plan.prepared = False                       # it runs there now: no rollback
+    _end_watch(plan, done=True)
     stats["defined_there"] = done.get("defined")
     return stats
+
+
+def _start_watch(plan: Plan) -> None:
+    """The target's dead man's switch (migrate_target.watch): a line every 2 s while the
+    migration lasts; if they stop, the target removes what it made by itself."""
+    import threading
+    argv = remote.ssh_argv(plan.host, remote.kvmrun_words(["migrate-target", "watch"]))
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    fd = proc.stdin.fileno()
+    os.write(fd, json.dumps({"name": plan.name}).encode() + b"\n")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(2):
+            try:
+                os.write(fd, b"alive\n")
+            except OSError:
+                return
+    threading.Thread(target=beat, daemon=True).start()
+    plan.watch = (proc, stop)
+
+
+def _end_watch(plan: Plan, done: bool) -> None:
+    if plan.watch is None:
+        return
+    proc, stop = plan.watch
+    plan.watch = None
+    stop.set()
+    try:
+        if done:
+            os.write(proc.stdin.fileno(), b"done\n")
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(30 if done else 5)         # without `done`, the target acts by itself
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _serial_rest(plan: Plan) -> str:
@@ -235,112 +274,20 @@ def _serial_rest(plan: Plan) -> str:
 
 def _tunnel(plan: Plan, there: dict, nbd: bool) -> subprocess.Popen:
     paths = plan.guest.paths
-    forwards = ["-L", f"{paths.migrate_out}:{there['migrate_sock']}"]
+    pairs = [(paths.migrate_out, there["migrate_sock"])]
     if nbd:
-        forwards += ["-L", f"{paths.nbd_out}:{there['nbd_sock']}"]
-    for sock in (paths.migrate_out, paths.nbd_out):
-        files.unlink(sock)
-    argv = remote.ssh_argv(plan.host, shell="", options=[
-        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
-        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
-    log_argv(argv)
-    tunnel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    wanted = [paths.migrate_out] + ([paths.nbd_out] if nbd else [])
-    while not all(p.exists() for p in wanted):
-        if tunnel.poll() is not None or time.monotonic() > deadline:
-            tunnel.kill()
-            tunnel.wait()
-            raise MigrationError(f"the ssh tunnel to {plan.host} did not come up: "
-                                 + tunnel.stderr.read().decode(errors="replace").strip())
-        time.sleep(0.05)
-    return tunnel
-
-
-def _mirror(plan: Plan, qmp: QMPClient, exports: list[str], note) -> None:
-    sock = plan.guest.paths.nbd_out
-    for drive in exports:
-        job = f"mirror-{drive}"
-        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
-                                     "mode": "existing", "format": "raw",
-                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
-        plan.jobs.append(job)
-    while True:
-        jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
-        missing = [j for j in plan.jobs if j not in jobs]
-        if missing:
-            raise MigrationError(f"the disk mirror {missing[0]} stopped: "
-                                 + _job_error(qmp, missing[0]))
-        failed = [j for j in jobs.values() if j.get("status") == "concluded"
-                  or j.get("io-status", "ok") != "ok"]
-        if failed:
-            raise MigrationError(f"the disk mirror {failed[0]['device']} failed: "
-                                 f"{failed[0].get('error', failed[0].get('io-status'))}")
-        done = sum(j["offset"] for j in jobs.values())
-        total = sum(j["len"] for j in jobs.values())
-        note(f"disks: {done >> 20} / {total >> 20} MiB")
-        if all(j.get("ready") for j in jobs.values() if j["device"] in plan.jobs):
-            return
-        _tunnel_alive(plan)
-        time.sleep(0.2)
-
-
-def _job_error(qmp: QMPClient, job: str) -> str:
-    for event in qmp.pending_events:
-        data = event.get("data", {})
-        if data.get("device") == job and data.get("error"):
-            return data["error"]
-    return "it ended early"
+        pairs.append((paths.nbd_out, there["nbd_sock"]))
+    try:
+        return remote.forward_sockets(plan.host, pairs)
+    except KvmrunError as err:
+        raise MigrationError(f"the ssh tunnel to {plan.host} did not come up: "
+                             f"{err.message}") from None
 
 
 def _tunnel_alive(plan: Plan) -> None:
     if plan.tunnel is not None and plan.tunnel.poll() is not None:
         raise MigrationError(f"the ssh tunnel to {plan.host} closed: "
                              + plan.tunnel.stderr.read().decode(errors="replace").strip())
-
-
-def _stream(plan: Plan, qmp: QMPClient, downtime, cap, bandwidth, note) -> dict:
-    params = {"downtime-limit": downtime}
-    if bandwidth:
-        params["max-bandwidth"] = bandwidth << 20
-    qmp.execute("migrate-set-parameters", params)
-    qmp.execute("migrate", {"uri": f"unix:{plan.guest.paths.migrate_out}"})
-    limit, last_step = downtime, time.monotonic()
-    while True:
-        info = qmp.execute("query-migrate")
-        status = info.get("status")
-        ram = info.get("ram", {})
-        if status == "completed":
-            return {"downtime_ms": info.get("downtime"), "ram_bytes": ram.get("transferred"),
-                    "setup_ms": info.get("setup-time"), "migration_ms": info.get("total-time"),
-                    "downtime_limit_ms": limit}
-        if status in ("failed", "cancelled"):
-            raise MigrationError(f"the migration {status}: "
-                                 f"{info.get('error-desc', 'QEMU gave no reason')}")
-        if status in ("device", "pre-switchover"):
-            plan.paused_by_us = True
-        note(f"RAM: {ram.get('transferred', 0) >> 20} / {ram.get('total', 0) >> 20} MiB, "
-             f"{ram.get('mbps', 0):.0f} Mbit/s, expected downtime "
-             f"{info.get('expected-downtime', '?')} ms (limit {limit} ms)")
-        _record(plan, "migrating", ram=ram.get("transferred"), limit_ms=limit)
-        if time.monotonic() - last_step > STEP_WAIT and status == "active":
-            if limit >= cap:
-                raise MigrationError(f"the migration does not converge within a downtime "
-                                     f"of {cap} ms; given up (the guest runs on here)")
-            limit = min(cap, limit * 2)
-            qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
-            last_step = time.monotonic()
-        _tunnel_alive(plan)
-        time.sleep(0.1)
-
-
-def _wait_jobs_gone(qmp: QMPClient, jobs: list[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while any(j["device"] in jobs for j in qmp.execute("query-block-jobs")):
-        if time.monotonic() > deadline:
-            raise MigrationError("the disk mirrors did not finish after the switch-over")
-        time.sleep(0.05)
 
 
 def _profile_there(plan: Plan) -> str | None:
@@ -374,15 +321,20 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
             pass
     if plan.jobs:
         try:
-            _wait_jobs_gone(qmp, plan.jobs, timeout=30)
+            mq.wait_jobs_gone(qmp, plan.jobs, timeout=30)
         except (QMPError, KvmrunError):
             pass
     _close_tunnel(plan)
+    if plan.uncertain:                  # it may run there: neither abort it nor run it here
+        _end_watch(plan, done=False)
+        return
     if plan.prepared:
         try:
             step(plan.host, "abort", {"name": plan.name})
         except KvmrunError as err:
-            note(f"warning: could not clean up on {plan.host}: {err}")
+            note(f"warning: could not clean up on {plan.host} now ({err.message}); it "
+                 "removes what it made by itself when it no longer hears from here")
+    _end_watch(plan, done=False)
     try:
         deadline = time.monotonic() + 30
         while qmp.execute("query-migrate").get("status") in ("cancelling", "active"):

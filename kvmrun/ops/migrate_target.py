@@ -10,6 +10,10 @@ stdout).
     incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
     finish      NBD stopped, `cont`, the VM defined here
     abort       everything prepare made removed (the QEMU, run directory, disks, vars)
+    watch       held open by the source for the whole migration, a line "alive" every
+                couple of seconds; "done" ends it, while EOF or silence for WATCH_SILENCE
+                seconds (the source died, was interrupted, the link was cut) runs abort here
+                by itself, whatever sshd's keep-alive settings
 
 What prepare made is listed in the run directory's migration.json, so abort removes exactly
 that, even from another ssh session.
@@ -36,6 +40,7 @@ from kvmrun.guest.rundir import Guest, prepare_run_dir
 from kvmrun.proc import identified, open_pidfd, wait_pidfd
 
 QMP_TIMEOUT = 30
+WATCH_SILENCE = 15.0
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -180,8 +185,15 @@ def incoming(req: dict) -> dict:
 
 
 def finish(req: dict) -> dict:
-    """After the stream completed (and the mirrors ended): run the guest, define the VM."""
+    """After the stream completed (and the mirrors ended): run the guest, define the VM.
+    Its record goes first, under the lock abort takes: once finish runs, a late abort (the
+    watch timing out) leaves the guest alone; once abort ran, finish refuses."""
     guest = Guest(req["name"])
+    with files.flocked(guest.paths.dir / "migration.lock"):
+        record = files.read_json(guest.paths.migration, {}) or {}
+        if record.get("role") != "target":
+            raise MigrationError("the target was already removed (the migration timed out)")
+        files.unlink(guest.paths.migration)
     with QMPClient(guest.paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
         status = qmp.execute("query-status")
         if status.get("status") not in ("paused", "postmigrate", "prelaunch", "running"):
@@ -192,7 +204,6 @@ def finish(req: dict) -> dict:
             with open(guest.paths.serial_log, "ab") as log:
                 log.write(base64.b64decode(req["serial"]))
         qmp.execute("cont")
-    files.unlink(guest.paths.migration)
     defined = None
     if req.get("profile"):
         defined = _define(req)
@@ -212,9 +223,16 @@ def abort(req: dict) -> dict:
     """Remove what prepare made: QEMU (killed: it never ran the guest), the run directory,
     the created disks and variable store."""
     guest = Guest(req["name"])
-    record = files.read_json(guest.paths.migration, {}) or {}
-    if record.get("role") != "target":
+    if not guest.paths.dir.exists():
         return {"ok": True, "removed": []}
+    with files.flocked(guest.paths.dir / "migration.lock"):
+        record = files.read_json(guest.paths.migration, {}) or {}
+        if record.get("role") != "target":
+            return {"ok": True, "removed": []}
+        return _remove(guest, record)
+
+
+def _remove(guest: Guest, record: dict) -> dict:
     state = guest.read_state() or {}
     for pid_key, start_key in (("qemu_pid", "qemu_starttime"),
                                ("supervisor_pid", "supervisor_starttime")):
@@ -245,7 +263,36 @@ def abort(req: dict) -> dict:
     else:
         guest.clear_runtime()
         files.unlink(guest.paths.migration)
+        files.unlink(guest.paths.dir / "migration.lock")
     return {"ok": True, "removed": removed}
+
+
+def read_request(fd: int = 0) -> tuple[dict, bytes]:
+    """The JSON request line on `fd` (unbuffered reads, so `watch` sees what follows it),
+    and the bytes read past it."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line or b"{}"), rest
+
+
+def watch(req: dict, pending: bytes = b"", fd: int = 0) -> dict:
+    while True:
+        while b"\n" in pending:
+            line, _, pending = pending.partition(b"\n")
+            if line.strip() == b"done":
+                return {"ok": True}
+        if not select.select([fd], [], [], WATCH_SILENCE)[0]:
+            chunk = b""                       # silence: the source or the link is gone
+        else:
+            chunk = os.read(fd, 4096)
+        if not chunk:
+            return {"ok": False, "aborted": abort(req)}
+        pending += chunk
 
 
 def _wait_gone(guest: Guest, timeout: float = 10) -> None:
@@ -258,4 +305,4 @@ def _wait_gone(guest: Guest, timeout: float = 10) -> None:
 
 
 STEPS = {"preflight": preflight, "prepare": prepare, "incoming": incoming, "finish": finish,
-         "abort": abort}
+         "abort": abort, "watch": watch}

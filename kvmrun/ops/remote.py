@@ -10,6 +10,7 @@ would), and the program run there is `$KVMRUN_REMOTE_COMMAND` (default `kvmrun`)
     call(host, argv, …)        run `kvmrun ARGV` there with our stdin/stdout: its exit code
     capture(host, argv, …)     the same, output captured: (code, stdout, stderr)
     script(host, text, …)      a short POSIX shell script there, output captured
+    forward_sockets(host, …)   `ssh -N -L LOCAL:REMOTE` for unix sockets, up when it returns
     send_profile(host, path)   a local profile, `extends` resolved, into a remote temp dir
 
 ssh itself exits 255 when it cannot connect or log in, and a shell exits 127 for a command it
@@ -167,6 +168,12 @@ def failure_of(host: Host, code: int, relay: Relay, what: str) -> RemoteError | 
     return None
 
 
+def never_connected(err: RemoteError) -> bool:
+    """Whether ssh failed before it reached the host (so the command surely did not run)."""
+    return any(s in err.message for s in ("connect to host", "Could not resolve",
+                                          "Name or service not known", "No route to host"))
+
+
 def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
     log_argv(argv)
     try:
@@ -231,6 +238,31 @@ def script(host: Host, text: str, input: bytes | None = None) -> str:
     if code != 0:
         raise RemoteError(f"on {host}: {err.strip() or f'exit status {code}'}")
     return out
+
+
+def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
+    """One `ssh -N` forwarding each local unix socket path to a remote one (`-L L:R`;
+    unix sockets rather than TCP ports, as Proxmox does: no port to pick or to leak). Returns
+    once every local socket exists; the caller ends it (terminate, wait). Keep-alives end it
+    when the link is cut."""
+    import time
+    for local, _ in pairs:
+        Path(local).unlink(missing_ok=True)
+    forwards = [arg for local, there in pairs for arg in ("-L", f"{local}:{there}")]
+    argv = ssh_argv(host, shell="", options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
+    tunnel = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not all(Path(local).exists() for local, _ in pairs):
+        if tunnel.poll() is not None or time.monotonic() > deadline:
+            tunnel.kill()
+            tunnel.wait()
+            raise RemoteError(tunnel.stderr.read().decode(errors="replace").strip()
+                              or f"no forward after {timeout:g}s")
+        time.sleep(0.05)
+    return tunnel
 
 
 # ---------------------------------------------------------------- local profiles

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvmrun import paths
-from kvmrun.errors import AlreadyDefined, KvmrunError, StorageError, UsageError
+from kvmrun.errors import AlreadyDefined, StorageError, UsageError
 from kvmrun.ops.archive import CHUNK, FORMAT, MANIFEST, NVRAM, PROFILE, ZERO, ZSTD_MAGIC, \
     Progress
 from kvmrun.proc import log_argv

@@ -113,6 +113,16 @@ class Hosts:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
 
+    def kill_sshd(self, name: str) -> None:
+        """End host `name`'s sshd listener (sessions already open go on, as with a real
+        sshd restarted), waiting for it."""
+        sshd = self[name].sshd
+        sshd.terminate()
+        sshd.wait(10)
+
+    def restart_sshd(self, name: str) -> None:
+        self._sshd(self[name])
+
     def _sshd(self, host: SshHost) -> None:
         for sub in ("run", "config", "data", "cache"):
             (host.root / sub).mkdir(parents=True, exist_ok=True)
@@ -129,7 +139,7 @@ class Hosts:
             f"PidFile {host.root / 'sshd.pid'}", "UsePAM no", "StrictModes no",
             "PermitRootLogin yes", "PasswordAuthentication no", "ClientAliveInterval 5",
             "SetEnv " + " ".join(f'"{k}={v}"' for k, v in env.items()), ""]))
-        log = open(host.root / "sshd.log", "wb")
+        log = open(host.root / "sshd.log", "ab")
         host.sshd = subprocess.Popen(["ip", "netns", "exec", host.netns, SSHD, "-D", "-e",
                                       "-f", str(config)], stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, preexec_fn=_die_with_parent)
@@ -149,6 +159,10 @@ class Hosts:
     def env(self, base: dict) -> dict:
         """An environment for the local kvmrun that reaches the hosts."""
         return {**base, "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": str(KVMRUN)}
+
+    def link(self, name: str, up: bool) -> None:
+        """Cut (or mend) host `name`'s link to the others."""
+        _ip("link", "set", self[name].veth, "up" if up else "down")
 
     def ssh_run(self, name: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """A shell command on host `name` (as its sessions see the world)."""

@@ -181,6 +181,37 @@ def test_live_migration_there_and_back(kr, hosts, web):
     n = len(ticks(a_log))
     wait_for(lambda: len(ticks(a_log)) > n, "the guest still ticking on host a")
 
+    # faults mid-stream: the target's sshd ends (open sessions go on, new ones are
+    # refused), or the link is cut; the guest runs on here, the target cleans up itself
+    for fault in ("sshd", "link"):
+        copies = hosts["b"].root / f"after-{fault}"
+        slow = hosts.popen_on("a", kr.argv("migrate", "web", "--to", "hostb",
+                                           "--copy-storage", "--target-dir", copies,
+                                           "--bandwidth", "1"))
+        wait_for(lambda: (json.loads(subprocess.run(
+            kr.argv("status", "web", "--json"), env=local, capture_output=True,
+            text=True).stdout).get("migration") or {}).get("status") == "migrating",
+            f"the migration to stream ({fault})")
+        if fault == "sshd":
+            hosts.kill_sshd("b")
+        else:
+            hosts.link("b", up=False)
+        try:
+            _, err = slow.communicate(timeout=240)
+            assert slow.returncode == 1 and "kvmrun: error:" in err.decode(), err.decode()
+            info = status(kr, "hosta")
+            assert info["state"] == "running" and not info["migration"], (fault, info)
+        finally:
+            if fault == "sshd":
+                hosts.restart_sshd("b")
+            else:
+                hosts.link("b", up=True)
+        wait_for(lambda: left_on(hosts, "b", copies / "web.qcow2") == [],
+                 f"host b cleaned up after the {fault} fault", timeout=90)
+        qemu_img_check(target / "web.qcow2")
+    n = len(ticks(a_log))
+    wait_for(lambda: len(ticks(a_log)) > n, "the guest still ticking after the faults")
+
     # `stop` where it ended powers it off gracefully
     stopped = kr.ok("-H", "hosta", "stop", "web").out
     assert "the guest powered off" in stopped
