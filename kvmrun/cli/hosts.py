@@ -17,7 +17,6 @@ from kvmrun.cli.app import emit_json, err
 from kvmrun.errors import KvmrunError, UsageError
 from kvmrun.ops import remote
 
-INTERACTIVE = {"console", "ssh", "edit", "run"}   # get a TTY there (ssh -t) on a terminal
 PROFILE_VERBS = {"start", "run", "define", "validate", "cmdline"}
 
 
@@ -29,7 +28,9 @@ def dispatch(hosts: list[remote.Host], argv: list[str], verb: str | None, build)
         raise UsageError(f"`{verb or 'kvmrun'}` runs on one host; only `list` takes several "
                          "--host")
     host = hosts[0]
-    tty = verb in INTERACTIVE and sys.stdin.isatty() and sys.stdout.isatty()
+    # on a terminal every verb gets one there (ssh -t), so Ctrl-C reaches the remote kvmrun
+    # (a `migrate` there rolls back) and interactive verbs work; never when piped
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
     if verb in PROFILE_VERBS:
         index = _profile_index(argv, verb, build)
         local = remote.local_profile(argv[index]) if index is not None else None
