@@ -185,10 +185,9 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     note(f"starting the target on {plan.host}")
     _start_watch(plan)
     plan.prepared = True
-    there = step(plan.host, "prepare", request)
     exports = [d["drive"] for d in plan.disks if d["copy"]]
+    there = step(plan.host, "prepare", {**request, "exports": exports})    # and incoming
     plan.tunnel = _tunnel(plan, there, bool(exports))
-    step(plan.host, "incoming", {"name": plan.name, "exports": exports})
     if exports:
         _record(plan, "copying disks")
         mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,

@@ -6,7 +6,7 @@ stdout).
                 (present under shared storage, absent when they are to be copied)
     prepare     the run directory from the source's launch record (paths rewritten, the
                 pinned machine type, -incoming defer -S), the disks to copy created, the
-                serial log so far, a supervisor started with --incoming
+                serial log so far, a supervisor started with --incoming; then incoming:
     incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
     finish      NBD stopped, `cont`, the VM defined here
     abort       everything prepare made removed (the QEMU, run directory, disks, vars)
@@ -132,6 +132,7 @@ def prepare(req: dict) -> dict:
     record["machine_type"] = req.get("machine")
     LaunchRecord.from_json(record).write(guest.paths.launch)
     _spawn(guest)
+    incoming({"name": req["name"], "exports": req.get("exports", [])})
     return {"run_dir": str(guest.paths.dir), "migrate_sock": str(guest.paths.migrate_sock),
             "nbd_sock": str(guest.paths.nbd_sock)}
 
