@@ -2,9 +2,10 @@
 """`kvmrun migrate` against raw QEMU's migrate, in one run, over the same ssh tunnel kind
 (never part of `make test`; needs root: two "hosts" as in tests/integration/hosts.py).
 
-    kvmrun   `kvmrun -H hosta migrate web --to hostb` and back (`--shared-storage`; the
-             tiny guest has no disk): whole-command wall time, and QEMU's downtime
-             (query-migrate) as kvmrun reports it
+    kvmrun   `kvmrun migrate web --to hostb` run on host a (in its namespace, with its
+             environment), and back (`--shared-storage`; the tiny guest has no disk):
+             whole-command wall time, and QEMU's downtime (query-migrate) as kvmrun
+             reports it
     raw      the same guest's argv (from kvmrun's launch record) as a plain QEMU on host a,
              its target started through `ssh hostb qemu … -incoming unix:SOCK -S`, one
              `ssh -N -L` unix-socket forward, QMP `migrate`, poll until completed, `cont`
@@ -69,9 +70,12 @@ class Bench:
 
     def kvmrun_migrate(self, src: str, dst: str) -> dict:
         start = time.monotonic()
-        out = self.kvmrun("-H", f"host{src}", "migrate", "web", "--to", f"host{dst}",
-                          "--shared-storage", "--json").stdout
+        proc = self.h.popen_on(src, [KVMRUN, "migrate", "web", "--to", f"host{dst}",
+                                     "--shared-storage", "--json"])
+        out, err = proc.communicate(timeout=600)
         wall = time.monotonic() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"kvmrun migrate failed: {err.decode()}")
         result = json.loads(out)
         return {"total_s": wall, "downtime_ms": result["downtime_ms"]}
 
