@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup deps test unit demo bench clean
+.PHONY: all setup deps ui-vendor test unit demo bench clean
 all: test
 
 deps:
@@ -15,10 +15,13 @@ deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ui]'
 	touch $(STAMP)
 
-setup: deps $(STAMP)
+ui-vendor:
+	@bash .ci/build-ui
+
+setup: deps ui-vendor $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -33,4 +36,4 @@ bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache kvmrun/ui/node_modules kvmrun/ui/static/vendor build

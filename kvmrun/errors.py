@@ -3,7 +3,8 @@
     KvmrunError                 exit 1   anything kvmrun reports to a user
      ├── UsageError             exit 2   a command was called wrongly (a bad --for, bad JSON)
      ├── ProfileError           exit 2   a profile is wrong (file, key path, line)
-     │    └── ProfileErrors     exit 2   several at once, one per line
+     │    ├── ProfileErrors     exit 2   several at once, one per line
+     │    └── LostSettings      exit 2   a libvirt domain uses what kvmrun cannot express
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
      │    ├── NetworkError      exit 3   a network verb failed (name, definition, subnet)
      │    └── RemoteError       exit 3   another host cannot be reached, logged in to, or
@@ -15,6 +16,10 @@
      ├── MigrationError         exit 1   a migration failed or was refused (the source runs on)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
+     │         └── NfsError     exit 1   an NFS export or volume (server, export, rights)
+     ├── OsinfoError            exit 1   osinfo-db is missing, or has no such OS
+     ├── UIError                exit 1   `kvmrun ui` cannot serve as asked (port, socket)
+     │    └── ListenError       exit 2   a bad or non-loopback --listen
      └── StoreError             exit 1   the set of defined VMs (write failed, …)
           ├── InvalidName       exit 2   not a valid VM name
           ├── NotDefined        exit 2   no defined VM of that name
@@ -114,6 +119,17 @@ class ProfileErrors(ProfileError):
         return "\n".join(str(e) for e in self.errors)
 
 
+class LostSettings(ProfileError):
+    """A libvirt domain uses settings kvmrun cannot express, and --lossy was not given."""
+
+    def __init__(self, source: str, problems):
+        lines = "\n".join(f"  {source}:{f.line}: {f}" if f.line else f"  {f}" for f in problems)
+        super().__init__(Location(source), f"{len(problems)} setting(s) of this domain have no "
+                                           f"kvmrun counterpart:\n{lines}",
+                         hint="--lossy converts it anyway, without them")
+        self.problems = problems
+
+
 def each_error(error: ProfileError) -> list[ProfileError]:
     """The single errors of a ProfileError (one, or the list of a ProfileErrors)."""
     return error.errors if isinstance(error, ProfileErrors) else [error]
@@ -184,6 +200,25 @@ class PoolError(StorageError):
     def __init__(self, message: str, hint: str | None = None, key: str = "pool"):
         super().__init__(message, hint)
         self.key = key
+
+
+class NfsError(PoolError):
+    """An NFS pool or volume operation failed (server unreachable, export refused, root
+    squash…); the hint says what to check."""
+
+
+class OsinfoError(KvmrunError):
+    """osinfo-db is missing, or has no such OS (kvmrun os, kvmrun new --os)."""
+
+
+class UIError(KvmrunError):
+    """`kvmrun ui` cannot serve as asked (no aiohttp, port taken, a live socket)."""
+
+
+class ListenError(UIError):
+    """A --listen that is no HOST:PORT, or not loopback without --allow-remote."""
+
+    exit_code = 2
 
 
 class StoreError(KvmrunError):

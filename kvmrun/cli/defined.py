@@ -15,6 +15,8 @@ from kvmrun.cli.app import app, emit_json, err, lazy, out
 from kvmrun.errors import Conflict, KvmrunError, ProfileError, each_error
 
 store = lazy("kvmrun.ops.defined")
+libvirt = lazy("kvmrun.ops.libvirt")
+libvirt_export = lazy("kvmrun.libvirt.export")
 
 _REF_HELP = ("A profile file or the name of a defined VM. A path wins when it contains '/' or "
              "ends in .yaml (write ./web for a file named web).")
@@ -42,6 +44,7 @@ def _define(prof, name, force, no_check_files, new_uuid, verb: str) -> None:
         out(f"re{verb} {result.name} ({result.path}), replacing the previous profile")
     else:
         out(f"{verb} {result.name} ({result.path})")
+    return result
 
 
 def _missing_hint(e) -> None:
@@ -82,13 +85,19 @@ def define(
 @app.command(name="import")
 def import_(
     profile_file: str = typer.Argument(..., metavar="FILE|-",
-                                       help="A profile exported with `kvmrun export`, or an "
+                                       help="A profile exported with `kvmrun export`, a "
+                                            "libvirt domain XML (virsh dumpxml NAME), or an "
                                             "archive of `export --with-disks` (- reads it "
                                             "from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Import it under this name."),
     force: bool = Force,
     no_check_files: bool = NoCheckFiles,
     new_uuid: bool = NewUuid,
+    lossy: bool = typer.Option(False, "--lossy", help="libvirt XML: import even though some "
+                                                      "settings have no kvmrun counterpart "
+                                                      "(each is listed)."),
+    print_: bool = typer.Option(False, "--print", help="libvirt XML: print the converted "
+                                                       "profile instead of defining it."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Archive: put the disks in this "
                                                             "directory pool."),
     directory: Optional[str] = typer.Option(None, "--dir", metavar="DIR",
@@ -96,12 +105,17 @@ def import_(
                                                  "$KVMRUN_DATA_DIR/disks/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Archive: the result as JSON."),
 ) -> None:
-    """Define a VM from an exported profile, or from an archive with its disks (typically
-    from another host).
+    """Define a VM from an exported profile, a libvirt domain XML, or an archive with its
+    disks (typically from another host).
 
-    A profile: every disk, ISO, kernel and firmware path must exist here; each missing one is
-    reported with its key path (--no-check-files imports anyway). The uuid in the file is
-    kept, so a moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+    Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
+    with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
+    moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
+
+    A libvirt domain (`virsh dumpxml web1 > web1.xml; kvmrun import web1.xml`) is converted
+    first, as `kvmrun convert` shows it: settings kvmrun cannot express are listed with their
+    XML path and stop the import unless --lossy; its <nvram> file is copied into kvmrun's
+    UEFI variable store (the original is left alone).
 
     An archive (`kvmrun export NAME --with-disks`): every file's size and SHA-256 sum is
     checked before anything is defined, the disks land in --dir/--pool (backing chains
@@ -115,6 +129,20 @@ def import_(
             raise KvmrunError("--force and --new-uuid do not apply to an archive")
         return archive.import_(profile_file, name, pool, directory, no_check_files, as_json)
     try:
+        if libvirt.is_domain_xml(profile_file):
+            prof, conv = libvirt.read_domain(profile_file, name, lossy, not no_check_files)
+            if print_:
+                sys.stdout.write(libvirt.profile_text(prof, conv, not no_check_files))
+                return
+            for f in conv.problems(not no_check_files):
+                err(f"kvmrun: lost: {f}")
+            result = _define(prof, name, force, no_check_files or lossy, new_uuid, "imported")
+            if result.outcome != "unchanged":
+                libvirt.annotate(result.path, conv, not no_check_files)
+                if conv.nvram:
+                    out(f"copied the UEFI variables to "
+                        f"{libvirt.copy_nvram(conv.nvram, result.name)}")
+            return
         _define(store.load(Path(profile_file)), name, force, no_check_files, new_uuid, "imported")
     except ProfileError as e:
         err(f"kvmrun: error: {e}")
@@ -211,8 +239,10 @@ def export(
     profile_ref: str = typer.Argument(..., metavar="NAME|FILE", help=_REF_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write it to FILE instead of stdout."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (with "
-                                                       "--with-disks: the summary)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (--format json; "
+                                                       "with --with-disks: the summary)."),
+    fmt: str = typer.Option("yaml", "--format", metavar="yaml|json|libvirt",
+                            help="yaml, json, or libvirt: a domain XML for `virsh define`."),
     with_disks: bool = typer.Option(False, "--with-disks",
                                     help="One archive with the profile, every disk and "
                                          "the UEFI variable store (-o FILE, -o - or --to)."),
@@ -228,17 +258,25 @@ def export(
     write an archive holding its disks too.
 
     Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
-    on another host. The archive is a tar (zstd-compressed when zstd is installed) with a
+    on another host. --format libvirt writes a libvirt domain XML instead (settings only
+    kvmrun has ride along in its <metadata>, so importing it back gives the same profile).
+    --with-disks writes an archive: a tar (zstd-compressed when zstd is installed) with a
     manifest of sizes and SHA-256 sums; sparse disks stay sparse. Refused while the guest
     runs unless --live."""
     import json
 
+    if fmt not in ("yaml", "json", "libvirt"):
+        raise typer.BadParameter(f"{fmt!r} is not one of yaml, json, libvirt",
+                                 param_hint="--format")
     prof = store.resolve(profile_ref)
     if with_disks or to:
         from kvmrun.cli import archive
         return archive.export(prof, output, to, flatten, live, as_json)
-    text = (json.dumps(store.export_dict(prof), indent=2) + "\n" if as_json
-            else store.export_text(prof))
+    if fmt == "libvirt":
+        text = libvirt_export.to_xml(store.pinned(prof))
+    else:
+        text = (json.dumps(store.export_dict(prof), indent=2) + "\n"
+                if as_json or fmt == "json" else store.export_text(prof))
     if output and output != "-":
         target = Path(output).absolute()
         store.atomic_write(target, text)

@@ -34,10 +34,12 @@ VERBS: dict[str, str] = {
     "import": "defined", "defined": "defined",
     "disk": "storage", "snapshot": "storage", "pool": "storage", "ssh": "storage",
     "net": "net", "doctor": "host", "systemd": "systemd",
+    "convert": "libvirt",
+    "new": "new", "os": "new", "ui": "ui",
     "migrate": "migrate", "migrate-target": "migrate",
 }
-MODULES = ["profile", "launch", "power", "inspect", "defined", "host", "systemd", "storage", "net",
-           "migrate"]
+MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
+           "storage", "net", "new", "ui", "migrate"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")

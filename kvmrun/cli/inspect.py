@@ -38,9 +38,10 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if as_json:
         emit_json(info)
         return
+    why = [("why", info["paused_reason"])] if info.get("paused_reason") else []
     moving = info.get("migration")
     rows = [("state", f"{info['state']}, migrating to {moving['to']} ({moving['status']})"
-             if moving else info["state"]), ("pid", info["pid"] or "-"),
+             if moving else info["state"]), *why, ("pid", info["pid"] or "-"),
             ("uptime", _duration(info["uptime"])),
             ("arch", f"{info['arch']}  machine {info['machine']}  accel {info['accel']}"),
             ("vcpus", info["vcpus"]), ("memory", f"{info['memory_mib']} MiB")]

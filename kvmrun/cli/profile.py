@@ -9,14 +9,10 @@ import typer
 
 from kvmrun.cli.app import ONEOFF, SetOpt, app, emit_json, err, lazy, out
 from kvmrun.errors import ProfileError, each_error
-from kvmrun.paths import RunPaths
 
 loader = lazy("kvmrun.ops.profiles")
 profile = lazy("kvmrun.profile")
 checks = lazy("kvmrun.qemu.checks")
-compiler = lazy("kvmrun.qemu.compile")
-host = lazy("kvmrun.qemu.host")
-disks = lazy("kvmrun.storage.disks")
 
 
 @app.command()
@@ -46,8 +42,7 @@ def cmdline(
         append=append, gdb=gdb, halted=halted or None))
     for problem in checks.missing_files(prof) + profile.warnings(prof):
         err(f"kvmrun: warning: {problem}")
-    prof = disks.with_formats(prof)
-    argv = compiler.compile(prof, host.probe(), RunPaths.for_guest(prof.name))
+    argv = loader.qemu_argv(prof)
     if as_json:
         emit_json(argv)
     elif pretty:

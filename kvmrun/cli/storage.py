@@ -1,5 +1,5 @@
 """Storage verbs: disk create/info/resize/delete, snapshot create/list/revert/delete, pool
-define/undefine/list/info, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
+define/undefine/list/info/start/stop, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
 
 from __future__ import annotations
 
@@ -13,22 +13,21 @@ import typer
 
 from kvmrun.cli.app import app, emit_json, guest, lazy, out
 from kvmrun.errors import HostError, KvmrunError
-from kvmrun.guest.rundir import Guest, guest_using, require_running
+from kvmrun.guest.rundir import guest_using, require_running
 from kvmrun.ops import ssh as sshcmd
-from kvmrun.paths import valid_name
 from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human
 
-defined = lazy("kvmrun.ops.defined")
 disks = lazy("kvmrun.storage.disks")
+snapops = lazy("kvmrun.ops.snapshots")
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Internal qcow2 snapshots of a VM's disks.",
                            no_args_is_help=True)
 app.add_typer(disk_app, name="disk")
 app.add_typer(snapshot_app, name="snapshot")
-pool_app = typer.Typer(help="Storage pools: directories of disk images, or LVM volume "
-                            "groups.",
+pool_app = typer.Typer(help="Storage pools: directories of disk images, LVM volume "
+                            "groups, or NFS exports.",
                        no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
@@ -127,30 +126,6 @@ def disk_resize(
 
 # ---------------------------------------------------------------- snapshots
 
-def _snapshot_target(name: str):
-    """(disks [(path, skip)], running guest or None) for a guest name or profile."""
-    guest = Guest(name) if valid_name(name) else None
-    if guest is not None and guest.qemu_pid() is not None:
-        launch = guest.read_launch()
-        shared = set(launch.shared_disks)
-        eph = set(launch.ephemeral_disks)
-        targets = [(str(guest.paths.overlay(i)), False) if i in eph else (p, p in shared)
-                   for i, p in enumerate(launch.disks)]
-        return targets, guest
-    try:
-        prof = defined.resolve(name)
-    except KvmrunError:
-        launch = guest.launch_or_none() if guest is not None else None
-        if launch is not None:
-            shared = set(launch.shared_disks)
-            return [(p, p in shared) for p in launch.disks], None
-        raise
-    running = Guest(prof.name)
-    if running.qemu_pid() is not None:
-        return _snapshot_target(prof.name)
-    return [(d.path, d.readonly or d.ephemeral) for d in prof.disks], None
-
-
 def _snapshot_rows(rows: list[dict], as_json: bool) -> None:
     if as_json:
         emit_json(rows)
@@ -172,8 +147,8 @@ def snapshot_create(name: str = NameOrProfile,
                                                          help="Default: snap-DATE-TIME.")) -> None:
     """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
     qemu-img while it is stopped."""
-    snap = snap or time.strftime("snap-%Y%m%d-%H%M%S")
-    disks, guest = _snapshot_target(name)
+    snap = snap or snapops.default_name()
+    disks, guest = snapops.target(name)
     snapshots.snapshot("create", disks, snap, guest)
     out(f"created snapshot {snap} of {name}" + (" (running: with VM state)" if guest else ""))
 
@@ -182,7 +157,7 @@ def snapshot_create(name: str = NameOrProfile,
 def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False, "--json")
                   ) -> None:
     """The snapshots of a VM's disks."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     _snapshot_rows(snapshots.snapshot("list", disks, None, guest), as_json)
 
 
@@ -190,7 +165,7 @@ def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False,
 def snapshot_revert(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped)."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     snapshots.snapshot("revert", disks, snap, guest)
     out(f"reverted {name} to {snap}")
 
@@ -199,7 +174,7 @@ def snapshot_revert(name: str = NameOrProfile,
 def snapshot_delete(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Delete a snapshot."""
-    disks, guest = _snapshot_target(name)
+    disks, guest = snapops.target(name)
     snapshots.snapshot("delete", disks, snap, guest)
     out(f"deleted snapshot {snap} of {name}")
 
@@ -236,15 +211,38 @@ def pool_define(name: str = typer.Argument(..., metavar="NAME"),
                 directory: Optional[str] = typer.Argument(None, metavar="[DIRECTORY]",
                                                           help="A dir pool's directory (made "
                                                                "if missing)."),
-                type_: str = typer.Option("dir", "--type", "-t", metavar="dir|lvm",
+                type_: str = typer.Option("dir", "--type", "-t", metavar="dir|lvm|nfs",
                                           help="dir: image files in DIRECTORY; lvm: logical "
-                                               "volumes of the volume group --vg."),
+                                               "volumes of the volume group --vg; nfs: image "
+                                               "files on the NFS export --source."),
                 vg: Optional[str] = typer.Option(None, "--vg", metavar="VGNAME",
                                                  help="An lvm pool's (existing) volume group."),
+                source: Optional[str] = typer.Option(None, "--source", metavar="SERVER:/EXPORT",
+                                                     help="An nfs pool's export."),
+                mount_dir: Optional[str] = typer.Option(
+                    None, "--mount-dir", metavar="DIR",
+                    help="nfs, access kernel: where to mount it (default: under the data "
+                         "directory)."),
+                options: Optional[str] = typer.Option(None, "--options", "-o", metavar="OPTS",
+                                                      help="nfs, access kernel: mount -o "
+                                                           "options (vers=4.2,soft)."),
+                access: Optional[str] = typer.Option(
+                    None, "--access", metavar="kernel|userspace",
+                    help="nfs: mount the export (kernel; root and the kernel's NFS client) or "
+                         "let QEMU open nfs:// URLs itself (userspace, qemu-block-extra). "
+                         "Default: kernel where mount -t nfs can work, else userspace."),
                 ) -> None:
-    """Define a directory pool (NAME DIRECTORY) or an LVM pool (NAME --type lvm --vg VG)."""
-    pool = pools.define(name, directory, type=type_, vg=vg)
-    if pool["type"] == "lvm":
+    """Define a directory pool (NAME DIRECTORY), an LVM pool (NAME --type lvm --vg VG) or an
+    NFS pool (NAME --type nfs --source SERVER:/EXPORT)."""
+    given = {k: v for k, v in (("source", source), ("mount_dir", mount_dir),
+                               ("options", options), ("access", access)) if v is not None}
+    pool = pools.define(name, directory, type=type_, vg=vg,
+                        nfs=given if (given or type_ == "nfs") else None)
+    if pool["type"] == "nfs":
+        out(f"defined pool {name} on NFS export {pool['source']} (access {pool['access']}: "
+            + (f"mounted at {pool['mount_dir']})" if pool["access"] == "kernel"
+               else f"QEMU opens {pool['path']}/VOLUME)"))
+    elif pool["type"] == "lvm":
         out(f"defined pool {name} on LVM volume group {pool['vg']}")
     else:
         out(f"defined pool {name} at {pool['path']}")
@@ -288,6 +286,8 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
     usage = pools.usage(name)
     if usage.get("type") == "lvm" and not usage["available"]:
         lvm.vg_report(usage["vg"])           # raises the reason (VG gone, no LVM, not root)
+    if usage.get("type") == "nfs" and usage.get("error"):
+        pools.volumes(name)                    # raises the reason (server down, export gone)
     info = {**usage, "type": usage.get("type", "dir"), "volumes": pools.volumes(name)}
     if as_json:
         emit_json(info)
@@ -295,6 +295,11 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
     out(f"{name}")
     if info["type"] == "lvm":
         out(f"  {'type':<9}lvm (volume group {info['vg']}, volumes are {info['path']}/NAME)")
+    elif info["type"] == "nfs":
+        out(f"  {'type':<9}nfs (export {info['source']})")
+        out(f"  {'access':<9}{info['access']}: " + (
+            f"mounted at {info['mount_dir']}" if info["access"] == "kernel" else
+            f"QEMU opens {info['path']}/VOLUME itself"))
     else:
         out(f"  {'path':<9}{info['path']}")
     out(f"  {'space':<9}{human(info['free'])} free of {human(info['capacity'])}")
@@ -303,3 +308,17 @@ def pool_info(name: str = typer.Argument(..., metavar="NAME"),
             + (f"  on {v['backing_file']}" if v["backing_file"] else "")
             + (f"  in use by {v['in_use_by']}" if v["in_use_by"] else "")
             + ("  open" if v.get("open") and not v["in_use_by"] else ""))
+
+
+@pool_app.command("start")
+def pool_start(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Make a pool usable: mount an nfs pool with access kernel, check any other pool.
+
+    A kernel-access nfs pool is also mounted on first use (disk create, a guest's start)."""
+    out(pools.start(name))
+
+
+@pool_app.command("stop")
+def pool_stop(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Unmount an nfs pool with access kernel (refused while a running guest uses it)."""
+    out(pools.stop(name))

@@ -232,12 +232,17 @@ def live_launches(base: Path | None = None, skip: str | None = None
             yield name, launch
 
 
+def _real(path: str) -> str:
+    return path if path.startswith("nfs://") else os.path.realpath(path)
+
+
 def guest_using(path: str, base: Path | None = None) -> tuple[str, int, bool] | None:
-    """(guest name, disk index, ephemeral) of a running kvmrun guest that has `path` open."""
-    real = os.path.realpath(path)
+    """(guest name, disk index, ephemeral) of a running kvmrun guest that has `path` open
+    (a file, or the nfs:// URL of a volume QEMU opens itself, compared as it is)."""
+    real = _real(path)
     for name, launch in live_launches(base):
         for i, used in enumerate(launch.disks):
-            if os.path.realpath(used) == real:
+            if _real(used) == real:
                 return name, i, i in launch.ephemeral_disks
     return None
 

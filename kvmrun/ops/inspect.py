@@ -93,12 +93,27 @@ def _live_details(guest: Guest, pid: int) -> dict:
                  "file": b.get("inserted", {}).get("file"),
                  "format": b.get("inserted", {}).get("drv"),
                  "readonly": b.get("inserted", {}).get("ro"),
-                 "removable": b.get("removable")}
+                 "removable": b.get("removable"),
+                 "io_status": b.get("io-status")}
                 for b in client.execute("query-block") if b.get("inserted")]
+            details["paused_reason"] = paused_reason(status, details["disks"])
     except (QMPError, GuestError) as err:
         details["qmp_error"] = str(err)
     details.update(usage(pid))
     return details
+
+
+def paused_reason(status: dict, disks: list[dict]) -> str | None:
+    """Why QEMU stopped the guest by itself: an I/O error on a disk whose werror/rerror is
+    stop (QMP status io-error; the disk's io-status failed or nospace), and what to do."""
+    if status.get("status") != "io-error":
+        return None
+    failed = [d for d in disks if d.get("io_status") in ("failed", "nospace")]
+    where = "; ".join(f"{d['device']} ({d['file']}): "
+                      + ("no space left" if d["io_status"] == "nospace" else "I/O error")
+                      for d in failed) or "a disk"
+    return (f"paused by QEMU after an I/O error on {where}; fix the storage (is the "
+            "server back?), then `kvmrun resume` retries the failed request")
 
 
 def list_guests(include_ended: bool = True) -> list[dict]:

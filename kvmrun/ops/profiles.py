@@ -7,15 +7,20 @@ before the single validation, so every error still names its file, key and line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
 from kvmrun.errors import Location, ProfileError
+from kvmrun.guest.rundir import Guest
 from kvmrun.ops import defined
+from kvmrun.paths import RunPaths, check_name, is_defined
 from kvmrun.profile import Profile, from_mapping, read
 from kvmrun.profile.load import ONE_OFF
 from kvmrun.profile.yamlsrc import Lines
-from kvmrun.storage.disks import resolve_pools
+from kvmrun.qemu import compile as compiler
+from kvmrun.qemu import host
+from kvmrun.storage.disks import resolve_pools, with_formats
 
 SCALARS = ("name", "arch", "machine", "accel", "cpu", "smp", "memory", "boot", "gdb")
 
@@ -38,6 +43,24 @@ def load_profile(ref: str | None, sets: Sequence[str] = (), oneoff: dict | None 
     data, lines = read(path)
     _lay_over(data, lines, flags)
     return resolve_pools(from_mapping(data, lines, str(path), sets, source=str(path)))
+
+
+def qemu_argv(profile: Profile) -> list[str]:
+    """`kvmrun cmdline`: the exact QEMU argv `profile` compiles to on this host (image
+    formats detected, host probed)."""
+    profile = with_formats(profile)
+    return compiler.compile(profile, host.probe(), RunPaths.for_guest(profile.name))
+
+
+def restart_profile(name: str) -> Profile:
+    """The profile a guest NAME starts again from: the defined VM NAME, else the profile
+    file its last run was started from (its state records the file), under NAME."""
+    check_name(name)
+    if is_defined(name):
+        return defined.resolve(name)
+    state = Guest(name).read_state() or {}
+    source = (state.get("summary") or {}).get("source")
+    return dataclasses.replace(defined.resolve(source or name), name=name)
 
 
 def _lay_over(data: dict, lines: Lines, flags: dict) -> None:

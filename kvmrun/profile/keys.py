@@ -113,6 +113,12 @@ KERNEL = Obj(Kernel, {
     "dtb": Field(FilePath(), "device tree blob"),
 }, "direct kernel boot")
 
+NFS_URL = r"nfs://[A-Za-z0-9.-]+(/[A-Za-z0-9._+,-]+)+"
+# a base image may also be a volume QEMU opens over NFS itself (a userspace nfs pool's)
+IMAGE = Either(((lambda v: isinstance(v, str) and v.startswith("nfs://"),
+                 Str(NFS_URL, what="an nfs://SERVER/EXPORT/FILE URL")),
+                (lambda v: isinstance(v, str), FilePath())), "a file path or nfs:// URL")
+
 DISK = Obj(Disk, {
     "path": Field(FilePath(), "disk image or block device (or pool + volume)"),
     "format": Field(Enum(("qcow2", "raw")), "image format; default: detected with qemu-img"),
@@ -122,14 +128,20 @@ DISK = Obj(Disk, {
     "readonly": Field(Bool(), "attach read-only"),
     "size": Field(Size(1, 64 * 1024 * 1024), "create the image with this size on first start "
                                              "when it is missing (20G)"),
-    "backing": Field(FilePath(), "base image: the disk is a qcow2 overlay on it (created on "
-                                 "first start when missing; the base is never written)"),
+    "backing": Field(IMAGE, "base image: the disk is a qcow2 overlay on it (created on "
+                            "first start when missing; the base is never written)"),
     "ephemeral": Field(Bool(), "throwaway: writes go to an overlay in the run directory that is "
                                "deleted when the guest stops"),
     "pool": Field(Str(NAME_RE, MAX_NAME, "a pool name"), "storage pool holding the volume "
                                                          "(kvmrun pool define)"),
     "volume": Field(Str(r"[A-Za-z0-9][A-Za-z0-9._+-]*", what="a volume (file) name"),
                     "volume (image file name) in the pool"),
+    "werror": Field(Enum(("enospc", "stop", "report", "ignore")),
+                    "on a write error: stop pauses the guest (kvmrun status says why; "
+                    "kvmrun resume retries), report passes it to the guest, enospc stops "
+                    "on a full disk only; default: QEMU's (enospc)"),
+    "rerror": Field(Enum(("stop", "report", "ignore")),
+                    "on a read error (stop, report, ignore); default: QEMU's (report)"),
 })
 
 SHARE = Obj(Share, {

@@ -32,7 +32,9 @@ class Disk:
     backing: str | None = None       # a qcow2 overlay on this base image
     ephemeral: bool = False          # writes go to an overlay deleted when the guest stops
     pool: str | None = None          # a storage pool (kvmrun pool define) …
-    volume: str | None = None        # … and the volume in it: the path is resolved at load
+    volume: str | None = None        # … and the volume in it: the path is resolved by kvmrun.storage.disks.resolve_pools
+    werror: str | None = None        # on a write error: QEMU's -drive werror (default enospc)
+    rerror: str | None = None        # on a read error: QEMU's -drive rerror (default report)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from kvmrun.qemu import host
 
 
 def missing_files(profile: Profile) -> list[ProfileError]:
-    return [ProfileError(loc, f"{what} {path!r} not found")
-            for loc, what, path in referenced_files(profile) if not Path(path).exists()]
+    return [ProfileError(loc, f"{what} {path!r} not found")       # nfs:// URLs: QEMU's to open
+            for loc, what, path in referenced_files(profile)
+            if not path.startswith("nfs://") and not Path(path).exists()]
 
 
 def _close(word: str, known: list[str]) -> str:

@@ -175,7 +175,8 @@ def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
         file, fmt = (paths.overlay(i), "qcow2") if disk.ephemeral else (disk.path, disk.format)
         yield from ("-drive", opts(file=qemu_escape(file), format=fmt,
                                    if_="none", id=drive, cache=disk.cache,
-                                   readonly=disk.readonly or None))
+                                   readonly=disk.readonly or None,
+                                   werror=disk.werror, rerror=disk.rerror))
         place: dict = {}
         if disk.interface == "scsi":
             place = {"bus": "scsi0.0"}

@@ -7,11 +7,9 @@ through QMP `block_resize` when a running guest has the disk open).
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
-from kvmrun.errors import (GuestError, HostError, PoolError, ProfileError, ProfileErrors,
-                           StorageError)
+from kvmrun.errors import (GuestError, HostError, KvmrunError, PoolError, ProfileError,
+                           ProfileErrors, StorageError)
 from kvmrun.guest.qmp import query
 from kvmrun.guest.rundir import Guest, guest_using
 from kvmrun.paths import RunPaths
@@ -53,11 +51,11 @@ def with_formats(profile: Profile) -> Profile:
     a raw device (a qcow2 header, say) must not change how the next start opens it."""
     disks = []
     for i, disk in enumerate(profile.disks):
-        if not Path(disk.path).exists() and (disk.size or disk.backing):
+        if not images.exists(disk.path) and (disk.size or disk.backing):
             disk = dataclasses.replace(disk, format=disk.format or "qcow2")   # made at start
         if disk.format is None and images.is_block_device(disk.path):
             disk = dataclasses.replace(disk, format="raw")
-        if disk.format is None and Path(disk.path).exists():
+        if disk.format is None and images.exists(disk.path):
             try:
                 fmt = images.image_info(disk.path)["format"]
             except HostError as err:
@@ -77,14 +75,14 @@ def ensure_disks(profile: Profile) -> list[str]:
     made (so a failed start can remove them again)."""
     made = []
     for i, disk in enumerate(profile.disks):
-        if os.path.lexists(disk.path) or not (disk.size or disk.backing):
+        if not (disk.size or disk.backing) or images.exists(disk.path):
             continue
         try:
             create(disk.path, disk.size * 1024 * 1024 if disk.size else None,
                    disk.format or "qcow2", disk.backing)
         except StorageError as err:
             for path in made:
-                os.unlink(path)
+                images.unlink(path)
             raise ProfileError(profile.location("disks", i), err.message, err.hint) from err
         made.append(disk.path)
     return made
@@ -110,7 +108,7 @@ def resize(path: str, size: str, shrink: bool = False, live: str | None = None) 
                              f"{name!r}; a base cannot change under its overlay",
                              hint=f"stop {name} first")
         return _resize_live(path, name, index, sign, amount, shrink)
-    if not os.path.lexists(path):
+    if not images.exists(path):
         raise StorageError(f"no such disk image: {path}")
     current = info(path)
     old = current["virtual_size"]
@@ -133,7 +131,7 @@ def _resize_live(path: str, name: str, index: int, sign: str, amount: int,
     new = old + amount if sign == "+" else old - amount if sign == "-" else amount
     check_new_size(path, old, new, shrink)
     query(guest.paths.qmp_cli, "block_resize", {"device": drive, "size": new}, timeout=60)
-    return {"path": os.path.abspath(path), "virtual_size": new, "old_size": old,
+    return {"path": images.absolute(path), "virtual_size": new, "old_size": old,
             "live": name, "device": drive}
 
 
@@ -160,8 +158,8 @@ def prepare_guest(profile: Profile, paths: RunPaths) -> list[str]:
 def remove_created(made) -> None:
     for path in made:
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            images.unlink(path)
+        except (FileNotFoundError, KvmrunError):
             pass
 
 

@@ -3,6 +3,8 @@ backing image), information, offline resizing, sizes.
 
 Every qemu-img failure becomes a `StorageError` with a plain message; a creation that fails
 leaves no file behind (images are made under a temporary name and linked into place).
+A path may be the nfs:// URL of a userspace NFS pool's volume, which qemu-img opens itself
+(kvmrun.storage.nfs); `exists`, `absolute`, `real` and `unlink` stand in for os.path there.
 """
 
 from __future__ import annotations
@@ -15,9 +17,31 @@ import stat
 from pathlib import Path
 
 from kvmrun import proc
-from kvmrun.errors import HostError, StorageError
+from kvmrun.errors import HostError, KvmrunError, StorageError
+from kvmrun.storage import nfsclient
+from kvmrun.storage.nfsclient import is_url
 
 FORMATS = ("qcow2", "raw")
+
+
+# ---------------------------------------------------------------- paths that may be nfs:// URLs
+
+def exists(path) -> bool:
+    return nfsclient.exists(path) if is_url(path) else os.path.lexists(path)
+
+
+def absolute(path) -> str:
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def real(path) -> str:
+    return path if is_url(path) else os.path.realpath(path)
+
+
+def unlink(path, missing_ok: bool = True) -> None:
+    if is_url(path):
+        return nfsclient.unlink(path, missing_ok=missing_ok)
+    Path(path).unlink(missing_ok=missing_ok)
 
 
 def qemu_img() -> str:
@@ -30,6 +54,9 @@ def qemu_img() -> str:
 def image_info(path: str) -> dict:
     out = proc.run([qemu_img(), "info", "--output=json", "-U", path], check=False, timeout=60)
     if out.returncode != 0:
+        if is_url(path):
+            err = nfsclient.explain(out.stderr, f"qemu-img cannot read {path}")
+            raise HostError(err.message, err.hint)
         raise HostError(f"qemu-img cannot read {path}: {out.stderr.strip()}")
     return json.loads(out.stdout)
 
@@ -82,6 +109,9 @@ def _explain(stderr: str, what: str, path: str) -> StorageError:
     text = "\n".join(line.removeprefix("qemu-img: ").strip()
                      for line in stderr.strip().splitlines()) or "no message"
     low = text.lower()
+    if is_url(path) and ("nfs" in low or "rpc" in low or "unknown protocol" in low):
+        err = nfsclient.explain(stderr, f"{what} {path}")
+        return StorageError(err.message, err.hint)
     if "no space left" in low or "disk quota" in low:
         return StorageError(f"{what} {path}: not enough space in "
                             f"{os.path.dirname(os.path.abspath(path))}",
@@ -109,7 +139,7 @@ def qemu_img_run(*args: str, what: str, path: str, timeout: float = 600) -> str:
 
 
 def detect_format(path: str) -> str:
-    if not os.path.exists(path):
+    if not exists(path):
         raise StorageError(f"no such disk image: {path}")
     if is_block_device(path):
         return "raw"                          # not probed (see with_formats)
@@ -127,23 +157,23 @@ def backing_chain(base: str, target: str | None = None) -> list[str]:
     """The chain base, its backing file, … (absolute paths), read one image at a time so
     that a loop (an image backing onto itself, or onto `target`) is found, not followed."""
     chain: list[str] = []
-    current = os.path.abspath(base)
-    seen = {os.path.realpath(target)} if target else set()
+    current = absolute(base)
+    seen = {real(target)} if target else set()
     while current:
-        if os.path.realpath(current) in seen:
+        if real(current) in seen:
             loop = " -> ".join(([target] if target else []) + chain + [current])
             raise StorageError(f"backing chain loop: {loop}",
                                hint="an image cannot be based, directly or not, on itself")
-        if not os.path.exists(current):
+        if not exists(current):
             if not chain:
                 raise StorageError(f"backing image {current} not found")
             raise StorageError(f"backing chain broken: {chain[-1]} is based on {current}, "
                                "which is missing")
-        seen.add(os.path.realpath(current))
+        seen.add(real(current))
         chain.append(current)
         info = image_info(current)
         nxt = info.get("full-backing-filename") or info.get("backing-filename")
-        if nxt and not os.path.isabs(nxt):
+        if nxt and not os.path.isabs(nxt) and not is_url(nxt):
             nxt = os.path.join(os.path.dirname(current), nxt)
         current = nxt
     return chain
@@ -168,6 +198,8 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
     """Create a disk image: `size` bytes of `fmt` (default qcow2), or a qcow2 overlay on
     `backing` (its format pinned with -F; size defaults to the base's). Never overwrites;
     on any failure no file is left."""
+    if is_url(str(path)):
+        return _create_url(str(path), size, fmt, backing, backing_format)
     path = Path(os.path.abspath(path))
     fmt = fmt or "qcow2"
     if fmt not in FORMATS:
@@ -182,7 +214,7 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
         if fmt != "qcow2":
             raise StorageError("an image with a backing file must be qcow2",
                                hint="leave out --format raw")
-        backing = os.path.abspath(backing)
+        backing = absolute(backing)
         backing_chain(backing, str(path))
         backing_format = backing_format or detect_format(backing)
         args += ["-b", backing, "-F", backing_format]
@@ -201,9 +233,44 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
     return info(str(path))
 
 
+def _create_url(path: str, size: int | None, fmt: str | None, backing: str | None,
+                backing_format: str | None) -> dict:
+    """create() for an nfs:// URL: made by qemu-img under a temporary name in the same
+    export folder, then linked to its name with libnfs (which never replaces a file)."""
+    fmt = fmt or "qcow2"
+    if fmt not in FORMATS:
+        raise StorageError(f"format {fmt!r} is not supported", hint="use qcow2 or raw")
+    if exists(path):
+        raise StorageError(f"{path} already exists",
+                           hint="choose another name, or resize it: kvmrun disk resize")
+    args = ["create", "-q", "-f", fmt]
+    if backing:
+        if fmt != "qcow2":
+            raise StorageError("an image with a backing file must be qcow2",
+                               hint="leave out --format raw")
+        backing = absolute(backing)
+        backing_chain(backing, path)
+        args += ["-b", backing, "-F", backing_format or detect_format(backing)]
+    elif size is None:
+        raise StorageError(f"{path}: give a size (--size 20G) or a backing image (--backing)")
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.kvmrun-{os.getpid()}.tmp"
+    try:
+        qemu_img_run(*args, tmp, *([str(size)] if size is not None else []),
+                     what="cannot create", path=path)
+        nfsclient.place(tmp, path)
+    except BaseException:
+        try:
+            nfsclient.unlink(tmp, missing_ok=True)
+        except KvmrunError:
+            pass
+        raise
+    return info(path)
+
+
 def info(path: str) -> dict:
     """What qemu-img knows about an image and its backing chain, in a small JSON form."""
-    if not os.path.lexists(path):
+    if not exists(path):
         raise StorageError(f"no such disk image: {path}")
     out = qemu_img_run("info", "--output=json", "--backing-chain", "-U", path,
                     what="cannot read", path=path, timeout=60)
@@ -211,7 +278,7 @@ def info(path: str) -> dict:
     chain = chain if isinstance(chain, list) else [chain]
     top = chain[0]
     return {
-        "path": os.path.abspath(path),
+        "path": absolute(path),
         "format": top.get("format"),
         "virtual_size": top.get("virtual-size"),
         "actual_size": top.get("actual-size"),
@@ -232,8 +299,8 @@ def create_overlay(overlay: Path, base: str, base_format: str) -> None:
     overlay.unlink(missing_ok=True)
     tmp = overlay.with_name(f".{overlay.name}.tmp")
     try:
-        qemu_img_run("create", "-q", "-f", "qcow2", "-b", os.path.abspath(base), "-F", base_format,
-                  str(tmp), what="cannot create the overlay of", path=base)
+        qemu_img_run("create", "-q", "-f", "qcow2", "-b", absolute(base), "-F", base_format,
+                     str(tmp), what="cannot create the overlay of", path=base)
         os.rename(tmp, overlay)
     except BaseException:
         tmp.unlink(missing_ok=True)

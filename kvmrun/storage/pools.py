@@ -1,9 +1,11 @@
 """Storage pools, like libvirt's `dir` and `logical` pools. A pool is a small JSON file in
-$KVMRUN_CONFIG_DIR/pools/NAME.json of one of two types:
+$KVMRUN_CONFIG_DIR/pools/NAME.json of one of three types:
 
   dir   a directory; its volumes are the image files in it (qcow2 or raw)
   lvm   an LVM volume group; its volumes are logical volumes, /dev/VG/VOLUME, always raw
         (driven by kvmrun.storage.lvm)
+  nfs   an NFS export, mounted (access kernel) or opened by QEMU itself as nfs:// URLs
+        (access userspace); see kvmrun.storage.nfs
 
 Profiles name a volume with `pool:` + `volume:` (see `resolve_disk`); every failure is one
 plain `PoolError`, and a volume whose creation fails is not left behind."""
@@ -21,6 +23,7 @@ from kvmrun.files import atomic_write
 from kvmrun.guest import rundir
 from kvmrun.paths import NAME_RE, config_dir
 from kvmrun.storage import images, lvm
+from kvmrun.storage import nfs as nfsmod
 
 VOLUME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
 
@@ -55,15 +58,25 @@ def get(name: str) -> dict:
 
 
 def define(name: str, directory: str | None = None, type: str = "dir",
-           vg: str | None = None) -> dict:
+           vg: str | None = None, nfs: dict | None = None) -> dict:
     """Define a pool: `directory` for a dir pool (made if missing), `vg` (an existing LVM
-    volume group) for an lvm pool."""
+    volume group) for an lvm pool, `nfs` (source, mount_dir, options, access) for an nfs
+    pool."""
     path = _file(name)
     if path.exists():
         pool = get(name)
         raise PoolError(f"pool {name!r} is already defined ({pool['path']})",
                         hint=f"undefine it first: kvmrun pool undefine {name}")
-    if type == "lvm":
+    if nfs and type != "nfs":
+        raise PoolError("--source, --mount-dir, --options and --access are for nfs pools",
+                        hint="add --type nfs")
+    if type == "nfs":
+        if directory is not None or vg is not None:
+            raise PoolError("an nfs pool is given by its export, not a directory or VG",
+                            hint=f"kvmrun pool define {name} --type nfs --source "
+                                 "SERVER:/EXPORT")
+        record = nfsmod.record(name, **(nfs or {}))
+    elif type == "lvm":
         if directory is not None:
             raise PoolError("an lvm pool has no directory: its volumes are /dev/VG/NAME",
                             hint=f"kvmrun pool define {name} --type lvm --vg VGNAME")
@@ -84,7 +97,7 @@ def define(name: str, directory: str | None = None, type: str = "dir",
         target.mkdir(parents=True, exist_ok=True)
         record = {"type": "dir", "path": str(target)}
     else:
-        raise PoolError(f"unknown pool type {type!r}", hint="dir or lvm")
+        raise PoolError(f"unknown pool type {type!r}", hint="dir, lvm or nfs")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=1) + "\n", mode=0o644)
     return get(name)
@@ -108,6 +121,8 @@ def volume_path(pool: str, volume: str) -> str:
     data = get(pool)
     if data.get("type") == "lvm":
         return f"{lvm.DEV}/{data['vg']}/{volume}"
+    if data.get("type") == "nfs":
+        return nfsmod.volume_path(data, volume)
     return os.path.join(data["path"], volume)
 
 
@@ -137,17 +152,20 @@ def volumes(name: str) -> list[dict]:
     pool = get(name)
     if pool.get("type") == "lvm":
         return lvm.volumes(pool)
-    root = Path(pool["path"])
+    if pool.get("type") == "nfs":
+        entries = [f["path"] for f in nfsmod.files(pool)]
+    else:
+        root = Path(pool["path"])
+        entries = [str(e) for e in (sorted(root.iterdir()) if root.is_dir() else [])
+                   if e.is_file() and not e.name.startswith(".")]
     rows = []
-    for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
+    for entry in entries:
         try:
-            info = images.info(str(entry))
+            info = images.info(entry)
         except KvmrunError:
             continue
-        user = rundir.guest_using(str(entry))
-        rows.append({"name": entry.name, "path": str(entry), "format": info["format"],
+        user = rundir.guest_using(entry)
+        rows.append({"name": entry.rsplit("/", 1)[-1], "path": entry, "format": info["format"],
                      "virtual_size": info["virtual_size"], "actual_size": info["actual_size"],
                      "backing_file": info["backing_file"],
                      "in_use_by": user[0] if user else None})
@@ -163,6 +181,8 @@ def usage(name: str) -> dict:
             return {**pool, "capacity": None, "free": None, "available": False}
         return {**pool, "capacity": vg["size"], "free": vg["free"], "available": True,
                 "extent_size": vg["extent_size"]}
+    if pool.get("type") == "nfs":
+        return {**pool, **nfsmod.usage(pool)}
     try:
         st = os.statvfs(pool["path"])
         return {**pool, "capacity": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize,
@@ -179,6 +199,8 @@ def create_volume(pool_name: str, volume: str, size: int | None, fmt: str | None
     pool. Nothing is left behind when it fails."""
     pool = get(pool_name)
     path = volume_path(pool_name, volume)
+    if pool.get("type") == "nfs" and backing and "/" not in backing:
+        backing = volume_path(pool_name, backing)      # a volume of the same pool
     if pool.get("type") != "lvm":
         return images.create(path, size, fmt, backing)
     if fmt not in (None, "raw"):
@@ -203,6 +225,9 @@ def delete_volume(pool_name: str | None, volume: str) -> dict:
         lv = next((v for v in lvm.volumes(pool) if v["name"] == volume), None)
         if lv is None:
             raise PoolError(f"no volume {volume!r}{where} (volume group {pool['vg']})")
+    elif nfsmod.is_url(path):
+        if not nfsmod.exists(path):
+            raise PoolError(f"no volume {volume!r}{where}")
     elif not os.path.lexists(path):
         raise PoolError(f"no volume {volume!r}{where}" if pool_name
                         else f"no such disk image: {path}")
@@ -219,7 +244,35 @@ def delete_volume(pool_name: str | None, volume: str) -> dict:
                             "program)", hint=f"see who has it: fuser -v {path}")
         lvm.lvremove(f"{pool['vg']}/{volume}")
     else:
-        os.unlink(path)
+        images.unlink(path, missing_ok=False)
     return {"pool": pool_name, "volume": volume, "path": path}
 
 
+# ---------------------------------------------------------------- start / stop (nfs kernel)
+
+def start(name: str) -> str:
+    """`kvmrun pool start`: mount a kernel-access nfs pool; check any other pool."""
+    pool = get(name)
+    if pool.get("type") == "nfs" and pool["access"] == "kernel":
+        done = nfsmod.mount(pool)
+        return (f"{'mounted' if done else 'already mounted:'} {pool['source']} at "
+                f"{pool['mount_dir']}")
+    if not usage(name)["available"]:
+        volumes(name)                                # raises the reason
+        raise PoolError(f"pool {name!r} is not available ({pool['path']})")
+    return f"pool {name} is available (nothing to mount: {pool['path']})"
+
+
+def stop(name: str) -> str:
+    """`kvmrun pool stop`: unmount a kernel-access nfs pool no running guest uses."""
+    pool = get(name)
+    if not (pool.get("type") == "nfs" and pool["access"] == "kernel"):
+        return f"pool {name} has nothing to unmount"
+    if nfsmod.mounted(pool["mount_dir"]):
+        for v in volumes(name):
+            user = rundir.guest_using(v["path"])
+            if user:
+                raise GuestError(f"{v['path']} is in use by running guest {user[0]!r}",
+                                 hint=f"stop it first: kvmrun stop {user[0]}")
+    done = nfsmod.umount(pool)
+    return f"{'unmounted' if done else 'not mounted:'} {pool['mount_dir']}"

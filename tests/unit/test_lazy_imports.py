@@ -36,7 +36,8 @@ def modules_after(tmp_path, *args) -> set[str]:
 
 
 HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.qemu.compile",
-         "kvmrun.ops.defined", "kvmrun.net.nics", "kvmrun.storage.disks"}
+         "kvmrun.ops.defined", "kvmrun.net.nics", "kvmrun.storage.disks",
+         "aiohttp", "kvmrun.ui.server", "xml.etree.ElementTree"}   # aiohttp: `kvmrun ui` only
 
 
 @pytest.mark.parametrize("args", [["list", "--json"], ["list"], ["status", "web1", "--json"],

@@ -1,0 +1,1 @@
+"""`kvmrun ui`: the local web front end (server, websocket bridges, static pages)."""
