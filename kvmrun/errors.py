@@ -7,13 +7,16 @@
      │    └── LostSettings      exit 2   a libvirt domain uses what kvmrun cannot express
      ├── HostError              exit 3   the host lacks something (binary, /dev/kvm, firmware)
      │    ├── NetworkError      exit 3   a network verb failed (name, definition, subnet)
-     │    └── NotPrivate        exit 3   a directory kvmrun would trust is another user's
+     │    ├── NotPrivate        exit 3   a directory kvmrun would trust is another user's
+     │    └── RemoteError       exit 3   another host cannot be reached, logged in to, or
+     │                                   has no kvmrun (ssh's own failures, one line)
      ├── GuestError             exit 4   a guest is not in the state a command needs
      │    └── GuestTimeout      exit 5   a wait ran out (stop, wait, ready)
      │         └── AgentTimeout exit 5   the guest agent did not answer in time
      ├── QMPError               exit 6   QEMU's monitor refused or failed a command
      │    └── AgentError        exit 6   the guest agent refused a command (its class kept)
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
+     ├── MigrationError         exit 1   a migration failed or was refused (the source runs on)
      ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
      │    └── PoolError         exit 1   a pool or volume operation failed
      │         └── NfsError     exit 1   an NFS export or volume (server, export, rights)
@@ -161,6 +164,11 @@ class NotPrivate(HostError):
     owner, a link, a file): refused, as ssh refuses a loose ~/.ssh."""
 
 
+class RemoteError(HostError):
+    """`-H HOST`, a migration or an export --to could not reach HOST, log in there, or
+    run kvmrun there (ssh exit 255, or the command not found)."""
+
+
 class GuestError(KvmrunError):
     exit_code = 4
 
@@ -210,6 +218,11 @@ class LaunchError(KvmrunError):
         if self.argv:
             full += "\n  command: " + shlex.join(self.argv)
         super().__init__(full, hint)
+
+
+class MigrationError(KvmrunError):
+    """`kvmrun migrate` was refused by its preflight or failed; everything it made on the
+    target was removed and the source guest keeps running."""
 
 
 class StorageError(KvmrunError):

@@ -136,6 +136,13 @@ class RunPaths:
     lock = property(lambda self: self._p("lock"))
     cidata = property(lambda self: self._p("cidata.iso"))     # the cloud-init NoCloud seed
     cidata_stamp = property(lambda self: self._p("cidata.sha256"))
+    # a live migration (kvmrun.ops.migrate): its record on both sides, the target's sockets
+    # (migration stream, NBD) and the source's ends of their ssh forwards
+    migration = property(lambda self: self._p("migration.json"))
+    migrate_sock = property(lambda self: self._p("migrate.sock"))
+    nbd_sock = property(lambda self: self._p("nbd.sock"))
+    migrate_out = property(lambda self: self._p("migrate-out.sock"))
+    nbd_out = property(lambda self: self._p("nbd-out.sock"))
 
     def port_socket(self, index: int) -> Path:
         """The unix datagram socket QEMU binds for NIC `index` on an isolated network."""
@@ -147,7 +154,7 @@ class RunPaths:
 
     def sockets(self) -> list[Path]:
         return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice,
-                self.gdb]
+                self.gdb, self.migrate_sock, self.nbd_sock, self.migrate_out, self.nbd_out]
 
     def check_length(self) -> None:
         longest = max(self.sockets(), key=lambda p: len(os.fsencode(p)))

@@ -41,7 +41,8 @@ SETTINGS = dict(
          "A PROFILE is a .yaml file or the name of a defined VM (`kvmrun define`).\n\n"
          "Environment: KVMRUN_RUN_DIR, KVMRUN_CONFIG_DIR, KVMRUN_DATA_DIR, KVMRUN_CACHE_DIR "
          "move kvmrun's directories; KVMRUN_ACCEL=kvm|tcg forces the accelerator; "
-         "KVMRUN_DEBUG=1 is --debug.",
+         "KVMRUN_DEBUG=1 is --debug; KVMRUN_HOST is --host, KVMRUN_SSH the ssh command "
+         "(default ssh), KVMRUN_REMOTE_COMMAND the kvmrun there (default kvmrun).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -64,6 +65,13 @@ def _global(
                                           help="Run directory (default: $KVMRUN_RUN_DIR, "
                                                "/run/kvmrun for root, "
                                                "$XDG_RUNTIME_DIR/kvmrun otherwise)."),
+    host: Optional[list[str]] = typer.Option(
+        None, "-H", "--host", metavar="[USER@]HOST[:PORT]",
+        help="Run the verb on HOST through ssh (its ~/.ssh/config aliases, keys and "
+             "ProxyJump apply; $KVMRUN_SSH is the ssh command, $KVMRUN_REMOTE_COMMAND the "
+             "kvmrun there). Exit code, --json and messages come back unchanged; ssh's own "
+             "failures exit 3. Anywhere on the line; `list` takes it more than once. "
+             "Default: $KVMRUN_HOST."),
 ) -> None:
     if debug:
         os.environ["KVMRUN_DEBUG"] = "1"     # kvmrun.proc logs every argv it runs

@@ -84,9 +84,11 @@ def define(
 
 @app.command(name="import")
 def import_(
-    profile_file: str = typer.Argument(..., metavar="FILE",
-                                       help="A profile exported with `kvmrun export`, or a "
-                                            "libvirt domain XML (virsh dumpxml NAME)."),
+    profile_file: str = typer.Argument(..., metavar="FILE|-",
+                                       help="A profile exported with `kvmrun export`, a "
+                                            "libvirt domain XML (virsh dumpxml NAME), or an "
+                                            "archive of `export --with-disks` (- reads it "
+                                            "from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Import it under this name."),
     force: bool = Force,
     no_check_files: bool = NoCheckFiles,
@@ -96,8 +98,15 @@ def import_(
                                                       "(each is listed)."),
     print_: bool = typer.Option(False, "--print", help="libvirt XML: print the converted "
                                                        "profile instead of defining it."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Archive: put the disks in this "
+                                                            "directory pool."),
+    directory: Optional[str] = typer.Option(None, "--dir", metavar="DIR",
+                                            help="Archive: put the disks in DIR (default "
+                                                 "$KVMRUN_DATA_DIR/disks/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Archive: the result as JSON."),
 ) -> None:
-    """Define a VM from an exported profile or a libvirt domain XML (typically from another host).
+    """Define a VM from an exported profile, a libvirt domain XML, or an archive with its
+    disks (typically from another host).
 
     Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
     with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
@@ -107,7 +116,18 @@ def import_(
     first, as `kvmrun convert` shows it: settings kvmrun cannot express are listed with their
     XML path and stop the import unless --lossy; its <nvram> file is copied into kvmrun's
     UEFI variable store (the original is left alone).
+
+    An archive (`kvmrun export NAME --with-disks`): every file's size and SHA-256 sum is
+    checked before anything is defined, the disks land in --dir/--pool (backing chains
+    rebased, holes kept), the UEFI variable store beside this host's others, the uuid kept.
+    An existing VM or disk is never overwritten, and a failed or interrupted import leaves
+    nothing behind. Streams: `kvmrun export web --with-disks -o - | ssh host kvmrun import -`.
     """
+    from kvmrun.cli import archive
+    if archive.is_archive(profile_file):
+        if force or new_uuid:
+            raise KvmrunError("--force and --new-uuid do not apply to an archive")
+        return archive.import_(profile_file, name, pool, directory, no_check_files, as_json)
     try:
         if libvirt.is_domain_xml(profile_file):
             prof, conv = libvirt.read_domain(profile_file, name, lossy, not no_check_files)
@@ -219,21 +239,39 @@ def export(
     profile_ref: str = typer.Argument(..., metavar="NAME|FILE", help=_REF_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write it to FILE instead of stdout."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (--format json)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (--format json; "
+                                                       "with --with-disks: the summary)."),
     fmt: str = typer.Option("yaml", "--format", metavar="yaml|json|libvirt",
                             help="yaml, json, or libvirt: a domain XML for `virsh define`."),
+    with_disks: bool = typer.Option(False, "--with-disks",
+                                    help="One archive with the profile, every disk and "
+                                         "the UEFI variable store (-o FILE, -o - or --to)."),
+    flatten: bool = typer.Option(False, "--flatten", help="--with-disks: each disk as one "
+                                 "image instead of its qcow2 backing chain."),
+    live: bool = typer.Option(False, "--live", help="--with-disks of a running guest: "
+                              "pause it while its disks are copied beside themselves."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="HOST",
+                                     help="--with-disks: stream it into `kvmrun import -` "
+                                          "on HOST over ssh."),
 ) -> None:
-    """Print a VM's self-contained profile (like `virsh dumpxml`).
+    """Print a VM's self-contained profile (like `virsh dumpxml`), or with --with-disks
+    write an archive holding its disks too.
 
     Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
     on another host. --format libvirt writes a libvirt domain XML instead (settings only
-    kvmrun has ride along in its <metadata>, so importing it back gives the same profile)."""
+    kvmrun has ride along in its <metadata>, so importing it back gives the same profile).
+    --with-disks writes an archive: a tar (zstd-compressed when zstd is installed) with a
+    manifest of sizes and SHA-256 sums; sparse disks stay sparse. Refused while the guest
+    runs unless --live."""
     import json
 
     if fmt not in ("yaml", "json", "libvirt"):
         raise typer.BadParameter(f"{fmt!r} is not one of yaml, json, libvirt",
                                  param_hint="--format")
     prof = store.resolve(profile_ref)
+    if with_disks or to:
+        from kvmrun.cli import archive
+        return archive.export(prof, output, to, flatten, live, as_json)
     if fmt == "libvirt":
         text = libvirt_export.to_xml(store.pinned(prof))
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib
 import re
+import signal
 import sys
 
 import typer
@@ -20,6 +21,7 @@ import typer
 from kvmrun.cli import nopydantic
 from kvmrun.cli.app import SETTINGS, app, err
 from kvmrun.errors import KvmrunError
+from kvmrun.ops.remote import split_hosts
 from kvmrun.proc import debug
 
 VERBS: dict[str, str] = {
@@ -36,9 +38,10 @@ VERBS: dict[str, str] = {
     "convert": "libvirt",
     "new": "new", "os": "new", "ui": "ui",
     "agent": "agent", "exec": "agent", "ip": "agent",
+    "migrate": "migrate", "migrate-target": "migrate",
 }
 MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
-           "storage", "net", "new", "ui", "agent"]
+           "storage", "net", "new", "ui", "agent", "migrate"]
 
 
 GDB_VALUE = re.compile(r"(?:[\w.-]+:|\[[0-9a-fA-F:]+\]:)?\d+")
@@ -111,13 +114,36 @@ def plain_oserror(e: OSError) -> str:
     return text + (f"\n  hint: {hint}" if hint else "")
 
 
+def run(argv: list[str]) -> int:
+    """One call: on this host, or (with -H/--host or $KVMRUN_HOST) through ssh on another
+    (kvmrun.cli.hosts)."""
+    hosts, argv = split_hosts(argv)
+    if hosts:
+        from kvmrun.cli import hosts as remote_cli
+        return remote_cli.dispatch(hosts, argv, _verb(argv), build_command)
+    command = build_command(argv)
+    result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
+    return result if isinstance(result, int) else 0
+
+
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     nopydantic.install()             # plain values skip typer's pydantic (see nopydantic)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     argv = optional_values(sys.argv[1:] if argv is None else argv)
-    command = build_command(argv)
     try:
-        result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
+        code = run(argv)
+        if code == 130 and _interrupted:     # typer turned Ctrl-C into a silent exit 130
+            err("kvmrun: interrupted")
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:

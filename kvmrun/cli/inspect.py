@@ -39,7 +39,9 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
         emit_json(info)
         return
     why = [("why", info["paused_reason"])] if info.get("paused_reason") else []
-    rows = [("state", info["state"]), *why, ("pid", info["pid"] or "-")]
+    moving = info.get("migration")
+    rows = [("state", f"{info['state']}, migrating to {moving['to']} ({moving['status']})"
+             if moving else info["state"]), *why, ("pid", info["pid"] or "-")]
     if info.get("problem"):
         rows.append(("problem", info["problem"]))
     if info.get("supervisor") == "dead":
@@ -103,10 +105,18 @@ def list_cmd(
     if as_json:
         emit_json(rows)
         return
+    render_list(rows)
+
+
+def render_list(rows: list[dict], hosts: bool = False) -> None:
+    """The `list` table; with `hosts`, a HOST column first (`list -H a -H b`)."""
     units = any(r.get("unit") for r in rows)
-    out(f"{'NAME':<20} {'STATE':<14} {'PID':>7} {'MEMORY':>8} {'VCPUS':>5}  {'UPTIME':<8}"
+    width = max([4] + [len(r.get("host") or "") for r in rows]) + 1 if hosts else 0
+    host = (lambda r: f"{r.get('host') or '-':<{width}}") if hosts else (lambda r: "")
+    out((f"{'HOST':<{width}}" if hosts else "")
+        + f"{'NAME':<20} {'STATE':<14} {'PID':>7} {'MEMORY':>8} {'VCPUS':>5}  {'UPTIME':<8}"
         + ("  UNIT" if units else ""))
     for r in rows:
-        out(f"{r['name']:<20} {r['state']:<14} {r['pid'] or '-':>7} "
+        out(host(r) + f"{r['name']:<20} {r['state']:<14} {r['pid'] or '-':>7} "
             f"{str(r['memory_mib'] or '-') + 'M':>8} {r['vcpus'] or '-':>5}  "
             f"{_duration(r['uptime']):<8}" + (f"  {r.get('unit') or '-'}" if units else ""))

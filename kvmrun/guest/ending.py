@@ -37,6 +37,9 @@ def classify(returncode: int, shutdown_reason: str | None, panicked: bool,
     base = {"shutdown_reason": shutdown_reason}
     if panicked:
         return {**base, "reason": "panicked", "detail": "the guest kernel panicked"}, EXIT_PANICKED
+    if action == "migrate" and returncode == 0:
+        return {**base, "reason": "migrated", "to": by,
+                "detail": f"migrated to {by}"}, EXIT_CLEAN
     if action == "kill":
         return {**base, "reason": "killed", "by": by,
                 "detail": f"powered off hard by {by}"}, EXIT_KILLED

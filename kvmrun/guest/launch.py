@@ -9,6 +9,8 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
     1   adds "version"
     2   adds "serial_log_max" (bytes; serial.log is rotated at that size) and "run_id"
         (one start's id: its supervisor writes only while launch.json still carries it)
+    3   adds "machine_type": the versioned machine type behind an alias (pc ->
+        pc-i440fx-7.2), so a migration target runs the very machine the guest runs
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 2
+VERSION = 3
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -38,6 +40,7 @@ FIELDS: dict[str, object] = {
     "run_id": None,               # this start's id (a new start writes a new one)
     "summary": {},                # arch, machine, accel, smp, memory, source, forwards,
                                   # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
+    "machine_type": None,         # the versioned machine type (None: not known, v1/v2)
 }
 
 

@@ -5,7 +5,9 @@ writes events.jsonl and state.json, notices readiness (QMP up, then the console 
 records why the guest ended, and exits with a code that says so (kvmrun.guest.ending).
 `kvmrun start` runs it detached (`python -m kvmrun.guest.supervisor`); `kvmrun run` runs it
 in the foreground (systemd, scripts), where SIGTERM/SIGINT stop the guest through the
-shutdown ladder and sd_notify messages go to $NOTIFY_SOCKET.
+shutdown ladder and sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the
+target of a live migration (kvmrun.ops.migrate): QEMU waits for the migration stream, the
+console will not print its ready pattern again, and the guest is ready when it resumes.
 
 Standard library and kvmrun's light modules only, to stay small in memory.
 """
@@ -49,7 +51,8 @@ class Phase(str, enum.Enum):
 
 
 class Supervisor:
-    def __init__(self, guest: Guest, ready_fd: int | None, foreground: bool):
+    def __init__(self, guest: Guest, ready_fd: int | None, foreground: bool,
+                 incoming: bool = False):
         self.guest = guest
         self.paths = guest.paths
         self.launch = guest.read_launch()
@@ -62,8 +65,9 @@ class Supervisor:
         self.phase = Phase.STARTING
         self.shutdown_reason: str | None = None
         self.panicked = False
-        self.ready_re = re.compile(self.launch.ready_console) if self.launch.ready_console \
-            else None
+        self.incoming = incoming
+        self.ready_re = re.compile(self.launch.ready_console) \
+            if self.launch.ready_console and not incoming else None
         self.console_seen = b""
         self.console_offset = 0
         self.stop_requested: str | None = None
@@ -131,7 +135,7 @@ class Supervisor:
         log(f"{self.guest.name}: QEMU running (pid {self.proc.pid}), QMP up")
         self.phase = Phase.BOOTING
         self.report("qmp", pid=self.proc.pid)
-        if not self.ready_re:
+        if not self.ready_re and not self.incoming:
             self.became_ready()
         return True
 
@@ -191,6 +195,9 @@ class Supervisor:
             self.save(state=State.PAUSED)
         elif name == "RESUME":
             self.save(state=State.RUNNING)
+            if self.incoming:                 # the migrated guest runs here now
+                self.incoming = False
+                self.became_ready()
         elif name == "SHUTDOWN":
             self.shutdown_reason = event.get("data", {}).get("reason")
             notify("STOPPING=1\nSTATUS=guest shutting down")
@@ -239,7 +246,7 @@ class Supervisor:
         console_fd = watch_file(self.paths.serial_log)
         poll_log = console_fd is None and self.paths.serial_log.exists()   # no inotify here
         while True:
-            booting = self.phase is Phase.BOOTING
+            booting = self.phase is Phase.BOOTING and self.ready_re is not None
             waits: list[float] = []
             if booting:              # without inotify, the console is polled at 20 Hz
                 waits.append(0.05 if console_fd is None else
@@ -263,7 +270,7 @@ class Supervisor:
                 self.stop_on_signal()
             if self.pidfd in readable:
                 return
-            if self.phase is Phase.BOOTING:
+            if self.phase is Phase.BOOTING and self.ready_re:
                 self.check_console()
                 if self.phase is Phase.BOOTING and time.monotonic() > ready_deadline:
                     self.report("ready-timeout")
@@ -376,14 +383,14 @@ class Supervisor:
 
 
 USAGE = ("usage: python -m kvmrun.guest.supervisor NAME --run-dir DIR [--ready-fd FD] "
-         "[--foreground]")
+         "[--foreground] [--incoming]")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Started by kvmrun only; parses its few arguments by hand (argparse would cost memory
     in every guest's supervisor)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    name, run_dir, ready_fd, foreground = None, None, None, False
+    name, run_dir, ready_fd, foreground, incoming = None, None, None, False, False
     try:
         while args:
             arg = args.pop(0)
@@ -393,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 ready_fd = int(args.pop(0))
             elif arg == "--foreground":
                 foreground = True
+            elif arg == "--incoming":
+                incoming = True
             elif name is None and not arg.startswith("-"):
                 name = arg
             else:
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if name is None or run_dir is None:
         sys.stderr.write(USAGE + "\n")
         return 2
-    return Supervisor(Guest(name, Path(run_dir)), ready_fd, foreground).run()
+    return Supervisor(Guest(name, Path(run_dir)), ready_fd, foreground, incoming).run()
 
 
 if __name__ == "__main__":

@@ -79,9 +79,11 @@ def to_xml(p: Profile) -> str:
         for arg in p.qemu_args:
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     plain = to_dict(p)
-    for key in ("shutdown", "ready", "cloud_init", "ssh"):
+    for key in ("shutdown", "ready", "cloud_init", "ssh", "serial_log_max"):
         if plain.get(key):
             extra[key] = plain[key]
+    if "sandbox" in plain:                      # written out only when off
+        extra["sandbox"] = plain["sandbox"]
     for key in ("gdb", "halted", "semihosting"):
         if getattr(p, key):
             extra[key] = getattr(p, key)

@@ -49,6 +49,7 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     info["nics"] = nic_status(guest)
     info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
                       for s in (launch.shares if launch else [])]
+    info["migration"] = migration(guest) if pid else None
     if pid and detailed and state_name is State.NOT_RESPONDING:
         info["problem"] = "QEMU is stopped by a signal (SIGSTOP or a debugger): it cannot " \
                           "answer its monitor"
@@ -61,6 +62,20 @@ def status(guest: Guest, detailed: bool = True) -> dict:
 def _uptime(state: dict) -> float | None:
     started = state.get("started_at")
     return round(time.time() - started, 1) if isinstance(started, (int, float)) else None
+
+
+def migration(guest: Guest) -> dict | None:
+    """The migration under way from this guest (kvmrun.ops.migrate's record, while the
+    `kvmrun migrate` that wrote it lives), or None."""
+    from kvmrun.files import read_json
+    from kvmrun.proc import identified
+    record = read_json(guest.paths.migration)
+    if not isinstance(record, dict) or record.get("role") != "source":
+        return None
+    if not identified(record.get("pid"), record.get("starttime")):
+        return None
+    return {"to": record.get("to"), "status": record.get("status"),
+            "ram_bytes": record.get("ram")}
 
 
 def share_mount_command(tag: str, readonly: bool = False) -> str:

@@ -120,6 +120,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
         serial_log_max=profile.serial_log_max << 20, run_id=uuid.uuid4().hex,
+        machine_type=host.machine_version(compiled.argv[0], compiled.machine.split(",")[0]),
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,
                  "forwards": [f for n in profile.network for f in n.forward],

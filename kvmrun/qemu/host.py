@@ -113,6 +113,22 @@ def qemu_machines(binary: str) -> list[str]:
     return _cached(binary, "machines", compute)
 
 
+def machine_version(binary: str, machine: str) -> str:
+    """The versioned machine type behind `machine` (`pc` -> `pc-i440fx-7.2`); itself when
+    it is no alias (or QEMU cannot be asked)."""
+    def compute():
+        aliases = {}
+        for line in _ask_qemu(binary, "-machine", "help").splitlines()[1:]:
+            m = re.match(r"(\S+)\s+.*\(alias of (\S+)\)", line)
+            if m:
+                aliases[m.group(1)] = m.group(2)
+        return aliases
+    try:
+        return _cached(binary, "machine-aliases", compute).get(machine, machine)
+    except (HostError, OSError):
+        return machine
+
+
 def qemu_cpus(binary: str) -> list[str]:
     """CPU model names the binary supports (x86 prints `x86 NAME`, s390x `s390 NAME`, ppc
     `PowerPC NAME`, others `  NAME`)."""

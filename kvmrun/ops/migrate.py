@@ -1,0 +1,381 @@
+"""`kvmrun migrate NAME --to HOST`: move a guest to another host over OpenSSH.
+
+Offline (a stopped, defined VM): its archive with disks (kvmrun.ops.archive) streamed into
+`kvmrun import -` there, then undefined here.
+
+Live (a running guest), driving QEMU's own migration and NBD mirror, never a daemon:
+  1. preflight there (kvmrun.ops.migrate_target): QEMU present and not older, the versioned
+     machine type the guest really runs (QOM /machine's type, pinned in the launch record),
+     forwards' host ports free, disks visible (--shared-storage) or absent (--copy-storage);
+  2. the target supervisor starts from this guest's launch record with -incoming defer -S;
+  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock;
+  4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
+     every job is READY;
+  5. `migrate`, its downtime limit raised step by step up to a cap if it does not converge;
+  6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
+     defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
+     undefined here unless --keep-source-definition.
+Any failure before step 6 runs the target (Ctrl-C included) cancels the migration and the
+mirrors, removes what the target made, and leaves this guest running as it was.
+While it lasts, the guest's migration.json here says "migrating to HOST" (`kvmrun status`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvmrun import files
+from kvmrun.errors import GuestError, KvmrunError, MigrationError, QMPError, UsageError
+from kvmrun.guest.qmp import QMPClient
+from kvmrun.guest.rundir import Guest
+from kvmrun.ops import migrate_qemu as mq
+from kvmrun.ops import remote
+from kvmrun.proc import starttime
+
+Note = Callable[[str], None]
+SERIAL_TAIL = 1 << 20        # bytes of serial log carried over
+
+
+@dataclass
+class Plan:
+    name: str
+    host: remote.Host
+    guest: Guest
+    copy: bool
+    disks: list[dict] = field(default_factory=list)   # source, target, copy, drive, format, size
+    jobs: list[str] = field(default_factory=list)
+    tunnel: subprocess.Popen | None = None
+    prepared: bool = False
+    serial_offset: int = 0          # how much of the serial log the target has
+    watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
+    uncertain: bool = False         # `finish` was sent, and its answer lost
+
+
+def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
+            copy_storage: bool = False, shared_storage: bool = False,
+            target_dir: str | None = None, downtime: int = 100, cap: int | None = None,
+            bandwidth: int | None = None, keep_source: bool = False,
+            note: Note = lambda m: None) -> dict:
+    from kvmrun.ops.defined import is_running
+    if copy_storage and shared_storage:
+        raise UsageError("--copy-storage and --shared-storage exclude each other")
+    running = is_running(name)
+    if offline or not running:
+        if offline is False:
+            raise GuestError(f"{name} is not running; a live migration needs a running guest")
+        return migrate_offline(name, host, target_dir, keep_source, note)
+    return migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
+                        cap or max(downtime * 20, 2000), bandwidth, keep_source, note)
+
+
+# ---------------------------------------------------------------- offline
+
+def migrate_offline(name, host, target_dir, keep_source, note) -> dict:
+    from kvmrun.ops import archive, defined
+    profile = defined.load(defined.require_defined(name))
+    dirs = {os.path.dirname(d.path) for d in profile.disks}
+    if target_dir is None and len(dirs) > 1:
+        raise UsageError(f"{name}'s disks are in several directories; --target-dir names "
+                         "the one they go to there")
+    where = target_dir or (dirs.pop() if dirs else None)
+    note(f"copying {name} with its disks to {host}")
+    summary = archive.export_to(host, profile, directory=where)
+    if not keep_source:
+        defined.undefine(name)
+    return {"name": name, "to": str(host), "mode": "offline",
+            "defined": summary["imported"].get("path"), "source_undefined": not keep_source}
+
+
+# ---------------------------------------------------------------- steps there
+
+def step(host: remote.Host, what: str, request: dict) -> dict:
+    code, out, err = remote.capture(host, ["migrate-target", what],
+                                    input=json.dumps(request).encode())
+    if code != 0:
+        said = err.strip().removeprefix("kvmrun: error: ")
+        raise MigrationError(f"{what} on {host} failed: {said or f'exit status {code}'}")
+    return json.loads(out)
+
+
+# ---------------------------------------------------------------- live
+
+def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
+    machine = qmp.execute("qom-get", {"path": "/machine", "property": "type"})
+    machine = machine.removesuffix("-machine")
+    if launch.machine_type and launch.machine_type != machine:
+        raise MigrationError(f"the launch record pins {launch.machine_type} but QEMU runs "
+                             f"{machine}")
+    version = qmp.execute("query-version")["qemu"]
+    ports = []
+    for fwd in launch.forwards:
+        parts = fwd.split("-")[0].split(":")
+        if len(parts) == 3 and parts[2].isdigit():
+            ports.append([parts[1], int(parts[2])])
+    paths = plan.guest.paths
+    nvram = paths.nvram if paths.nvram and paths.nvram.exists() and \
+        str(paths.nvram) in " ".join(launch.argv) else None
+    serial = b""
+    if paths.serial_log.exists():
+        with open(paths.serial_log, "rb") as f:
+            f.seek(max(0, paths.serial_log.stat().st_size - SERIAL_TAIL))
+            serial = f.read()
+            plan.serial_offset = f.tell()
+    run_files = {leaf: base64.b64encode((paths.dir / leaf).read_bytes()).decode()
+                 for leaf in ("cidata.iso",) if (paths.dir / leaf).exists()}
+    return {"name": plan.name, "binary": launch.argv[0], "qemu_version":
+            f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
+            "disks": plan.disks, "ports": ports, "launch": launch.to_json(),
+            "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
+            "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
+            "serial": base64.b64encode(serial).decode(), "run_files": run_files}
+
+
+def _record(plan: Plan, status: str, **extra) -> None:
+    me = os.getpid()
+    files.write_json(plan.guest.paths.migration, {
+        "role": "source", "to": str(plan.host), "status": status, "pid": me,
+        "starttime": starttime(me), "at": time.time(), **extra})
+
+
+def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime, cap,
+                 bandwidth, keep_source, note) -> dict:
+    guest = Guest(name)
+    launch = guest.read_launch()
+    if launch.ephemeral_disks:
+        raise MigrationError(f"{name} has ephemeral disks; their overlays cannot move yet")
+    plan = Plan(name, host, guest, copy_storage)
+    started = time.monotonic()
+    with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
+        plan.disks = mq.disks(qmp, launch, copy_storage, target_dir)
+        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks]
+        if writable and not (copy_storage or shared_storage):
+            raise UsageError(f"{name} has writable disks: say --copy-storage (mirror them "
+                             "over) or --shared-storage (the target sees the same files)")
+        request = _request(plan, qmp, launch, guest.read_state() or {})
+        _record(plan, "preflight")
+        try:
+            answer = step(host, "preflight", request)
+            if answer["problems"]:
+                raise MigrationError(f"{host} cannot take {name}: "
+                                     + "; ".join(answer["problems"]))
+            result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
+        except BaseException:
+            _rollback(plan, qmp, note)
+            files.unlink(guest.paths.migration)
+            raise
+    _finish_source(plan, note)
+    result.update(name=name, to=str(host), mode="live",
+                  total_seconds=round(time.monotonic() - started, 2))
+    if not keep_source:
+        from kvmrun.ops import defined
+        from kvmrun.paths import is_defined
+        if is_defined(name):
+            defined.undefine(name, keep_nvram=False)
+            result["source_undefined"] = True
+    return result
+
+
+def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
+    note(f"starting the target on {plan.host}")
+    _start_watch(plan)
+    plan.prepared = True
+    exports = [d["drive"] for d in plan.disks if d["copy"]]
+    there = step(plan.host, "prepare", {**request, "exports": exports})    # and incoming
+    plan.tunnel = _tunnel(plan, there, bool(exports))
+    if exports:
+        _record(plan, "copying disks")
+        mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,
+                  lambda: _tunnel_alive(plan), note)
+    _record(plan, "migrating")
+    stats = mq.stream(qmp, plan.guest.paths.migrate_out, downtime, cap, bandwidth,
+                      lambda: _tunnel_alive(plan), note,
+                      lambda **figures: _record(plan, "migrating", **figures))
+    for job in plan.jobs:                       # the source is paused: the mirrors catch up
+        qmp.execute("block-job-cancel", {"device": job})
+    mq.wait_jobs_gone(qmp, plan.jobs)
+    plan.jobs = []
+    profile = _profile_there(plan)
+    try:
+        done = step(plan.host, "finish", {"name": plan.name, "exports": exports,
+                                          "profile": profile, "serial": _serial_rest(plan)})
+    except remote.RemoteError as err:
+        if not remote.never_connected(err):   # it may have reached the target
+            plan.uncertain = True
+        else:
+            raise
+        raise MigrationError(
+            f"lost {plan.host} while it started the guest there ({err.message}); the guest "
+            f"is left paused here", hint=f"see `kvmrun -H {plan.host} status {plan.name}`: if "
+            f"it runs there, `kvmrun kill {plan.name}` here; if not, `kvmrun resume "
+            f"{plan.name}`") from None
+    plan.prepared = False                       # it runs there now: no rollback
+    _end_watch(plan, done=True)
+    stats["defined_there"] = done.get("defined")
+    return stats
+
+
+def _start_watch(plan: Plan) -> None:
+    """The target's dead man's switch (migrate_target.watch): a line every 2 s while the
+    migration lasts; if they stop, the target removes what it made by itself."""
+    import threading
+    argv = remote.ssh_argv(plan.host, remote.kvmrun_words(["migrate-target", "watch"]))
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    fd = proc.stdin.fileno()
+    os.write(fd, json.dumps({"name": plan.name}).encode() + b"\n")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(2):
+            try:
+                os.write(fd, b"alive\n")
+            except OSError:
+                return
+    threading.Thread(target=beat, daemon=True).start()
+    plan.watch = (proc, stop)
+
+
+def _end_watch(plan: Plan, done: bool) -> None:
+    if plan.watch is None:
+        return
+    proc, stop = plan.watch
+    plan.watch = None
+    stop.set()
+    try:
+        if done:
+            os.write(proc.stdin.fileno(), b"done\n")
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(30 if done else 5)         # without `done`, the target acts by itself
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _serial_rest(plan: Plan) -> str:
+    """What the console printed here since prepare (the guest is paused now), so the log
+    there continues without a gap."""
+    try:
+        with open(plan.guest.paths.serial_log, "rb") as f:
+            f.seek(plan.serial_offset)
+            return base64.b64encode(f.read(SERIAL_TAIL)).decode()
+    except OSError:
+        return ""
+
+
+def _tunnel(plan: Plan, there: dict, nbd: bool) -> subprocess.Popen:
+    paths = plan.guest.paths
+    pairs = [(paths.migrate_out, there["migrate_sock"])]
+    if nbd:
+        pairs.append((paths.nbd_out, there["nbd_sock"]))
+    try:
+        return remote.forward_sockets(plan.host, pairs)
+    except KvmrunError as err:
+        raise MigrationError(f"the ssh tunnel to {plan.host} did not come up: "
+                             f"{err.message}") from None
+
+
+def _tunnel_alive(plan: Plan) -> None:
+    if plan.tunnel is not None and plan.tunnel.poll() is not None:
+        raise MigrationError(f"the ssh tunnel to {plan.host} closed: "
+                             + plan.tunnel.stderr.read().decode(errors="replace").strip())
+
+
+def _profile_there(plan: Plan) -> str | None:
+    """The definition to make there: this VM's, with its disks where they went."""
+    from kvmrun.paths import is_defined
+    if not is_defined(plan.name):
+        return None
+    import yaml
+
+    from kvmrun.ops import defined
+    data = defined.export_dict(defined.load(defined.defined_path(plan.name)))
+    copied = {d["source"]: d["target"] for d in plan.disks if d["copy"]}
+    for disk in data.get("disks", []):
+        if disk.get("path") in copied:
+            disk["path"] = copied[disk["path"]]
+            disk.pop("backing", None)       # the mirror flattened the chain into one image
+        disk.pop("pool", None)
+        disk.pop("volume", None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
+    """Undo a failed migration: cancel it and the mirrors, remove the target's guest,
+    and make sure this guest runs as before."""
+    note("migration failed: undoing it")
+    for command, args in [("migrate_cancel", None)] + [
+            ("block-job-cancel", {"device": j, "force": True}) for j in plan.jobs]:
+        try:
+            qmp.execute(command, args)
+        except (QMPError, KvmrunError):
+            pass
+    if plan.jobs:
+        try:
+            mq.wait_jobs_gone(qmp, plan.jobs, timeout=30)
+        except (QMPError, KvmrunError):
+            pass
+    _close_tunnel(plan)
+    if plan.uncertain:                  # it may run there: neither abort it nor run it here
+        _end_watch(plan, done=False)
+        return
+    if plan.prepared:
+        try:
+            step(plan.host, "abort", {"name": plan.name})
+        except KvmrunError as err:
+            note(f"warning: could not clean up on {plan.host} now ({err.message}); it "
+                 "removes what it made by itself when it no longer hears from here")
+    _end_watch(plan, done=False)
+    try:
+        deadline = time.monotonic() + 30
+        while qmp.execute("query-migrate").get("status") in ("cancelling", "active"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        status = qmp.execute("query-status")
+        if not status.get("running") and status.get("status") in ("postmigrate", "paused"):
+            qmp.execute("cont")
+    except (QMPError, KvmrunError):
+        pass
+
+
+def _close_tunnel(plan: Plan) -> None:
+    if plan.tunnel is not None:
+        if plan.tunnel.poll() is None:
+            plan.tunnel.terminate()
+            try:
+                plan.tunnel.wait(10)
+            except subprocess.TimeoutExpired:
+                plan.tunnel.kill()
+                plan.tunnel.wait()
+        plan.tunnel = None
+    for sock in (plan.guest.paths.migrate_out, plan.guest.paths.nbd_out):
+        files.unlink(sock)
+
+
+def _finish_source(plan: Plan, note) -> None:
+    """The guest runs there: record "migrated to HOST" here and end QEMU."""
+    _close_tunnel(plan)
+    guest = plan.guest
+    guest.set_request("migrate", str(plan.host))
+    try:
+        with QMPClient(guest.paths.qmp_cli, timeout=10) as qmp:
+            qmp.execute("quit")
+    except QMPError:
+        pass                                    # quit may end in EOF: that is success
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = guest.read_state() or {}
+        if guest.supervisor_pid(state) is None and guest.qemu_pid(state) is None:
+            break
+        time.sleep(0.1)
+    files.unlink(guest.paths.migration)
+    note(f"{plan.name} runs on {plan.host} now")

@@ -1,0 +1,115 @@
+"""The source QEMU's side of a live migration (kvmrun.ops.migrate): the guest's disks as
+QEMU has them, drive-mirror to the target's NBD exports until READY, and the migration
+stream with its downtime limit raised step by step (up to a cap) while it does not converge.
+Progress goes to `note`; failures are MigrationError (the caller rolls back)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from kvmrun.errors import MigrationError
+from kvmrun.guest.qmp import QMPClient
+
+STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
+
+
+def disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[dict]:
+    blocks = {b["device"]: b for b in qmp.execute("query-block") if b.get("inserted")}
+    disks = []
+    for i, path in enumerate(launch.disks):
+        drive = f"drive-disk{i}"
+        image = blocks.get(drive, {}).get("inserted", {})
+        writable = path not in launch.shared_disks and not image.get("ro")
+        moved = copy and writable
+        target = os.path.join(target_dir, os.path.basename(path)) if moved and target_dir \
+            else path
+        disks.append({"source": path, "target": target, "copy": moved, "drive": drive,
+                      "format": image.get("drv") if image.get("drv") in ("qcow2", "raw")
+                      else "qcow2",
+                      "size": image.get("image", {}).get("virtual-size")})
+    return disks
+
+
+def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
+           check: Callable[[], None], note: Callable[[str], None]) -> None:
+    """drive-mirror each drive in `exports` to its NBD export behind `sock` (job ids go to
+    `jobs_made` as they start) and wait until every job is READY; `check` raises when the
+    tunnel is gone."""
+    for drive in exports:
+        job = f"mirror-{drive}"
+        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
+                                     "mode": "existing", "format": "raw",
+                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
+        jobs_made.append(job)
+    while True:
+        jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
+        missing = [j for j in jobs_made if j not in jobs]
+        if missing:
+            raise MigrationError(f"the disk mirror {missing[0]} stopped: "
+                                 + job_error(qmp, missing[0]))
+        failed = [j for j in jobs.values() if j.get("status") == "concluded"
+                  or j.get("io-status", "ok") != "ok"]
+        if failed:
+            raise MigrationError(f"the disk mirror {failed[0]['device']} failed: "
+                                 f"{failed[0].get('error', failed[0].get('io-status'))}")
+        done = sum(j["offset"] for j in jobs.values())
+        total = sum(j["len"] for j in jobs.values())
+        note(f"disks: {done >> 20} / {total >> 20} MiB")
+        if all(j.get("ready") for j in jobs.values() if j["device"] in jobs_made):
+            return
+        check()
+        time.sleep(0.2)
+
+
+def job_error(qmp: QMPClient, job: str) -> str:
+    for event in qmp.pending_events:
+        data = event.get("data", {})
+        if data.get("device") == job and data.get("error"):
+            return data["error"]
+    return "it ended early"
+
+
+def stream(qmp: QMPClient, sock, downtime: int, cap: int, bandwidth: int | None,
+           check: Callable[[], None], note: Callable[[str], None],
+           record: Callable[..., None]) -> dict:
+    """`migrate` to the unix socket `sock` until it completes; QEMU's figures of it."""
+    params = {"downtime-limit": downtime}
+    if bandwidth:
+        params["max-bandwidth"] = bandwidth << 20
+    qmp.execute("migrate-set-parameters", params)
+    qmp.execute("migrate", {"uri": f"unix:{sock}"})
+    limit, last_step = downtime, time.monotonic()
+    while True:
+        info = qmp.execute("query-migrate")
+        status = info.get("status")
+        ram = info.get("ram", {})
+        if status == "completed":
+            return {"downtime_ms": info.get("downtime"), "ram_bytes": ram.get("transferred"),
+                    "setup_ms": info.get("setup-time"), "migration_ms": info.get("total-time"),
+                    "downtime_limit_ms": limit}
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"the migration {status}: "
+                                 f"{info.get('error-desc', 'QEMU gave no reason')}")
+        note(f"RAM: {ram.get('transferred', 0) >> 20} / {ram.get('total', 0) >> 20} MiB, "
+             f"{ram.get('mbps', 0):.0f} Mbit/s, expected downtime "
+             f"{info.get('expected-downtime', '?')} ms (limit {limit} ms)")
+        record(ram=ram.get("transferred"), limit_ms=limit)
+        if time.monotonic() - last_step > STEP_WAIT and status == "active":
+            if limit >= cap:
+                raise MigrationError(f"the migration does not converge within a downtime "
+                                     f"of {cap} ms; given up (the guest runs on here)")
+            limit = min(cap, limit * 2)
+            qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
+            last_step = time.monotonic()
+        check()
+        time.sleep(0.1)
+
+
+def wait_jobs_gone(qmp: QMPClient, jobs: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while any(j["device"] in jobs for j in qmp.execute("query-block-jobs")):
+        if time.monotonic() > deadline:
+            raise MigrationError("the disk mirrors did not finish after the switch-over")
+        time.sleep(0.05)

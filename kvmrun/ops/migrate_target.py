@@ -1,0 +1,309 @@
+"""The target's half of a live migration: what `kvmrun migrate` (kvmrun.ops.migrate, on the
+source) asks of this host through `ssh HOST kvmrun migrate-target STEP` (JSON on stdin and
+stdout).
+
+    preflight   QEMU here and not older, the machine type, forwards' ports free, disk paths
+                (present under shared storage, absent when they are to be copied)
+    prepare     the run directory from the source's launch record (paths rewritten, the
+                pinned machine type, -incoming defer -S), the disks to copy created, the
+                serial log so far, a supervisor started with --incoming; then incoming:
+    incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
+    finish      NBD stopped, `cont`, the VM defined here
+    abort       everything prepare made removed (the QEMU, run directory, disks, vars)
+    watch       held open by the source for the whole migration, a line "alive" every
+                couple of seconds; "done" ends it, while EOF or silence for WATCH_SILENCE
+                seconds (the source died, was interrupted, the link was cut) runs abort here
+                by itself, whatever sshd's keep-alive settings
+
+What prepare made is listed in the run directory's migration.json, so abort removes exactly
+that, even from another ssh session.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from kvmrun import files, paths
+from kvmrun.errors import GuestError, MigrationError
+from kvmrun.guest.launch import LaunchRecord
+from kvmrun.guest.qmp import QMPClient
+from kvmrun.guest.rundir import Guest, prepare_run_dir
+from kvmrun.proc import identified, open_pidfd, wait_pidfd
+
+QMP_TIMEOUT = 30
+WATCH_SILENCE = 15.0
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def preflight(req: dict) -> dict:
+    from kvmrun.qemu import host
+    problems = []
+    binary = shutil.which(req["binary"]) or shutil.which(Path(req["binary"]).name)
+    if binary is None:
+        return {"problems": [f"{req['binary']} is not installed"]}
+    version = host.qemu_version(binary)
+    if _version(version) < _version(req["qemu_version"]):
+        problems.append(f"QEMU {version} is older than the source's {req['qemu_version']}")
+    if req["machine"] not in host.qemu_machines(binary):
+        problems.append(f"machine type {req['machine']} is not known to {binary} here")
+    guest = Guest(req["name"])
+    state = guest.read_state()
+    if isinstance(state, dict) and (guest.qemu_pid(state) or guest.supervisor_pid(state)):
+        problems.append(f"a guest named {req['name']} already runs here")
+    for disk in req["disks"]:
+        exists = os.path.lexists(disk["target"])
+        if disk["copy"] and exists:
+            problems.append(f"{disk['target']} already exists here (--target-dir puts the "
+                            "copies elsewhere)")
+        elif not disk["copy"] and not exists:
+            problems.append(f"{disk['target']} is not visible here (shared storage?)")
+    for addr, port in req.get("ports", []):
+        with socket.socket() as s:
+            try:
+                s.bind((addr or "0.0.0.0", port))
+            except OSError as err:
+                problems.append(f"port {port} (a forward) is taken here: {err.strerror}")
+    nvram = paths.nvram_path(req["name"])
+    if req.get("nvram") and nvram.exists():
+        problems.append(f"{nvram} already exists here")
+    return {"problems": problems, "qemu_version": version}
+
+
+def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
+    """The source's argv for this host: run-directory and variable-store paths, disk
+    paths, the pinned machine type, and waiting for the incoming stream."""
+    src_dir, dst_dir = req["source_dir"], str(guest.paths.dir)
+    swaps = [(src_dir + "/", dst_dir + "/")]
+    if req.get("source_nvram"):
+        swaps.append((req["source_nvram"], str(guest.paths.nvram)))
+    for disk in req["disks"]:
+        if disk["copy"]:
+            esc = lambda p: p.replace(",", ",,")
+            swaps.append((f"file={esc(disk['source'])},", f"file={esc(disk['target'])},"))
+    out = []
+    for i, arg in enumerate(argv):
+        for old, new in swaps:
+            arg = arg.replace(old, new)
+        if i > 0 and argv[i - 1] == "-machine" and req.get("machine"):
+            arg = ",".join([req["machine"]] + arg.split(",")[1:])
+        out.append(arg)
+    return [*out, "-incoming", "defer", "-S"]
+
+
+def prepare(req: dict) -> dict:
+    """Make the target guest and start its supervisor (QEMU waiting, paused)."""
+    from kvmrun.storage import images
+    guest = Guest(req["name"])
+    prepare_run_dir()
+    if guest.paths.dir.exists() and guest.qemu_pid() is not None:
+        raise GuestError(f"{req['name']} already runs here")
+    made = {"disks": [], "nvram": None, "dir": not guest.paths.dir.exists(), "dirs": []}
+    files.mkdirs(guest.paths.dir)
+    files.write_json(guest.paths.migration, {"role": "target", "made": made})
+    for disk in req["disks"]:
+        if disk["copy"]:
+            made["dirs"] += _mkdirs(Path(disk["target"]).parent)
+            images.create(disk["target"], disk["size"], disk["format"])
+            made["disks"].append(disk["target"])
+            files.write_json(guest.paths.migration, {"role": "target", "made": made})
+    if req.get("nvram"):
+        files.atomic_write(guest.paths.nvram, base64.b64decode(req["nvram"]), 0o600,
+                           make_dirs=0o700)
+        made["nvram"] = str(guest.paths.nvram)
+        files.write_json(guest.paths.migration, {"role": "target", "made": made})
+    for leaf, data in req.get("run_files", {}).items():
+        files.atomic_write(guest.paths.dir / leaf, base64.b64decode(data), 0o600)
+    files.atomic_write(guest.paths.serial_log, base64.b64decode(req.get("serial", "")), 0o600)
+    record = dict(req["launch"])
+    record["argv"] = _rewrite(record["argv"], req, guest)
+    record["disks"] = [d["target"] for d in req["disks"]] or record.get("disks", [])
+    record["machine_type"] = req.get("machine")
+    LaunchRecord.from_json(record).write(guest.paths.launch)
+    _spawn(guest)
+    incoming({"name": req["name"], "exports": req.get("exports", [])})
+    return {"run_dir": str(guest.paths.dir), "migrate_sock": str(guest.paths.migrate_sock),
+            "nbd_sock": str(guest.paths.nbd_sock)}
+
+
+def _mkdirs(directory: Path) -> list[str]:
+    """Make `directory` and its missing parents; the ones made, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(str(directory))
+        directory = directory.parent
+    for path in reversed(missing):
+        os.mkdir(path, 0o755)
+    return missing
+
+
+def _spawn(guest: Guest) -> None:
+    from kvmrun.ops.launch import supervisor_command
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    with open(guest.paths.supervisor_log, "ab") as errlog:
+        subprocess.Popen(supervisor_command(guest.name, guest.paths.dir.parent, "--incoming",
+                                            "--ready-fd", str(wfd)),
+                         pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=errlog, start_new_session=True)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        while True:
+            if not select.select([pipe], [], [], QMP_TIMEOUT + 5)[0]:
+                raise MigrationError("the target QEMU did not come up")
+            line = pipe.readline()
+            if not line:
+                raise MigrationError("the target supervisor exited: "
+                                     + files.read_text(guest.paths.supervisor_log)[-500:])
+            message = json.loads(line)
+            if message["event"] == "failed":
+                raise MigrationError(f"QEMU failed to start here: {message['message']}: "
+                                     f"{message.get('stderr', '')}")
+            if message["event"] == "qmp":
+                return
+
+
+def incoming(req: dict) -> dict:
+    guest = Guest(req["name"])
+    with QMPClient(guest.paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
+        if req.get("exports"):
+            qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {
+                "path": str(guest.paths.nbd_sock)}}})
+            for drive in req["exports"]:
+                qmp.execute("nbd-server-add", {"device": drive, "writable": True})
+        qmp.execute("migrate-incoming", {"uri": f"unix:{guest.paths.migrate_sock}"})
+    return {"ok": True}
+
+
+def finish(req: dict) -> dict:
+    """After the stream completed (and the mirrors ended): run the guest, define the VM.
+    Its record goes first, under the lock abort takes: once finish runs, a late abort (the
+    watch timing out) leaves the guest alone; once abort ran, finish refuses."""
+    guest = Guest(req["name"])
+    with files.flocked(guest.paths.dir / "migration.lock"):
+        record = files.read_json(guest.paths.migration, {}) or {}
+        if record.get("role") != "target":
+            raise MigrationError("the target was already removed (the migration timed out)")
+        files.unlink(guest.paths.migration)
+    with QMPClient(guest.paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
+        status = qmp.execute("query-status")
+        if status.get("status") not in ("paused", "postmigrate", "prelaunch", "running"):
+            raise MigrationError(f"the target is {status.get('status')}, not ready to run")
+        if req.get("exports"):
+            qmp.execute("nbd-server-stop")
+        if req.get("serial"):                 # QEMU appends to it: this goes first
+            with open(guest.paths.serial_log, "ab") as log:
+                log.write(base64.b64decode(req["serial"]))
+        qmp.execute("cont")
+    defined = None
+    if req.get("profile"):
+        defined = _define(req)
+    return {"ok": True, "defined": defined}
+
+
+def _define(req: dict) -> str:
+    import yaml
+
+    from kvmrun.ops import defined
+    from kvmrun.profile import from_mapping
+    profile = from_mapping(yaml.safe_load(req["profile"]), {}, f"{req['name']} (migrated)")
+    return str(defined.define(profile, req["name"], force=True).path)
+
+
+def abort(req: dict) -> dict:
+    """Remove what prepare made: QEMU (killed: it never ran the guest), the run directory,
+    the created disks and variable store."""
+    guest = Guest(req["name"])
+    if not guest.paths.dir.exists():
+        return {"ok": True, "removed": []}
+    with files.flocked(guest.paths.dir / "migration.lock"):
+        record = files.read_json(guest.paths.migration, {}) or {}
+        if record.get("role") != "target":
+            return {"ok": True, "removed": []}
+        return _remove(guest, record)
+
+
+def _remove(guest: Guest, record: dict) -> dict:
+    state = guest.read_state() or {}
+    for pid_key, start_key in (("qemu_pid", "qemu_starttime"),
+                               ("supervisor_pid", "supervisor_starttime")):
+        pid = state.get(pid_key)
+        if pid and identified(pid, state.get(start_key)):
+            try:
+                fd = open_pidfd(pid)
+                import signal
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                wait_pidfd(fd, 10)
+                os.close(fd)
+            except (OSError, GuestError):
+                pass
+    _wait_gone(guest)
+    made = record.get("made", {})
+    removed = []
+    for path in made.get("disks", []) + ([made["nvram"]] if made.get("nvram") else []):
+        if os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
+    for directory in made.get("dirs", []):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                              # not empty: someone else's files too
+    if made.get("dir"):
+        shutil.rmtree(guest.paths.dir, ignore_errors=True)
+    else:
+        guest.clear_runtime()
+        files.unlink(guest.paths.migration)
+        files.unlink(guest.paths.dir / "migration.lock")
+    return {"ok": True, "removed": removed}
+
+
+def read_request(fd: int = 0) -> tuple[dict, bytes]:
+    """The JSON request line on `fd` (unbuffered reads, so `watch` sees what follows it),
+    and the bytes read past it."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line or b"{}"), rest
+
+
+def watch(req: dict, pending: bytes = b"", fd: int = 0) -> dict:
+    while True:
+        while b"\n" in pending:
+            line, _, pending = pending.partition(b"\n")
+            if line.strip() == b"done":
+                return {"ok": True}
+        if not select.select([fd], [], [], WATCH_SILENCE)[0]:
+            chunk = b""                       # silence: the source or the link is gone
+        else:
+            chunk = os.read(fd, 4096)
+        if not chunk:
+            return {"ok": False, "aborted": abort(req)}
+        pending += chunk
+
+
+def _wait_gone(guest: Guest, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = guest.read_state() or {}
+        if guest.supervisor_pid(state) is None and guest.qemu_pid(state) is None:
+            return
+        time.sleep(0.1)
+
+
+STEPS = {"preflight": preflight, "prepare": prepare, "incoming": incoming, "finish": finish,
+         "abort": abort, "watch": watch}

@@ -1,0 +1,102 @@
+"""The pure parts of remote control and migration: --host parsing, taking -H out of a
+command line, the target's rewrite of a launch record's argv, the end "migrated to HOST",
+and version-1 launch records read by version 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmrun.errors import RemoteError, UsageError
+from kvmrun.guest import ending
+from kvmrun.guest.launch import VERSION, LaunchRecord
+from kvmrun.guest.rundir import Guest
+from kvmrun.ops import migrate_target, remote
+
+
+@pytest.mark.parametrize("spec, dest, port", [
+    ("web", "web", None), ("root@web:2222", "root@web", 2222),
+    ("[::1]:22", "::1", 22), ("u@10.0.0.2", "u@10.0.0.2", None)])
+def test_parse_host(spec, dest, port):
+    host = remote.parse_host(spec)
+    assert (host.destination, host.port, str(host)) == (dest, port, spec)
+
+
+@pytest.mark.parametrize("spec", ["", "a b", "web:port", "web:70000", "@web"])
+def test_bad_hosts_are_usage_errors(spec):
+    with pytest.raises(UsageError, match="expected|out of range"):
+        remote.parse_host(spec)
+
+
+def test_split_hosts_anywhere_before_the_double_dash(monkeypatch):
+    monkeypatch.delenv("KVMRUN_HOST", raising=False)
+    hosts, rest = remote.split_hosts(["list", "-H", "a", "--host=b", "-Hc", "--json", "--",
+                                      "-H", "x"])
+    assert [h.spec for h in hosts] == ["a", "b", "c"]
+    assert rest == ["list", "--json", "--", "-H", "x"]
+    monkeypatch.setenv("KVMRUN_HOST", "envhost")
+    assert [h.spec for h in remote.split_hosts(["list"])[0]] == ["envhost"]
+    assert remote.split_hosts(["-H", "", "list"])[0] == []      # -H '': here, not $KVMRUN_HOST
+    with pytest.raises(UsageError):
+        remote.split_hosts(["list", "-H"])
+
+
+def test_ssh_argv_quotes_the_remote_command(monkeypatch):
+    monkeypatch.setenv("KVMRUN_SSH", "ssh -F './my config'")
+    monkeypatch.setenv("KVMRUN_REMOTE_COMMAND", "/opt/kvmrun/bin/kvmrun")
+    argv = remote.ssh_argv(remote.parse_host("me@box:2200"),
+                           remote.kvmrun_words(["start", "a b.yaml"]), tty=True)
+    assert argv == ["ssh", "-F", "./my config", "-t", "-p", "2200", "--", "me@box",
+                    "/opt/kvmrun/bin/kvmrun start 'a b.yaml'"]
+
+
+def test_ssh_failures_become_one_line():
+    class Relay:
+        held = ["ssh: connect to host box port 22: Connection refused\n"]
+    host = remote.parse_host("box")
+    failure = remote.failure_of(host, 255, Relay, "kvmrun")
+    assert isinstance(failure, RemoteError) and failure.exit_code == 3
+    assert str(failure) == "cannot reach box over ssh: connect to host box port 22: " \
+                           "Connection refused"
+    assert remote.never_connected(failure)
+    Relay.held = ["bash: line 1: kvmrun: command not found\n"]
+    assert "box has no kvmrun" in str(remote.failure_of(host, 127, Relay, "kvmrun"))
+    assert remote.failure_of(host, 4, Relay, "kvmrun") is None   # the remote's own code
+
+
+def test_target_argv_rewrite(tmp_path):
+    guest = Guest("web", tmp_path / "b")
+    argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg",
+            "-drive", "file=/a/disk,,1.qcow2,format=qcow2,if=none,id=drive-disk0",
+            "-chardev", "socket,id=serial0,path=/ra/web/console.sock,logfile=/ra/web/"
+                        "serial.log,logappend=on",
+            "-drive", "if=pflash,format=raw,unit=1,file=/da/nvram/web_VARS.fd"]
+    req = {"source_dir": "/ra/web", "source_nvram": "/da/nvram/web_VARS.fd",
+           "machine": "pc-q35-7.2",
+           "disks": [{"source": "/a/disk,1.qcow2", "target": "/b/d,1.qcow2", "copy": True}]}
+    out = migrate_target._rewrite(argv, req, guest)
+    there = str(guest.paths.dir)
+    assert out == ["qemu-system-x86_64", "-machine", "pc-q35-7.2,accel=tcg",
+                   "-drive", "file=/b/d,,1.qcow2,format=qcow2,if=none,id=drive-disk0",
+                   "-chardev", f"socket,id=serial0,path={there}/console.sock,"
+                               f"logfile={there}/serial.log,logappend=on",
+                   "-drive", f"if=pflash,format=raw,unit=1,file={guest.paths.nvram}",
+                   "-incoming", "defer", "-S"]
+
+
+def test_migrated_is_a_clean_end():
+    ended, code = ending.classify(0, "host-qmp-quit", False,
+                                  {"action": "migrate", "by": "hostb"})
+    assert (ended["reason"], ended["detail"], code) == ("migrated", "migrated to hostb",
+                                                        ending.EXIT_CLEAN)
+    ended, code = ending.classify(-9, None, False, {"action": "migrate", "by": "hostb"})
+    assert ended["reason"] == "crashed"             # a QEMU that died did not migrate
+
+
+def test_launch_record_v1_reads_with_no_machine_type(tmp_path: Path):
+    assert VERSION == 2
+    old = LaunchRecord.from_json({"version": 1, "argv": ["qemu"], "summary": {}})
+    assert old.machine_type is None and old.version == 1
+    new = LaunchRecord(argv=["qemu"], machine_type="pc-i440fx-7.2")
+    assert LaunchRecord.from_json(new.to_json()).machine_type == "pc-i440fx-7.2"
