@@ -137,8 +137,19 @@ def resume(guest: Guest) -> None:
     qmp_command(guest, "cont")
 
 
-def reset(guest: Guest) -> None:
+def reset(guest: Guest, settle: float = 5.0) -> None:
+    """Hard reset. A guest that counts as ready when its console prints a pattern is not
+    ready after a reset until it prints it again: return once its supervisor has recorded
+    that (so `kvmrun wait --for ready` right after waits for the new boot)."""
     qmp_command(guest, "system_reset")
+    launch = guest.launch_or_none()
+    if launch is None or not launch.ready_console:
+        return
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline and (guest.read_state() or {}).get("ready"):
+        if guest.supervisor_pid() is None:
+            return                         # nobody will record it
+        select.select([], [], [], 0.02)
 
 
 def wait_for(guest: Guest, what: str, timeout: float) -> None:
