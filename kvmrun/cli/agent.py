@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from kvmrun.cli.app import app, emit_json, err, guest, out
+from kvmrun.cli.app import app, emit_json, err, guest, json_object, out
 from kvmrun.ops import agent as agentops
 
 NameArg = typer.Argument(..., metavar="NAME",
@@ -33,7 +33,7 @@ def agent_cmd(
     Example: kvmrun agent web guest-exec-status '{"pid": 812}'
 
     Exit 5 when the agent does not answer within --timeout, 6 when it refuses the command."""
-    args = agentops.parse_arguments(arguments)
+    args = json_object(arguments)
     emit_json(agentops.call(guest(name), command, args, timeout))
 
 

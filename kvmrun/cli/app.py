@@ -18,6 +18,7 @@ from typing import Optional
 
 import typer
 
+from kvmrun.errors import UsageError
 from kvmrun.guest.rundir import Guest
 from kvmrun.paths import check_name
 
@@ -90,6 +91,19 @@ def err(text: str) -> None:
 
 def emit_json(value) -> None:
     out(json.dumps(value, indent=2, sort_keys=False))
+
+
+def json_object(text: str | None) -> dict | None:
+    """A JSON-ARGS argument (`kvmrun qmp`, `kvmrun agent`): a JSON object, or nothing."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise UsageError(f"JSON-ARGS is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise UsageError("JSON-ARGS must be a JSON object, e.g. '{\"pid\": 812}'")
+    return value
 
 
 def guest(name: str) -> Guest:

@@ -3,7 +3,6 @@ qmp, console, logs."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -11,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from kvmrun.cli.app import NameArg, app, emit_json, err, guest, out
-from kvmrun.errors import GuestError, UsageError
+from kvmrun.cli.app import NameArg, app, emit_json, err, guest, json_object, out
+from kvmrun.errors import GuestError
 from kvmrun.guest import console as con
 from kvmrun.guest.rundir import require_running
 from kvmrun.ops import power
@@ -174,12 +173,4 @@ def qmp(
                                               help="Arguments as a JSON object."),
 ) -> None:
     """Run a raw QMP command on a guest and print the result as JSON."""
-    args = None
-    if arguments:
-        try:
-            args = json.loads(arguments)
-        except ValueError as e:
-            raise UsageError(f"JSON-ARGS is not valid JSON: {e}") from None
-        if not isinstance(args, dict):
-            raise UsageError("JSON-ARGS must be a JSON object")
-    emit_json(power.qmp_command(guest(name), command, args))
+    emit_json(power.qmp_command(guest(name), command, json_object(arguments)))

@@ -7,7 +7,6 @@ every read (AgentTimeout, exit 5, instead of a hang).
 
 from __future__ import annotations
 
-import json
 
 from kvmrun.errors import GuestError, UsageError
 from kvmrun.guest import agent as qga
@@ -26,19 +25,6 @@ def connect(guest: Guest, timeout: float = DEFAULT_TIMEOUT) -> qga.Agent:
                          hint="add devices: [agent] to its profile (the guest needs "
                               "qemu-guest-agent) and restart it")
     return qga.Agent(guest.paths.qga, timeout=timeout, name=guest.name)
-
-
-def parse_arguments(text: str | None) -> dict | None:
-    """JSON-ARGS of `kvmrun agent`: a JSON object, or nothing (UsageError otherwise)."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise UsageError(f"JSON-ARGS is not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise UsageError("JSON-ARGS must be a JSON object, e.g. '{\"pid\": 812}'")
-    return value
 
 
 def call(guest: Guest, command: str, arguments: dict | None = None,

@@ -205,25 +205,10 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
     if is_url(str(path)):
         return _create_url(str(path), size, fmt, backing, backing_format)
     path = Path(os.path.abspath(path))
-    fmt = fmt or "qcow2"
-    if fmt not in FORMATS:
-        raise StorageError(f"format {fmt!r} is not supported", hint="use qcow2 or raw")
-    if os.path.lexists(path):
-        raise StorageError(f"{path} already exists",
-                           hint="choose another name, or resize it: kvmrun disk resize")
-    if not path.parent.is_dir():
+    if not os.path.lexists(path) and not path.parent.is_dir():
         raise StorageError(f"directory {path.parent} does not exist")
-    args = ["create", "-q", "-f", fmt]
-    if backing:
-        if fmt != "qcow2":
-            raise StorageError("an image with a backing file must be qcow2",
-                               hint="leave out --format raw")
-        backing = absolute(backing)
-        backing_chain(backing, str(path))
-        backing_format = backing_format or detect_format(backing)
-        args += ["-b", backing, "-F", backing_format]
-    elif size is None:
-        raise StorageError(f"{path}: give a size (--size 20G) or a backing image (--backing)")
+    args = _create_args(str(path), size, fmt, backing, backing_format,
+                        os.path.lexists(path))
     tmp = path.with_name(f".{path.name}.kvmrun-{os.getpid()}.tmp")
     args.append(str(tmp))
     if size is not None:
@@ -238,14 +223,13 @@ def create(path: str | Path, size: int | None = None, fmt: str | None = None,
     return info(str(path))
 
 
-def _create_url(path: str, size: int | None, fmt: str | None, backing: str | None,
-                backing_format: str | None) -> dict:
-    """create() for an nfs:// URL: made by qemu-img under a temporary name in the same
-    export folder, then linked to its name with libnfs (which never replaces a file)."""
+def _create_args(path: str, size: int | None, fmt: str | None, backing: str | None,
+                 backing_format: str | None, taken: bool) -> list[str]:
+    """qemu-img create's arguments (without the target) for `create`, checked first."""
     fmt = fmt or "qcow2"
     if fmt not in FORMATS:
         raise StorageError(f"format {fmt!r} is not supported", hint="use qcow2 or raw")
-    if exists(path):
+    if taken:
         raise StorageError(f"{path} already exists",
                            hint="choose another name, or resize it: kvmrun disk resize")
     args = ["create", "-q", "-f", fmt]
@@ -258,6 +242,14 @@ def _create_url(path: str, size: int | None, fmt: str | None, backing: str | Non
         args += ["-b", backing, "-F", backing_format or detect_format(backing)]
     elif size is None:
         raise StorageError(f"{path}: give a size (--size 20G) or a backing image (--backing)")
+    return args
+
+
+def _create_url(path: str, size: int | None, fmt: str | None, backing: str | None,
+                backing_format: str | None) -> dict:
+    """create() for an nfs:// URL: made by qemu-img under a temporary name in the same
+    export folder, then linked to its name with libnfs (which never replaces a file)."""
+    args = _create_args(path, size, fmt, backing, backing_format, exists(path))
     folder, name = path.rsplit("/", 1)
     tmp = f"{folder}/.{name}.kvmrun-{os.getpid()}.tmp"
     try:

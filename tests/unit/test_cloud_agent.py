@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmrun.cli.app import json_object
+
 from kvmrun.errors import (AgentError, AgentTimeout, GuestError, GuestTimeout, ProfileError,
                            QMPError)
 from kvmrun.guest import agent as qga
@@ -341,14 +343,13 @@ def test_addresses_flatten():
 
 def test_agent_json_args_are_checked():
     from kvmrun.errors import UsageError
-    from kvmrun.ops import agent as agentops
-    assert agentops.parse_arguments('{"pid": 812}') == {"pid": 812}
-    assert agentops.parse_arguments(None) is None
+    assert json_object('{"pid": 812}') == {"pid": 812}
+    assert json_object(None) is None
     with pytest.raises(UsageError, match="JSON-ARGS is not valid JSON") as info:
-        agentops.parse_arguments("{pid: 812}")
+        json_object("{pid: 812}")
     assert info.value.exit_code == 2
     with pytest.raises(UsageError, match="must be a JSON object"):
-        agentops.parse_arguments("[1, 2]")
+        json_object("[1, 2]")
 
 
 @pytest.mark.parametrize("args", [["agent", "nosuch", "guest-ping"], ["ip", "nosuch"],
