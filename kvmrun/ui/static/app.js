@@ -1,6 +1,7 @@
 // kvmrun ui: a hash-routed single page. Every action is one POST to the server, which makes
 // the same library call as the CLI verb of that name.
 import { api, attempt, showError, h, duration, mib } from "./util.js";
+import { actionButtons } from "./actions.js";
 import { guestPage } from "./guest.js";
 import { newPage } from "./wizard.js";
 import { networksPage, storagePage } from "./infra.js";
@@ -24,23 +25,6 @@ function connectEvents() {
 }
 
 // ---------------------------------------------------------------- the Guests page
-export const ACTIONS = {
-  start: (g) => !g.pid, stop: (g) => g.pid && !g.busy, kill: (g) => g.pid,
-  pause: (g) => g.state === "running", resume: (g) => g.state === "paused", reset: (g) => g.pid,
-};
-const LABELS = {start: "Start", stop: "Stop", kill: "Force off", pause: "Pause",
-                resume: "Resume", reset: "Reset"};
-
-export function actionButtons(g) {
-  return Object.keys(ACTIONS).map((a) => h("button", {
-    "data-action": a, disabled: !ACTIONS[a](g),
-    onclick: async (ev) => {
-      if (a === "kill" && !confirm(`Power ${g.name} off hard?`)) return;
-      ev.target.disabled = true;
-      await attempt(() => api(`/api/guests/${encodeURIComponent(g.name)}/${a}`, {}));
-    }}, LABELS[a]));
-}
-
 function guestsPage() {
   const body = h("tbody");
   const table = h("table", {id: "guests"},

@@ -2,7 +2,7 @@
 // /ws/console/NAME), the VNC display (noVNC over /ws/vnc/NAME), a screenshot, the log, the
 // profile and the QEMU command line.
 import { api, attempt, h, duration, mib } from "./util.js";
-import { actionButtons } from "./app.js";
+import { actionButtons } from "./actions.js";
 
 function wsUrl(path) {
   return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${path}`;
