@@ -25,11 +25,13 @@ Standard library and kvmrun's ground floor only: the supervisor imports it.
 from __future__ import annotations
 
 import enum
+import fcntl
+import hashlib
 import errno
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -340,6 +342,25 @@ def disks_in_use(name: str, disks: list[str], shared: list[str],
             if real in mine or (real in mine_read and real not in theirs_read):
                 busy[path] = other
     return busy
+
+
+def lock_disks(writable: list[str], held: ExitStack) -> None:
+    """An flock per disk image a guest writes, held (in `held`) until its QEMU is up (then
+    QEMU's own image lock guards the file, and the launch record names it for
+    `disks_in_use`): two guests started at once with one disk cannot both pass the
+    in-use check."""
+    locks = trusted(prepare_run_dir() / ".disks")
+    for disk in writable:
+        real = os.path.realpath(disk)
+        path = locks / (hashlib.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        held.callback(os.close, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GuestError(f"disk {disk} is being started by another guest",
+                             hint="give each guest its own disk (or mark it readonly)") \
+                from None
 
 
 def guest_using(path: str, base: Path | None = None) -> tuple[str, int, bool] | None:

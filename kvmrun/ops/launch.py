@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shlex
 import subprocess
@@ -22,7 +21,7 @@ from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir, trusted
+from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
 from kvmrun.ops import quickstart
@@ -58,26 +57,6 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     return profile, compiled
 
 
-def _lock_disks(profile: Profile, held: contextlib.ExitStack) -> None:
-    """An flock per disk image this guest writes, held until its QEMU is up (then QEMU's
-    own image lock guards the file, and the launch record names it for `_disks_in_use`):
-    two guests started at once with one disk cannot both pass the in-use check."""
-    locks = trusted(prepare_run_dir() / ".disks")
-    for disk in profile.disks:
-        if disk.readonly or disk.ephemeral:
-            continue
-        real = os.path.realpath(disk.path)
-        path = locks / (hashlib.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        held.callback(os.close, fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GuestError(f"disk {disk.path} is being started by another guest",
-                             hint="give each guest its own disk (or mark it readonly)") \
-                from None
-
-
 def _claim(profile: Profile, guest: Guest, compiled: Compiled,
            undo: contextlib.ExitStack) -> None:
     """Under the guest's lock: refuse a second guest of this name or a disk in use, clear
@@ -86,7 +65,8 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     if guest.qemu_pid() is not None:
         raise GuestError(f"{profile.name} is already running (pid {guest.qemu_pid()})",
                          hint=f"see `kvmrun status {profile.name}`")
-    _lock_disks(profile, undo.held)
+    lock_disks([d.path for d in profile.disks if not d.readonly and not d.ephemeral],
+               undo.held)
     busy = disks_in_use(profile.name, [d.path for d in profile.disks],
                         [d.path for d in profile.disks if d.readonly or d.ephemeral])
     if busy:

@@ -23,6 +23,7 @@ import os
 import select
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,7 @@ from kvmrun import files, paths
 from kvmrun.errors import GuestError, GuestTimeout, LaunchError
 from kvmrun.guest import ending, netrecord
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.rundir import Guest, disks_in_use, prepare_run_dir
+from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net.ports import check_forward
 from kvmrun.qemu.kvmprobe import kvm_accessible, kvm_verdict_file
 
@@ -123,8 +124,9 @@ def start(ref: str, note: Callable[[str], None]) -> tuple[dict, dict] | None:
         note(line)
     prepare_run_dir()
     created = not guest.paths.dir.exists()
-    with guest.lock() as lock_fd:
+    with guest.lock() as lock_fd, ExitStack() as held:
         try:
+            lock_disks(sorted(set(launch.disks) - set(launch.shared_disks)), held)
             _claim(guest, launch, entry)
             return _fork_and_wait(guest, launch, entry, lock_fd), entry
         except BaseException:
@@ -150,6 +152,7 @@ def _claim(guest: Guest, launch: LaunchRecord, entry: dict) -> None:
     guest.clear_runtime(keep_logs=False)
     netrecord.write(guest.paths, {"nics": entry.get("nics", [])})
     launch.write(guest.paths.launch)
+    guest.reserve_request()          # so a stop or kill needs no free space later
 
 
 def _fork_and_wait(guest: Guest, launch: LaunchRecord, entry: dict, lock_fd: int) -> dict:
@@ -159,10 +162,10 @@ def _fork_and_wait(guest: Guest, launch: LaunchRecord, entry: dict, lock_fd: int
     if pid == 0:                                   # the supervisor, in a new session
         code = 1
         try:
-            os.close(rfd)
-            os.close(lock_fd)
             os.setsid()
             _redirect(guest)
+            os.closerange(3, wfd)                  # as Popen's close_fds: the guest's lock,
+            os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX"))  # disk locks, the pipe end
             from kvmrun.guest.supervisor import Supervisor
             code = Supervisor(guest, wfd, foreground=False).run()
         except BaseException:
