@@ -80,6 +80,19 @@ def is_defined(name: str) -> bool:
     return valid_name(name) and defined_path(name).is_file()
 
 
+def profile_file(ref: str) -> Path | None:
+    """The file a PROFILE argument names: a reference containing '/' or ending in
+    .yaml/.yml is always a file path; a bare word is the defined VM of that name if there is
+    one, else a file of that name in the current directory (write `./web` to mean the file
+    when a VM `web` is defined). None: a bare word that names neither."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or "/" in ref:
+        return path
+    if is_defined(ref):
+        return defined_path(ref)
+    return path if path.is_file() else None
+
+
 def nvram_path(name: str) -> Path:
     """The VM's own copy of the UEFI variable store, kept across restarts."""
     return data_dir() / "nvram" / f"{name}_VARS.fd"

@@ -261,7 +261,11 @@ class Supervisor:
             readable, _, _ = select.select(
                 fds, [], [], None if timeout in (None, INF) else timeout)
             if console_fd in readable:
-                log_written = self._drain_inotify(console_fd)
+                try:
+                    os.read(console_fd, 65536)
+                except BlockingIOError:
+                    pass
+                log_written = True
             if self.qmp and self.qmp.fileno() in readable:
                 self.drain_events()
             if sigfd in readable:
@@ -281,14 +285,6 @@ class Supervisor:
             if next_ping and time.monotonic() >= next_ping:
                 self.watchdog_ping()
                 next_ping = time.monotonic() + watchdog
-
-    @staticmethod
-    def _drain_inotify(fd: int) -> bool:
-        try:
-            os.read(fd, 65536)
-        except BlockingIOError:
-            pass
-        return True
 
     def rotate_log(self) -> None:
         if serial_log.rotate(self.paths, self.launch.serial_log_max):

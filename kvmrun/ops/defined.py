@@ -31,7 +31,7 @@ from kvmrun import files, paths
 from kvmrun.errors import (AlreadyDefined, Conflict, GuestError, HostError, KvmrunError,
                            Location, NotDefined, ProfileError, ProfileErrors, StoreError)
 from kvmrun.guest.rundir import Guest
-from kvmrun.paths import check_name, defined_path, is_defined, valid_name, vm_dir
+from kvmrun.paths import check_name, defined_path, profile_file, valid_name, vm_dir
 from kvmrun.profile import Profile, to_dict
 from kvmrun.profile import load as load_file
 from kvmrun.qemu import checks
@@ -76,18 +76,11 @@ def resolve(ref: str, overrides: Sequence[str] = ()) -> Profile:
 
 
 def locate(ref: str) -> Path:
-    """The file of a PROFILE argument: a profile file, or the name of a defined VM.
-
-    A reference containing '/' or ending in .yaml/.yml is always a file path. A bare word is
-    the defined VM of that name if there is one, else a file of that name in the current
-    directory (write `./web` to mean the file when a VM `web` is defined)."""
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or "/" in ref:
-        return path
-    if is_defined(ref):
-        return defined_path(ref)
-    if path.is_file():
-        return path
+    """The file of a PROFILE argument (kvmrun.paths.profile_file), or a ProfileError that
+    suggests a defined VM of a close name."""
+    found = profile_file(ref)
+    if found is not None:
+        return found
     known = defined_names()
     close = difflib.get_close_matches(ref, known, n=1, cutoff=0.6)
     raise ProfileError(Location(ref), "no such profile file or defined VM",

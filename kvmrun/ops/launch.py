@@ -260,8 +260,9 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
         return None
     exist = [p for _, _, p in referenced_files(resolved)] + [d.path for d in resolved.disks]
     exist.append(record.argv[0])
-    if profile.firmware == "uefi" and guest_nvram(profile) is not None:
-        exist.append(str(guest_nvram(profile)))
+    nvram = Guest(profile.name).paths.nvram
+    if profile.firmware == "uefi" and nvram is not None:
+        exist.append(str(nvram))
     formats = {new.path: new.format for old, new in zip(profile.disks, resolved.disks)
                if old.format is None and not images.is_block_device(new.path)}
     forwards = [(str(profile.location("network", i, "forward", j)), fwd)
@@ -269,9 +270,3 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
     return {"name": profile.name, "files": sources, "exist": exist, "formats": formats,
             "forwards": forwards, "nics": nics.describe(profile), "launch": record.to_json(),
             "notes": notes, "halted": profile.halted, "gdb": profile.gdb}
-
-
-def guest_nvram(profile: Profile) -> Path | None:
-    return Guest(profile.name).paths.nvram
-
-

@@ -40,17 +40,6 @@ PACKAGE = Path(__file__).resolve().parents[1]
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def locate(ref: str) -> Path | None:
-    """The file of a PROFILE argument as kvmrun.ops.defined.locate finds it (None: let the
-    full path explain)."""
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or "/" in ref:
-        return path if path.is_file() else None
-    if paths.is_defined(ref):
-        return paths.defined_path(ref)
-    return path if path.is_file() else None
-
-
 def _stamp(path: str | Path) -> list[int] | None:
     try:
         st = os.stat(path)
@@ -113,8 +102,8 @@ def load(profile_file: Path) -> dict | None:
 def start(ref: str, note: Callable[[str], None]) -> tuple[dict, dict] | None:
     """The quick start of `ref`: (what kvmrun.ops.launch.start returns, the cache entry),
     or None when the full path must run."""
-    profile_file = locate(ref)
-    entry = load(profile_file) if profile_file else None
+    found = paths.profile_file(ref)        # a missing file: the full path explains
+    entry = load(found) if found is not None and found.is_file() else None
     if entry is None:
         return None
     launch = LaunchRecord.from_json(entry["launch"])
