@@ -57,6 +57,11 @@ class Arch:
     semihosting: bool = False         # QEMU offers -semihosting-config for this target
     uefi_code: tuple[str, ...] = ()   # candidate firmware code images (first found wins)
     uefi_vars: tuple[str, ...] = ()   # matching variable-store templates
+    # Secure Boot: (code, variable store with Microsoft's keys enrolled) pairs, first pair
+    # found wins; `smm`: the code keeps its variables safe in SMM (x86), so QEMU needs
+    # smm=on and a secure pflash
+    uefi_secure: tuple[tuple[str, str], ...] = ()
+    smm: bool = False
     onboard_nic: str | None = None    # a NIC built into the machine: `-nic user,model=…`
     boards: tuple[Board, ...] = ()
     aliases: tuple[str, ...] = ()
@@ -91,7 +96,11 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
                     f"{EDK2}/ovmf/OVMF_CODE.fd"),
          uefi_vars=("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd",
                     f"{EDK2}/ovmf/OVMF_VARS.fd"),
-         aliases=("amd64", "x64")),
+         uefi_secure=(("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+                       "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+                      ("/usr/share/OVMF/OVMF_CODE.secboot.fd", "/usr/share/OVMF/OVMF_VARS.ms.fd"),
+                      (f"{EDK2}/ovmf/OVMF_CODE.secboot.fd", f"{EDK2}/ovmf/OVMF_VARS.secboot.fd")),
+         smm=True, aliases=("amd64", "x64")),
     Arch("i386", "qemu-system-i386", "q35", "max", "host", "ttyS0", "pci", "virtio-net-pci",
          "ide", ("x86_64", "i686", "i386"), package="qemu-system-x86", firmware="SeaBIOS",
          power_button=("q35", "pc", "pc-*"), aliases=("i686", "x86")),
@@ -103,6 +112,7 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
          power_button=("virt", "virt-*"),
          uefi_code=(f"{AAVMF}/AAVMF_CODE.fd", f"{EDK2}/aarch64/QEMU_EFI-pflash.raw"),
          uefi_vars=(f"{AAVMF}/AAVMF_VARS.fd", f"{EDK2}/aarch64/vars-template-pflash.raw"),
+         uefi_secure=((f"{AAVMF}/AAVMF_CODE.ms.fd", f"{AAVMF}/AAVMF_VARS.ms.fd"),),
          semihosting=True, aliases=("arm64",)),
     Arch("arm", "qemu-system-arm", "virt", "max", "host", "ttyAMA0", "pci", "virtio-net-pci",
          "scsi", ("armv7l", "armv8l"), package="qemu-system-arm",
@@ -184,6 +194,7 @@ class HostFacts:
     net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
     qemu_user: str | None = None                # root: QEMU drops to this user (-runas)
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
+    uefi_secure: dict[str, str] = field(default_factory=dict)   # arch -> Secure Boot code
 
 
 # IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given

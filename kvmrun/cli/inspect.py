@@ -72,6 +72,9 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if "cpu_percent" in info:
         rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
                              f"rss {info['rss_mib']} MiB"))
+    if info.get("firmware"):
+        rows.append(("firmware", info["firmware"] + (", Secure Boot on"
+                                                     if info.get("secure_boot") else "")))
     rows.append(("shutdown", info["shutdown_method"]))
     if info.get("sandbox"):
         rows.append(("sandbox", info["sandbox"]))

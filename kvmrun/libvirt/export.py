@@ -64,6 +64,8 @@ def to_xml(p: Profile) -> str:
         _sub(features, "acpi")
     if a.name in ("x86_64", "i386"):
         _sub(features, "apic")
+    if p.secure_boot and a.smm:
+        _sub(features, "smm", state="on")
     if not len(features):
         dom.remove(features)
     _cpu(dom, p, extra)
@@ -106,6 +108,12 @@ def _os(dom: ET.Element, p: Profile, a, extra: dict) -> None:
          machine=p.machine or a.machine)
     if p.machine is None:
         extra["machine"] = None
+    if p.secure_boot:
+        fw = _sub(os_, "firmware")
+        _sub(fw, "feature", enabled="yes", name="enrolled-keys")
+        _sub(fw, "feature", enabled="yes", name="secure-boot")
+        if a.smm:
+            _sub(os_, "loader", secure="yes")
     if p.firmware not in (None, "bios", "uefi"):
         _sub(os_, "loader", p.firmware, readonly="yes", type="rom")
     if p.kernel:

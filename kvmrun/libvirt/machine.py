@@ -86,15 +86,29 @@ def _firmware(b: Builder, os_: Node) -> None:
     auto = os_.attr("firmware")
     loader, nvram = os_.find("loader"), os_.find("nvram")
     fw = os_.find("firmware")
+    secure = None                       # the node that asks for Secure Boot
     if fw is not None:
         fw.use()
+        wanted = {}
         for feature in fw.findall("feature"):
             feature.use()
+            wanted[feature.attr("name")] = feature
+        boot, keys = wanted.pop("secure-boot", None), wanted.pop("enrolled-keys", None)
+        state = {name: None if f is None else f.attr("enabled") == "yes"
+                 for name, f in (("boot", boot), ("keys", keys))}
+        # libvirt picks firmware that verifies for either; kvmrun's Secure Boot store has
+        # Microsoft's keys enrolled and its plain store none, so the two go together
+        if state["boot"] or (state["keys"] and state["boot"] is None):
+            secure = boot if state["boot"] else keys
+            if state["keys"] is False:
+                b.loss(keys, "Secure Boot without enrolled keys is not supported: a new "
+                             "variable store has Microsoft's keys enrolled")
+        elif state["keys"]:
+            b.loss(keys, "enrolled keys without Secure Boot are not supported: the plain "
+                         "UEFI variable store has none")
+        for name, feature in wanted.items():
             if feature.attr("enabled") == "yes":
-                b.loss(feature, f"firmware feature {feature.attr('name')!r} (Secure Boot) is "
-                                "not supported: kvmrun's UEFI is the plain OVMF/AAVMF")
-            else:
-                feature.attr("name")
+                b.loss(feature, f"firmware feature {name!r} is not supported")
     if auto == "bios":
         b.set(("firmware",), "bios", os_)
     uefi = auto == "efi"
@@ -104,8 +118,7 @@ def _firmware(b: Builder, os_: Node) -> None:
         loader.attr("readonly")
         loader.attr("format")
         if loader.attr("secure") == "yes":
-            b.loss(loader, "Secure Boot (secure='yes', SMM-protected variables) is not "
-                           "supported", "secure")
+            secure = secure or loader
         if loader.attr("stateless") == "yes":
             b.note(loader, "stateless firmware: kvmrun keeps a variable store anyway")
         if kind == "pflash":
@@ -115,8 +128,14 @@ def _firmware(b: Builder, os_: Node) -> None:
                                "firmware (OVMF/AAVMF)")
         elif path:
             b.set(("firmware",), path, loader)
-    if uefi:
+    if secure is not None and uefi:
+        b.set(("firmware",), "uefi-secure", secure)
+        b.note(secure, "Secure Boot: the distribution's Secure Boot firmware (SMM on for x86); "
+                       "a new variable store has Microsoft's keys enrolled")
+    elif uefi:
         b.set(("firmware",), "uefi", loader or os_)
+    elif secure is not None:
+        b.loss(secure, "Secure Boot without UEFI firmware has no use in kvmrun")
     if nvram is not None:
         path = nvram.value()
         nvram.attr("format")

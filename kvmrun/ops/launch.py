@@ -107,6 +107,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "shutdown_method": profile.shutdown.method,
                  "ssh": sshops.login_defaults(profile),
                  "sandbox": compiled.sandbox or "off",
+                 "firmware": profile.firmware, "secure_boot": profile.secure_boot,
                  "qemu_user": _runas(compiled.argv)})
 
 
@@ -211,9 +212,10 @@ def _attach_console(guest: Guest, note: Progress) -> None:
 def _prepare_nvram(profile: Profile, guest: Guest) -> None:
     if profile.firmware != "uefi" or guest.paths.nvram is None or guest.paths.nvram.exists():
         return
-    template = host.uefi_vars_template(profile.arch)
+    template = host.uefi_vars_template(profile.arch, profile.secure_boot)
     if template is None:
-        raise HostError(f"no UEFI variable-store template for {profile.arch}",
+        raise HostError(f"no UEFI variable-store template for {profile.arch}"
+                        + (" with Microsoft's keys enrolled" if profile.secure_boot else ""),
                         hint="install ovmf (x86_64) or qemu-efi-aarch64 (aarch64)")
     files.atomic_write(guest.paths.nvram, Path(template).read_bytes(), 0o600, make_dirs=0o700)
 

@@ -21,6 +21,7 @@ DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 SEED_INTERFACES = ("virtio", "ide", "scsi")
 DEVICES = ("rng", "balloon", "agent", "tablet")
 NET_TYPES = ("user", "isolated", "bridge", "nat", "none")
+FIRMWARES = ("bios", "uefi", "uefi-secure")
 USER_ONLY = ("forward", "restrict", "net", "dhcpstart", "tftp", "bootfile")
 
 
@@ -296,10 +297,14 @@ PROFILE = Obj(Profile, {
     "boot": Field(Boot(r"[cdn]{1,3}", what="a boot order of c (disk), d (cdrom), n (network)"),
                   "boot order: c disk, d cdrom, n network, e.g. dc"),
     "kernel": Field(KERNEL, "direct kernel boot"),
-    "firmware": Field(Either(((_is_keyword("bios", "uefi"), Enum(("bios", "uefi"))),
+    "firmware": Field(Either(((_is_keyword(*FIRMWARES), Enum(FIRMWARES)),
                               (lambda v: isinstance(v, str), FilePath())),
-                             "bios, uefi or a firmware file"),
-                      "bios | uefi | path to a firmware image"),
+                             "bios, uefi, uefi-secure or a firmware file"),
+                      "bios | uefi | uefi-secure (UEFI with Secure Boot) | path to a "
+                      "firmware image"),
+    "secure_boot": Field(Bool(), "UEFI Secure Boot (with firmware: uefi; the same as firmware: "
+                                 "uefi-secure): OVMF's Secure Boot code, Microsoft's keys "
+                                 "enrolled in the VM's variable store, SMM (q35 only)"),
     "disks": Field(List(DISK), "disks, in order"),
     "cdrom": Field(FilePath(), "ISO image attached as CD-ROM"),
     "shares": Field(List(SHARE), "host directories shared with the guest (virtio-9p)"),

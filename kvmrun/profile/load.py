@@ -64,6 +64,8 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
     if profile is not None:
         check_combinations(profile, ctx)
     ctx.raise_errors()
+    if profile.firmware == "uefi-secure":         # one spelling in the model
+        profile = dataclasses.replace(profile, firmware="uefi", secure_boot=True)
     return dataclasses.replace(profile, source=source, lines=lines)
 
 

@@ -114,7 +114,8 @@ class Profile:
     memory: int = 1024
     boot: str | None = None
     kernel: Kernel | None = None
-    firmware: str | None = None
+    firmware: str | None = None            # bios, uefi or a file (uefi-secure is loaded
+    secure_boot: bool = False              # as firmware uefi with secure_boot true)
     disks: tuple[Disk, ...] = ()
     cdrom: str | None = None
     shares: tuple[Share, ...] = ()

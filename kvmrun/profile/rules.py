@@ -118,6 +118,7 @@ def check_combinations(p: Profile, ctx: Ctx) -> None:
         ctx.error(("ready", "cloud_init"), "give ready.console or ready.cloud_init, not both",
                   hint="ready.cloud_init waits for the console line "
                        "'Cloud-init v. … finished'")
+    _check_secure_boot(p, ctx)
     _check_disk_sources(p, ctx)
     _check_ide_slots(p, ctx)
     _check_networks(p, ctx)
@@ -125,6 +126,39 @@ def check_combinations(p: Profile, ctx: Ctx) -> None:
     for i, share in enumerate(p.shares):
         if tags.index(share.tag) != i:
             ctx.error(("shares", i, "tag"), f"tag {share.tag!r} is used twice")
+
+
+def _check_secure_boot(p: Profile, ctx: Ctx) -> None:
+    """Secure Boot is UEFI's, on an architecture with Secure Boot firmware; on x86 the code
+    keeps its variables safe in SMM, which OVMF supports on q35 only."""
+    spelled = p.firmware == "uefi-secure"
+    if not (p.secure_boot or spelled):
+        return
+    key = ("firmware",) if spelled or ("secure_boot",) not in ctx.lines else ("secure_boot",)
+    if spelled and ("secure_boot",) in ctx.lines and not p.secure_boot:
+        ctx.error(("secure_boot",), "firmware: uefi-secure is UEFI with Secure Boot: "
+                                    "secure_boot: false contradicts it",
+                  hint="firmware: uefi for UEFI without Secure Boot")
+        return
+    if p.firmware != "uefi" and not spelled:
+        ctx.error(key, "Secure Boot needs UEFI firmware"
+                       + (f", not {p.firmware}" if p.firmware else ""),
+                  hint="firmware: uefi-secure (or firmware: uefi with secure_boot: true)")
+        return
+    a = archmod.ARCHES.get(p.arch)
+    if a is None:
+        return
+    if not a.uefi_secure:
+        ctx.error(key, f"Secure Boot is not available for {a.name} guests",
+                  hint="kvmrun offers it for " + ", ".join(
+                      n for n, x in archmod.ARCHES.items() if x.uefi_secure))
+        return
+    machine = p.machine or a.machine
+    if a.smm and not (machine == "q35" or machine.startswith("pc-q35-")):
+        ctx.error(("machine",) if p.machine else key,
+                  f"Secure Boot needs the q35 machine, not {machine}: OVMF's Secure Boot "
+                  f"build keeps the UEFI variables in SMM, which it supports on q35 only",
+                  hint="machine: q35 (or leave machine out)")
 
 
 def _check_disk_sources(p: Profile, ctx: Ctx) -> None:

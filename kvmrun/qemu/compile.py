@@ -128,6 +128,8 @@ def _machine(p: Profile, a: Arch, accel: str) -> Args:
     if accel == "tcg" and a.tcg_machine_opts and (machine == a.machine
                                                   or machine.startswith(a.machine + "-")):
         machine = f"{machine},{a.tcg_machine_opts}"
+    if p.secure_boot and a.smm:
+        machine = f"{machine},smm=on"
     yield from ("-machine", machine)
     thread = "multi" if accel == "tcg" and a.mttcg and p.smp > 1 else None
     yield from ("-accel", opts(accel, thread=thread))
@@ -159,11 +161,14 @@ def _firmware(p: Profile, a: Arch, host: HostFacts, paths: RunPaths) -> Args:
     if p.firmware in (None, "bios"):
         return
     if p.firmware == "uefi":
-        code = host.uefi.get(a.name)
+        code = (host.uefi_secure if p.secure_boot else host.uefi).get(a.name)
         if not code:
-            raise HostError(f"no UEFI firmware found for {a.name}",
+            raise HostError(f"no UEFI {'Secure Boot ' if p.secure_boot else ''}firmware "
+                            f"found for {a.name}",
                             hint="install the distribution's package: ovmf (x86_64), "
                                  "qemu-efi-aarch64 (aarch64), qemu-efi-arm (arm)")
+        if p.secure_boot and a.smm:       # only SMM code may write the variable store
+            yield from ("-global", "driver=cfi.pflash01,property=secure,value=on")
         yield from ("-drive", opts("if=pflash", format="raw", unit=0, readonly=True,
                                    file=qemu_escape(code)))
         if paths.nvram:

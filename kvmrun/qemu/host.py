@@ -29,13 +29,16 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
              "(cached; see `kvmrun doctor`)")
         verdict = cached_or_probe()
     kvm = kvm_accessible() and (verdict is None or bool(verdict.get("boots")))
-    uefi = {}
+    uefi, secure = {}, {}
     for a in archmod.ARCHES.values():
         found = next((c for c in a.uefi_code if os.path.exists(c)), None)
         if found:
             uefi[a.name] = found
+        pair = uefi_secure_pair(a.name)
+        if pair:
+            secure[a.name] = pair[0]
     return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
-                     net_admin=os.geteuid() == 0, qemu_user=qemu_user())
+                     uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=qemu_user())
 
 
 def qemu_user() -> str | None:
@@ -56,9 +59,21 @@ def qemu_user() -> str | None:
     return name
 
 
-def uefi_vars_template(arch_name: str) -> str | None:
+def uefi_vars_template(arch_name: str, secure_boot: bool = False) -> str | None:
+    """The variable store a new VM starts from: with Secure Boot, the one with Microsoft's
+    keys enrolled that matches the Secure Boot code."""
+    if secure_boot:
+        pair = uefi_secure_pair(arch_name)
+        return pair[1] if pair else None
     a = archmod.get(arch_name)
     return next((v for v in a.uefi_vars if os.path.exists(v)), None)
+
+
+def uefi_secure_pair(arch_name: str) -> tuple[str, str] | None:
+    """(Secure Boot code, enrolled variable store): the first pair installed."""
+    a = archmod.get(arch_name)
+    return next(((c, v) for c, v in a.uefi_secure if os.path.exists(c) and os.path.exists(v)),
+                None)
 
 
 def qemu_binary(arch_name: str) -> str:

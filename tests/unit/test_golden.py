@@ -38,8 +38,10 @@ REGEN = os.environ.get("KVMRUN_REGEN_GOLDEN") == "1"
 UEFI = {"x86_64": "/usr/share/OVMF/OVMF_CODE_4M.fd",
         "aarch64": "/usr/share/AAVMF/AAVMF_CODE.fd",
         "arm": "/usr/share/AAVMF/AAVMF32_CODE.fd"}
-KVM_HOST = HostFacts(machine="x86_64", kvm=True, uefi=UEFI)
-TCG_HOST = HostFacts(machine="x86_64", kvm=False, uefi=UEFI)
+SECURE = {"x86_64": "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+          "aarch64": "/usr/share/AAVMF/AAVMF_CODE.ms.fd"}
+KVM_HOST = HostFacts(machine="x86_64", kvm=True, uefi=UEFI, uefi_secure=SECURE)
+TCG_HOST = HostFacts(machine="x86_64", kvm=False, uefi=UEFI, uefi_secure=SECURE)
 
 
 def run_paths(name: str) -> RunPaths:
