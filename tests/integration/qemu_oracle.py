@@ -37,7 +37,10 @@ START_TIMEOUT = 30.0          # seconds for QEMU to open its monitor socket
 # The installed UEFI images, as kvmrun.qemu.host.probe would find them.
 UEFI = {a.name: code for a in archmod.ARCHES.values()
         for code in a.uefi_code[:1] if os.path.exists(code)}
-TCG_HOST = HostFacts(machine=archmod.host_machine(), kvm=False, forced_accel="tcg", uefi=UEFI)
+SECURE = {a.name: code for a in archmod.ARCHES.values()
+          for code, store in a.uefi_secure[:1] if os.path.exists(code) and os.path.exists(store)}
+TCG_HOST = HostFacts(machine=archmod.host_machine(), kvm=False, forced_accel="tcg", uefi=UEFI,
+                     uefi_secure=SECURE)
 
 # profile key -> (peripheral id QEMU gives the device, bootindex letter)
 DEVICE_IDS = {"rng": "rng0", "balloon": "balloon0", "agent": "vserial0", "tablet": "usb0"}
@@ -148,7 +151,8 @@ def make_nvram(profile: Profile, paths: RunPaths) -> None:
     """What the supervisor does before a UEFI start: the VM's own copy of the variables."""
     if profile.firmware == "uefi" and paths.nvram:
         a = archmod.get(profile.arch)
-        template = next(v for v in a.uefi_vars if os.path.exists(v))
+        template = a.uefi_secure[0][1] if profile.secure_boot else \
+            next(v for v in a.uefi_vars if os.path.exists(v))
         shutil.copyfile(template, paths.nvram)
 
 
@@ -275,8 +279,17 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
         assert seed["removable"] is (profile.cloud_init.interface != "virtio"), \
             "a virtio seed is a disk, an ide/scsi seed a CD-ROM"
     if profile.firmware == "uefi":
-        assert block["pflash0"]["inserted"]["file"] == UEFI[a.name]
+        code = (SECURE if profile.secure_boot else UEFI)[a.name]
+        assert block["pflash0"]["inserted"]["file"] == code
         assert block["pflash0"]["inserted"]["ro"] is True
+        assert block["pflash1"]["inserted"]["file"] == str(paths.nvram)
+    if a.smm:                      # Secure Boot's code needs SMM and a pflash only SMM writes
+        smm = qmp.cmd("qom-get", path="/machine", property="smm")
+        assert (smm == "on") if profile.secure_boot else (smm != "on"), f"smm is {smm}"
+    if a.smm and profile.firmware == "uefi":
+        for unit in (0, 1):
+            assert qmp.cmd("qom-get", path=f"/machine/system.flash{unit}", property="secure") \
+                is profile.secure_boot, f"pflash{unit} secure"
 
     peripherals = {p["name"] for p in qmp.cmd("qom-list", path="/machine/peripheral")}
     boot = boot_indexes(profile)

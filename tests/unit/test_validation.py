@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kvmrun.qemu import checks, host
 from kvmrun.cli import main
 from kvmrun.errors import ProfileError
-from kvmrun.profile import DISK, PROFILE, json_schema, load
+from kvmrun.profile import DISK, PROFILE, json_schema, load, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,6 +112,22 @@ KNOWN_KEYS = "known keys: " + ", ".join(PROFILE.fields)
                  "vm.yaml:3: semihosting: semihosting is not available for x86_64 guests\n"
                  "  hint: QEMU offers it for aarch64, arm, riscv64, riscv32",
                  id="semihosting on x86"),
+    pytest.param("name: vm\narch: x86_64\nmachine: pc\nfirmware: uefi-secure\n",
+                 "vm.yaml:3: machine: Secure Boot needs the q35 machine, not pc: OVMF's Secure "
+                 "Boot build keeps the UEFI variables in SMM, which it supports on q35 only\n"
+                 "  hint: machine: q35 (or leave machine out)", id="secure boot on pc"),
+    pytest.param("name: vm\narch: x86_64\nsecure_boot: true\n",
+                 "vm.yaml:3: secure_boot: Secure Boot needs UEFI firmware\n"
+                 "  hint: firmware: uefi-secure (or firmware: uefi with secure_boot: true)",
+                 id="secure boot without uefi"),
+    pytest.param("name: vm\narch: riscv64\nfirmware: uefi-secure\n",
+                 "vm.yaml:3: firmware: Secure Boot is not available for riscv64 guests\n"
+                 "  hint: kvmrun offers it for x86_64, aarch64", id="secure boot on riscv64"),
+    pytest.param("name: vm\narch: x86_64\nfirmware: uefi-secure\nsecure_boot: false\n",
+                 "vm.yaml:4: secure_boot: firmware: uefi-secure is UEFI with Secure Boot: "
+                 "secure_boot: false contradicts it\n"
+                 "  hint: firmware: uefi for UEFI without Secure Boot",
+                 id="secure boot contradicted"),
     pytest.param("name: vm\ndisks:\n  - path: a.img\n    interface: ide\n    readonly: true\n",
                  "vm.yaml:5: disks[0].readonly: an IDE disk cannot be read-only\n"
                  "  hint: use interface virtio, scsi or nvme for a read-only disk",
@@ -128,6 +145,20 @@ KNOWN_KEYS = "known keys: " + ", ".join(PROFILE.fields)
 ])
 def test_message(content, message):
     assert error_of(content) == message
+
+
+def test_uefi_secure_is_uefi_with_secure_boot():
+    """One spelling in the model: `firmware: uefi-secure` loads as the written-out form, on
+    q35 however it is named, and `to_dict` gives a profile that loads back equal."""
+    short = load(write("a.yaml", "name: vm\narch: x86_64\nfirmware: uefi-secure\n"))
+    long = load(write("b.yaml", "name: vm\narch: x86_64\nmachine: q35\nfirmware: uefi\n"
+                                "secure_boot: true\n"))
+    assert (short.firmware, short.secure_boot) == ("uefi", True)
+    assert (long.firmware, long.secure_boot) == ("uefi", True)
+    assert to_dict(short)["secure_boot"] is True
+    assert load(write("c.yaml", yaml.safe_dump(to_dict(short)))) == short
+    assert load(write("d.yaml", "name: vm\narch: x86_64\nmachine: pc-q35-7.2\n"),
+                ["firmware=uefi-secure"]).secure_boot
 
 
 def test_all_errors_of_a_file_are_reported_at_once():
