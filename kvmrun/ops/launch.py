@@ -27,7 +27,7 @@ from kvmrun.net import nics
 from kvmrun.ops import quickstart
 from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, referenced_files, warnings
-from kvmrun.qemu import checks, host
+from kvmrun.qemu import checks, host, varstore
 from kvmrun.qemu.compile import Compiled, build
 from kvmrun.storage import disks, images
 
@@ -45,6 +45,12 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     guest = Guest(profile.name)
     guest.paths.check_length()
     compiled = build(profile, facts, guest.paths)
+    nvram = guest.paths.nvram
+    if profile.secure_boot and nvram and nvram.exists() and \
+            not varstore.platform_key_enrolled(nvram):
+        note(f"kvmrun: warning: {profile.name}'s UEFI variable store {nvram} has no Secure "
+             "Boot keys (it was made for plain UEFI), so the firmware verifies nothing; "
+             "remove it while the VM is stopped to start from Microsoft's keys")
     if profile.accel == "auto" and compiled.accel == "tcg" and not facts.forced_accel:
         if archmod.get(profile.arch).kvm_possible(facts.machine):
             note("kvmrun: KVM is not usable here (see `kvmrun doctor`); using TCG")
