@@ -14,6 +14,7 @@ from kvmrun.qemu.kvmprobe import KVM_DEVICE, cached_or_probe, kvm_accessible
 
 FIRMWARE = {
     "ovmf (x86_64 UEFI)": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+    "ovmf secboot (x86_64)": ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "ovmf"),
     "AAVMF (aarch64 UEFI)": ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64"),
     "OpenSBI (riscv64)": ("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin",
                           "opensbi"),

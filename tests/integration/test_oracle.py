@@ -136,7 +136,8 @@ def x86_profiles(draw):
     data["devices"] = draw(st.lists(st.sampled_from(["rng", "balloon", "agent", "tablet"]),
                                     unique=True))
     if draw(st.booleans()):
-        data["firmware"] = draw(st.sampled_from(["bios", "uefi"]))
+        secure = data.get("machine", "q35") == "q35"     # Secure Boot: q35 only
+        data["firmware"] = draw(st.sampled_from(["bios", "uefi"] + ["uefi-secure"] * secure))
     if draw(st.booleans()):
         data["gdb"] = True
     data["halted"] = draw(st.booleans())
