@@ -68,6 +68,7 @@ class Expected:
     nics: dict[str, str]         # mac -> model
     boot: list[tuple[str, str]]  # ("disk"/"nic", file or mac), in boot order
     uefi: bool                   # firmware code on pflash0
+    secure: bool                 # Secure Boot: SMM on, pflash writable from SMM only
 
 
 def expected(argv: list[str]) -> Expected:
@@ -77,6 +78,8 @@ def expected(argv: list[str]) -> Expected:
     cpus = int(_options(argv, "-smp")[0].split(",")[0])
     machine, *machine_opts = _options(argv, "-machine")[0].split(",")
     uefi = any(o.startswith("pflash0=") for o in machine_opts)
+    secure = "smm=on" in machine_opts and \
+        "driver=cfi.pflash01,property=secure,value=on" in _options(argv, "-global")
     nodes = {}
     for text in _options(argv, "-blockdev"):
         node = json.loads(text)
@@ -108,7 +111,7 @@ def expected(argv: list[str]) -> Expected:
         if "nic" in opts:
             nics[opts["macaddr"]] = opts["model"]
     return Expected(memory, cpus, machine, disks, nics,
-                    [(kind, key) for _, kind, key in sorted(boot)], uefi)
+                    [(kind, key) for _, kind, key in sorted(boot)], uefi, secure)
 
 
 # ---------------------------------------------------------------- the import, made runnable
@@ -218,6 +221,11 @@ def test_qemu_builds_what_libvirt_asks(xml, tmp_path, monkeypatch):
         assert ("pflash0" in block) == want.uefi, "UEFI firmware on pflash0"
         if want.uefi:
             assert block["pflash0"]["inserted"]["ro"] is True
+        if want.uefi and archmod.get(profile.arch).smm:
+            assert qmp.cmd("qom-get", path="/machine/system.flash0",
+                           property="secure") is want.secure, "Secure Boot's secure pflash"
+        if want.secure:
+            assert qmp.cmd("qom-get", path="/machine", property="smm") == "on", "SMM"
 
 
 def _qemu_disks(qmp) -> dict[str, dict]:
