@@ -190,7 +190,8 @@ def _features(b: Builder, root: Node) -> None:
     if smm is not None:
         smm.use()
         if smm.attr("state", "on") == "on":
-            b.note(smm, "SMM is left at QEMU's default")
+            if b.data.get("firmware") != "uefi-secure":     # Secure Boot turns it on
+                b.note(smm, "SMM is left at QEMU's default")
         else:
             b.loss(smm, "turning SMM off is not supported")
     for node in features.children:

@@ -118,6 +118,32 @@ def test_uefi_nvram_is_to_be_copied_and_a_missing_one_is_a_loss():
         "variables"]
 
 
+@pytest.mark.parametrize("firmware", [
+    "<firmware><feature enabled='yes' name='secure-boot'/></firmware>",
+    "<firmware><feature enabled='yes' name='enrolled-keys'/></firmware>",
+    "<loader secure='yes'/>"])
+def test_secure_boot_maps_to_uefi_secure(firmware):
+    text = domain("<features><acpi/><smm state='on'/></features>").replace(
+        "<os>", "<os firmware='efi'>").replace("</os>", firmware + "</os>")
+    found = conv(text)
+    assert found.losses == []
+    assert (found.profile().firmware, found.profile().secure_boot) == ("uefi", True)
+    assert not any("SMM" in str(n) and "default" in str(n) for n in found.notes)
+
+
+@pytest.mark.parametrize("features, loss", [
+    ("<feature enabled='yes' name='secure-boot'/><feature enabled='no' name='enrolled-keys'/>",
+     "os/firmware/feature[1]: Secure Boot without enrolled keys is not supported: a new variable "
+     "store has Microsoft's keys enrolled"),
+    ("<feature enabled='no' name='secure-boot'/><feature enabled='yes' name='enrolled-keys'/>",
+     "os/firmware/feature[1]: enrolled keys without Secure Boot are not supported: the plain UEFI "
+     "variable store has none")])
+def test_secure_boot_and_enrolled_keys_go_together(features, loss):
+    text = domain("").replace("<os>", "<os firmware='efi'>").replace(
+        "</os>", f"<firmware>{features}</firmware></os>")
+    assert [str(f) for f in conv(text).losses] == [loss]
+
+
 def test_pool_volumes_map_when_the_pool_is_kvmrun_s():
     text = domain("<devices><disk type='volume' device='disk'><source pool='tank' "
                   "volume='a.qcow2'/><target dev='vda' bus='virtio'/></disk></devices>")
