@@ -218,14 +218,23 @@ def user_units() -> bool:
     return os.geteuid() != 0
 
 
+def _ask(user: bool, verb: str, unit: str) -> str:
+    """What `systemctl is-enabled|is-active UNIT` says; no answer at all (systemd does not
+    answer) is an error, not a silent "no"."""
+    done = systemctl(user, verb, unit, timeout=30)
+    said = done.stdout.strip()
+    if not said and done.stderr.strip():
+        raise failure(done, verb, unit, user)
+    return said
+
+
 def is_enabled(unit: str, user: bool) -> bool:
-    done = systemctl(user, "is-enabled", unit, timeout=30)
-    return done.returncode == 0 and done.stdout.strip() in ("enabled", "enabled-runtime")
+    return _ask(user, "is-enabled", unit) in ("enabled", "enabled-runtime")
 
 
 def is_active(unit: str, user: bool) -> bool:
-    done = systemctl(user, "is-active", unit, timeout=30)
-    return done.stdout.strip() in ("active", "activating", "reloading", "deactivating")
+    return _ask(user, "is-active", unit) in ("active", "activating", "reloading",
+                                              "deactivating")
 
 
 def unit_for(name: str, running_in: str | None = None) -> str | None:

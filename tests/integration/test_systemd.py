@@ -55,7 +55,7 @@ def test_unit_contract():
     only, restart on failure but not after a requested stop or kill, /dev/kvm allowed."""
     text = UNIT.read_text()
     for line in ("Type=notify", "KillMode=mixed", "Restart=on-failure",
-                 "RestartPreventExitStatus=10 11", "DeviceAllow=/dev/kvm rw",
+                 "RestartPreventExitStatus=2 10 11", "DeviceAllow=/dev/kvm rw",
                  "DeviceAllow=/dev/net/tun rw"):
         assert line in text.splitlines()
     assert exec_start("web1")[-2:] == ["run", "web1"]
