@@ -10,6 +10,7 @@ Without systemd (the host here): the routing decision when systemd does not answ
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -178,3 +179,35 @@ def test_guests_service_autostarts_and_stops_guests_in_parallel(kr, tiny_guest, 
     assert insd.ok("autostart", "auto", "--disable").out.strip() == "auto: autostart disabled"
     insd.ok("undefine", "loose")                  # undefine drops the mark too
     assert json.loads(insd.ok("autostart", "--json").out) == []
+
+
+# ---------------------------------------------------------------- systemd that does not answer
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare missing")
+def test_booted_with_systemd_but_it_does_not_answer(kr, tiny_guest):
+    """/run/systemd/system exists (sd_booted() says yes) in a private mount namespace, but
+    no systemd listens: `start` and `stop` of a defined VM say what systemctl said and
+    offer --no-unit, which then acts directly (a halted guest: no boot needed)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a mount namespace)")
+    kr.ok("define", kr.profile("svc", tiny_guest))
+    script = kr.base / "faked.sh"
+    script.write_text(
+        "set -e\nmount --make-rprivate /\nmount -t tmpfs tmpfs /run\n"
+        "mkdir -p /run/systemd/system\nmount -t tmpfs tmpfs /etc/systemd/system\n"
+        'for args in "start svc" "stop svc" "start svc --no-unit --halted" '
+        '"stop svc --no-unit --timeout 1" "kill svc"; do\n'
+        f'  echo "== $args"; {KVMRUN} $args 2>&1 || echo "exit $?"\ndone\n')
+    done = subprocess.run(["unshare", "--mount", "bash", str(script)], env=kr.env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    parts = dict(p.split("\n", 1) for p in done.stdout.split("== ")[1:])
+    for verb in ("start svc", "stop svc"):
+        said = parts[verb]
+        assert said.startswith("kvmrun: error: systemctl is-enabled kvmrun@svc.service "
+                               "failed (exit 1): "), said
+        assert "Failed to connect to bus" in said and "--no-unit" in said
+        assert said.rstrip().endswith("exit 3")
+    assert "\nstarted svc (pid " in parts["start svc --no-unit --halted"]
+    assert parts["stop svc --no-unit --timeout 1"].rstrip().endswith("exit 5")  # halted
+    assert parts["kill svc"].startswith("killed svc")
