@@ -248,7 +248,17 @@ def unit_for(name: str, running_in: str | None = None) -> str | None:
     if running_in == unit:
         return unit
     user = user_units()
+    if not installed(user):          # no template: nothing to ask systemctl (a user without
+        return None                  # a user manager must still start guests)
     return unit if (is_enabled(unit, user) or is_active(unit, user)) else None
+
+
+def installed(user: bool) -> bool:
+    """Whether a kvmrun@.service template is where systemd would find it."""
+    places = ([unit_dir(True), Path("/etc/systemd/user"), Path("/usr/lib/systemd/user")]
+              if user else [unit_dir(False), Path("/usr/lib/systemd/system"),
+                            Path("/lib/systemd/system")])
+    return any((place / UNIT).exists() for place in places)
 
 
 def refuse_options(unit: str, given: list[str]) -> None:
