@@ -142,7 +142,7 @@ def systemctl(user: bool, *args: str, timeout: float = 120) -> subprocess.Comple
 def _checked(user: bool, *args: str) -> None:
     done = systemctl(user, *args)
     if done.returncode != 0:
-        raise failure(done, args[0], args[-1], user)
+        raise failure(done, args[0], " ".join(args[1:]), user)
 
 
 def install(user: bool, guests: bool = False) -> list[Path]:
@@ -274,13 +274,14 @@ def failure(done, action: str, unit: str, user: bool) -> Exception:
     """A failed systemctl call as a kvmrun error: systemctl's own words, and where to look.
     Cannot reach systemd: exit 3; the unit failed to start: exit 7; to stop: exit 4."""
     said = (done.stderr.strip() or done.stdout.strip() or "no output")
-    text = f"systemctl {action} {unit} failed (exit {done.returncode}): {said}"
+    text = f"systemctl {' '.join(filter(None, (action, unit)))} failed " \
+           f"(exit {done.returncode}): {said}"
     sc = f"systemctl {'--user ' if user else ''}"
     unreachable = ("not been booted with systemd", "Failed to connect to bus",
                    "Failed to connect to", "Transport endpoint is not connected")
     if any(s in said for s in unreachable):
-        return HostError(text, hint="systemd does not answer here; --no-unit runs the "
-                                    "guest without it")
+        return HostError(text, hint="systemd does not answer here; `kvmrun start|stop "
+                                    "--no-unit` act without it")
     if "Access denied" in said or "Interactive authentication required" in said:
         return HostError(text, hint=f"run it as root, or as a user unit ({sc.strip()})")
     hint = (f"see `{sc}status {unit}` and `journalctl {'--user ' if user else ''}-u {unit}`"
