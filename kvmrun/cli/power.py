@@ -72,10 +72,10 @@ def stop(
 
 
 def _stop_unit(target, unit: str, as_json: bool) -> None:
-    was_running = target.qemu_pid() is not None
+    require_running(target)                  # as a direct stop: exit 4 when it is not
     systemd.stop_unit(unit)
     ended = (target.read_state() or {}).get("ended") or {}
-    stage = ended.get("stage") if was_running else "already-exited"
+    stage = ended.get("stage")
     result = {"name": target.name, "unit": unit, "via": "systemctl", "stage": stage,
               "state": str(target.live_state()[0]), "reason": ended.get("reason")}
     if as_json:
