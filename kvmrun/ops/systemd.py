@@ -17,7 +17,7 @@ from pathlib import Path
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, LaunchError, UsageError
 from kvmrun.guest.notify import current_unit
-from kvmrun.paths import is_defined
+from kvmrun.paths import check_name, is_defined
 
 UNIT = "kvmrun@.service"
 GUESTS = "kvmrun-guests.service"
@@ -121,7 +121,7 @@ def preview(name: str | None, user: bool, guests: bool = False) -> str:
     """What `install --print` shows: each file it would write, headed by its path (the
     way `systemctl cat` shows a unit)."""
     shown = [(unit_dir(user) / UNIT, render(user))]
-    units = ([instance(name)] if name else []) + ([GUESTS] if guests else [])
+    units = ([instance(check_name(name))] if name else []) + ([GUESTS] if guests else [])
     if guests:
         shown.append((unit_dir(user) / GUESTS, render(user, GUESTS)))
     for unit in units:
