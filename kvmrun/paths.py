@@ -76,6 +76,12 @@ def defined_path(name: str) -> Path:
     return vm_dir() / f"{name}.yaml"
 
 
+def autostart_path(name: str) -> Path:
+    """The mark of a defined VM that starts at boot (`kvmrun autostart NAME`): a link to its
+    file in vms/, kept beside the profile rather than in it, as libvirt keeps autostart/."""
+    return config_dir() / "autostart" / f"{name}.yaml"
+
+
 def is_defined(name: str) -> bool:
     return valid_name(name) and defined_path(name).is_file()
 

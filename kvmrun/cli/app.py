@@ -41,7 +41,8 @@ SETTINGS = dict(
     help="Run KVM/QEMU virtual machines from YAML profiles, without libvirt.\n\n"
          "A PROFILE is a .yaml file or the name of a defined VM (`kvmrun define`).\n\n"
          "Environment: KVMRUN_RUN_DIR, KVMRUN_CONFIG_DIR, KVMRUN_DATA_DIR, KVMRUN_CACHE_DIR "
-         "move kvmrun's directories; KVMRUN_ACCEL=kvm|tcg forces the accelerator; "
+         "move kvmrun's directories (KVMRUN_SYSTEMD_DIR: where `kvmrun systemd` writes units); "
+         "KVMRUN_ACCEL=kvm|tcg forces the accelerator; "
          "KVMRUN_DEBUG=1 is --debug; KVMRUN_HOST is --host, KVMRUN_SSH the ssh command "
          "(default ssh), KVMRUN_REMOTE_COMMAND the kvmrun there (default kvmrun).",
     no_args_is_help=True,

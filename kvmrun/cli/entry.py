@@ -35,12 +35,14 @@ VERBS: dict[str, str] = {
     "import": "defined", "defined": "defined",
     "disk": "storage", "snapshot": "storage", "pool": "storage", "ssh": "storage",
     "net": "net", "doctor": "host", "systemd": "systemd",
+    "autostart": "guests", "guests": "guests",
     "convert": "libvirt",
     "new": "new", "os": "new", "ui": "ui",
     "agent": "agent", "exec": "agent", "ip": "agent",
     "migrate": "migrate", "migrate-target": "migrate",
 }
 MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
+           "guests",
            "storage", "net", "new", "ui", "agent", "migrate"]
 
 

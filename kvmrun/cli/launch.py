@@ -10,6 +10,7 @@ from kvmrun.cli.app import ONEOFF, SetOpt, app, emit_json, err, guest, lazy, out
 from kvmrun.cli.text import gdb_warning, started
 
 launch = lazy("kvmrun.ops.launch")
+systemd = lazy("kvmrun.ops.systemd")
 loader = lazy("kvmrun.ops.profiles")
 disks = lazy("kvmrun.storage.disks")
 
@@ -30,11 +31,24 @@ def start(
     memory: Optional[str] = ONEOFF["memory"], kernel: Optional[str] = ONEOFF["kernel"],
     initrd: Optional[str] = ONEOFF["initrd"], append: Optional[str] = ONEOFF["append"],
     gdb: Optional[str] = ONEOFF["gdb"], halted: bool = ONEOFF["halted"],
+    no_unit: bool = typer.Option(False, "--no-unit",
+                                 help="Start it here even when kvmrun@NAME is enabled "
+                                      "(systemd does not supervise that run)."),
 ) -> None:
     """Start a guest in the background under its own supervisor.
 
     Returns once QEMU's monitor answers (and, with `ready: {console: REGEX}` in the
-    profile, once the serial console printed a match; not with --halted)."""
+    profile, once the serial console printed a match; not with --halted). A defined VM
+    whose kvmrun@NAME unit is enabled starts through `systemctl start` (--no-unit: here)."""
+    given = {"--name": name, "--set": sets, "--ephemeral": ephemeral, "--hda": hda,
+             "--cdrom": cdrom, "--memory": memory, "--kernel": kernel, "--initrd": initrd,
+             "--append": append, "--gdb": gdb, "--halted": halted}
+    unit = None if no_unit or profile_ref is None else systemd.unit_for(profile_ref)
+    if unit:
+        systemd.refuse_options(unit, [k for k, v in given.items() if v])
+        systemd.start_unit(unit, wait=wait_ready)
+        _started_by_unit(profile_ref, unit, wait_ready, as_json)
+        return
     prof = loader.load_profile(profile_ref, sets, dict(
         name=name, hda=hda, cdrom=cdrom, memory=memory, kernel=kernel, initrd=initrd,
         append=append, gdb=gdb, halted=halted or None))
@@ -52,6 +66,21 @@ def start(
         out(line)
     if gdb_warning(prof.gdb):
         err(gdb_warning(prof.gdb))
+
+
+def _started_by_unit(name: str, unit: str, waited: bool, as_json: bool) -> None:
+    target = guest(name)
+    state = target.read_state() or {}
+    info = {"name": name, "unit": unit, "via": "systemctl", "pid": target.qemu_pid(state),
+            "ready": bool(state.get("ready")), "console_log": str(target.paths.serial_log),
+            "console_socket": str(target.paths.console), "qmp": str(target.paths.qmp_cli),
+            "run_dir": str(target.paths.dir)}
+    if as_json:
+        emit_json(info)
+        return
+    out(f"started {name} through {unit}" + ("" if waited else " (not waiting: --no-block)"))
+    out(f"  console: kvmrun console {name}   log: {target.paths.serial_log}")
+    out(f"  unit:    systemctl status {unit}   (--no-unit starts it outside the unit)")
 
 
 @app.command()

@@ -14,7 +14,7 @@ from kvmrun.cli.app import NameArg, app, emit_json, err, guest, json_object, out
 from kvmrun.errors import GuestError
 from kvmrun.guest import console as con
 from kvmrun.guest.rundir import require_running
-from kvmrun.ops import power
+from kvmrun.ops import power, systemd
 
 
 def _progress():
@@ -40,13 +40,24 @@ def stop(
     force: bool = typer.Option(False, "--force", help="After the timeout: QMP quit, then "
                                                       "SIGTERM, then SIGKILL."),
     as_json: bool = typer.Option(False, "--json"),
+    no_unit: bool = typer.Option(False, "--no-unit",
+                                 help="Stop it here even when its kvmrun@NAME unit runs it."),
 ) -> None:
     """Shut a guest down gracefully (ACPI power button, re-sent while it boots).
 
-    On timeout without --force the guest is left running and the exit code is 5."""
+    On timeout without --force the guest is left running and the exit code is 5. A guest
+    whose kvmrun@NAME unit is enabled or runs it stops through `systemctl stop` (which
+    always escalates after the profile's timeout; --no-unit: here)."""
+    target = guest(name)
+    if not no_unit:
+        unit = systemd.unit_for(name, (target.read_state() or {}).get("unit"))
+        if unit:
+            systemd.refuse_options(unit, ["--timeout"] if timeout is not None else [])
+            _stop_unit(target, unit, as_json)
+            return
     show, tty = _progress()
     try:
-        result = power.stop(guest(name), timeout, force, progress=show)
+        result = power.stop(target, timeout, force, progress=show)
     finally:
         if tty:
             sys.stderr.write("\n")
@@ -58,6 +69,20 @@ def stop(
                "already-exited": "it had already exited"}.get(
                    result["stage"], f"ended by {result['stage']}")
         out(f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})")
+
+
+def _stop_unit(target, unit: str, as_json: bool) -> None:
+    require_running(target)                  # as a direct stop: exit 4 when it is not
+    systemd.stop_unit(unit)
+    ended = (target.read_state() or {}).get("ended") or {}
+    stage = ended.get("stage")
+    result = {"name": target.name, "unit": unit, "via": "systemctl", "stage": stage,
+              "state": str(target.live_state()[0]), "reason": ended.get("reason")}
+    if as_json:
+        emit_json(result)
+    else:
+        out(f"stopped {target.name} through {unit}" +
+            (f" ({stage})" if stage else ""))
 
 
 @app.command("kill")

@@ -242,6 +242,10 @@ def undefine(name: str, keep_nvram: bool = False) -> Undefined:
     except OSError as err:
         raise StoreError(f"cannot remove {path}: {err.strerror or err}") from err
     removed.append(path)
+    mark = paths.autostart_path(name)             # `kvmrun autostart NAME`
+    if mark.is_symlink() or mark.exists():
+        mark.unlink()
+        removed.append(mark)
     nvram = paths.nvram_path(name)
     if nvram.exists():
         if keep_nvram:

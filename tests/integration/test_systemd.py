@@ -55,7 +55,7 @@ def test_unit_contract():
     only, restart on failure but not after a requested stop or kill, /dev/kvm allowed."""
     text = UNIT.read_text()
     for line in ("Type=notify", "KillMode=mixed", "Restart=on-failure",
-                 "RestartPreventExitStatus=10 11", "DeviceAllow=/dev/kvm rw",
+                 "RestartPreventExitStatus=2 10 11", "DeviceAllow=/dev/kvm rw",
                  "DeviceAllow=/dev/net/tun rw"):
         assert line in text.splitlines()
     assert exec_start("web1")[-2:] == ["run", "web1"]
@@ -69,6 +69,39 @@ def test_install_print_renders_this_kvmrun(kr):
     argv = shlex.split(line.split("=", 1)[1])
     assert Path(argv[0]).exists() and argv[1:3] == ["-m", "kvmrun"]
     assert argv[3:] == ["run", "%i"]
+
+
+def test_install_print_name_shows_the_dropin_and_writes_nothing(kr):
+    units = kr.base / "units"
+    env = {**kr.env, "KVMRUN_SYSTEMD_DIR": str(units)}
+    shown = kr.run("systemd", "install", "--print", "web1", "--guests", env=env)
+    assert shown.code == 0, shown
+    headers = [l for l in shown.out.splitlines() if l.startswith(f"# {units}/")]
+    assert headers == [f"# {units}/kvmrun@.service", f"# {units}/kvmrun-guests.service",
+                       f"# {units}/kvmrun@web1.service.d/kvmrun-env.conf",
+                       f"# {units}/kvmrun-guests.service.d/kvmrun-env.conf"]
+    assert f'Environment="KVMRUN_RUN_DIR={kr.run_dir}"' in shown.out.splitlines()
+    assert shown.out.count("\nPrivateTmp=no\n") == 2           # kr.base lies in /tmp
+    assert not units.exists()
+    plain = {k: v for k, v in env.items() if k not in
+             ("KVMRUN_RUN_DIR", "KVMRUN_CONFIG_DIR", "KVMRUN_DATA_DIR", "KVMRUN_CACHE_DIR",
+              "KVMRUN_ACCEL")}
+    shown = kr.run("systemd", "install", "--print", "web1", env=plain)
+    assert "# (none: kvmrun's default directories" in shown.out
+    assert "Environment=" not in shown.out
+
+
+def test_autostart_marks_only_defined_vms(kr, tiny_guest):
+    assert kr.run("autostart", "nosuch").code == 2
+    assert kr.run("autostart", "--disable").code == 2
+    kr.ok("define", kr.profile("web1", tiny_guest))
+    assert kr.ok("autostart", "web1").out == "web1: marked autostart\n"
+    mark = kr.base / "config" / "autostart" / "web1.yaml"
+    assert mark.is_symlink() and mark.resolve() == kr.base / "config" / "vms" / "web1.yaml"
+    assert kr.ok("autostart").out == "web1\n"
+    assert kr.ok("autostart", "web1", "--disable", "--json").out.replace(" ", "") == \
+        '{\n"name":"web1",\n"autostart":false,\n"changed":true\n}\n'
+    assert not mark.is_symlink() and kr.ok("autostart").out == ""
 
 
 def test_enable_without_systemd_links_the_instance(kr, tiny_guest):
