@@ -17,10 +17,14 @@ from kvmrun.qemu import host
 from kvmrun.storage.overlays import lost
 
 
-def missing_files(profile: Profile) -> list[ProfileError]:
+def missing_files(profile: Profile, carried: frozenset[str] = frozenset()
+                  ) -> list[ProfileError]:
+    """Every file the profile refers to that is not there (all of them, not the first);
+    `carried`: paths that will be (an archive's disks, before they are unpacked)."""
     return [ProfileError(loc, f"{what} {path!r} not found")       # nfs:// URLs: QEMU's to open
             for loc, what, path in referenced_files(profile)
-            if not path.startswith("nfs://") and not Path(path).exists()]
+            if not path.startswith("nfs://") and path not in carried
+            and not Path(path).exists()]
 
 
 def _close(word: str, known: list[str]) -> str:

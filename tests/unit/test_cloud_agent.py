@@ -111,6 +111,25 @@ def test_ssh_identity_defaults_to_the_private_half(tmp_path):
     assert sshcmd.login_defaults(p) == {"user": "debian", "identity": str(tmp_path / "other")}
 
 
+def test_pub_key_files_resolve_against_the_profile_and_must_exist(tmp_path):
+    """A .pub path is relative to the profile's file (so a defined copy elsewhere still finds
+    it), a key written out is left alone, and a missing .pub file is reported by validate."""
+    from kvmrun.profile import referenced_files
+    from kvmrun.qemu.checks import missing_files
+    (tmp_path / "keys").mkdir()
+    text = "cloud_init: {ssh_authorized_keys: [keys/id.pub, ssh-rsa AAAAinline a@b]}\n"
+    p = load(write(tmp_path, text))
+    assert p.cloud_init.ssh_authorized_keys == (str(tmp_path / "keys" / "id.pub"),
+                                                "ssh-rsa AAAAinline a@b")
+    assert [(str(loc), what) for loc, what, _ in referenced_files(p)] == [
+        (f"{tmp_path / 'vm.yaml'}:1: cloud_init.ssh_authorized_keys[0]", "public key file")]
+    assert [e.reason for e in missing_files(p)] == [
+        f"public key file {str(tmp_path / 'keys' / 'id.pub')!r} not found"]
+    (tmp_path / "keys" / "id.pub").write_text("ssh-ed25519 AAAA x@y\n")
+    assert missing_files(p) == []
+    assert "ssh-ed25519 AAAA x@y" in cloudinit.render(p)["user-data"]
+
+
 def test_ssh_explains_a_refused_root():
     assert "log in as the image's default user" in sshcmd.explain(142, None)
     assert "ssh: {user: debian}" in sshcmd.explain(142, "root")
