@@ -1,4 +1,4 @@
-"""Storage verbs: disk create/info/resize/delete, snapshot create/list/revert/delete, pool
+"""Storage verbs: disk create/info/rebase/resize/delete, snapshot create/list/revert/delete, pool
 define/undefine/list/info/start/stop, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human
 
 disks = lazy("kvmrun.storage.disks")
+rebase = lazy("kvmrun.storage.rebase")
 snapops = lazy("kvmrun.ops.snapshots")
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
@@ -100,6 +101,31 @@ def disk_info(path: str = typer.Argument(..., metavar="PATH"),
     _show_info(info)
     if user:
         out(f"  {'in use':<9}by running guest {user[0]} (disk{user[1]})")
+
+
+@disk_app.command("rebase")
+def disk_rebase(
+    path: str = typer.Argument(..., metavar="DISK", help="A qcow2 overlay."),
+    backing: str = typer.Option(..., "--backing", "-b", metavar="NEW",
+                                help="Its new base: a copy of the old one (moved, renamed)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Point a qcow2 overlay at another base without copying data (qemu-img rebase -u).
+
+    Right only when NEW holds what the old base held. Checked first: DISK is qcow2 and not
+    in use, NEW exists (its format, qcow2 or raw, is written into DISK), NEW is not larger
+    than DISK (an overlay starts at its base's size and only grows) and, while the old base
+    is readable, NEW has its size. `kvmrun validate` says when a profile's backing: and the
+    overlay's own base differ."""
+    result = rebase.rebase(path, backing)
+    if as_json:
+        emit_json(result)
+        return
+    if not result["changed"]:
+        out(f"{result['path']} is already based on {result['backing_file']}")
+        return
+    out(f"rebased {result['path']}: {result['old_backing'] or 'no base'} -> "
+        f"{result['backing_file']} ({result['backing_format']})")
 
 
 @disk_app.command("resize", context_settings={"ignore_unknown_options": True})  # -1G
