@@ -19,7 +19,7 @@ from typing import Callable
 
 from kvmrun import arch as archmod
 from kvmrun import files, proc
-from kvmrun.errors import GuestError, HostError, LaunchError
+from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
@@ -169,8 +169,7 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
                                  resumed=resumed)
     if resumed:
         result["resumed"] = resumed
-        if agent.thaw_if_frozen(guest):
-            noted("kvmrun: the file systems were frozen in the snapshot's RAM state: thawed")
+        _thaw_resumed(guest, noted)
         return result
     entry = quick_entry(profile, resolved, launch_record(resolved, compiled), notes)
     if entry is not None:
@@ -196,6 +195,9 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
                               quickstart.launch_hint(ended.get("stderr", "")))
     if console:
         _attach_console(guest, note)
+    if resumed:                              # the loaded RAM state may be frozen
+        import threading
+        threading.Thread(target=_thaw_resumed, args=(guest, note), daemon=True).start()
     sup.loop()
     return sup.finish()
 
@@ -272,6 +274,16 @@ def _resume(profile: Profile, compiled: Compiled, note: Progress) -> tuple[Profi
     compiled.argv.extend(["-loadvm", snap])          # a frozen dataclass, a list in it
     note(f"kvmrun: loading the RAM state of snapshot {snap} (once; the next start boots)")
     return dataclasses.replace(profile, ready=Ready(timeout=profile.ready.timeout)), snap
+
+
+def _thaw_resumed(guest: Guest, note: Progress) -> None:
+    """After -loadvm: thaw what the snapshot's RAM state had frozen (a note, never a failed
+    start: the guest runs)."""
+    try:
+        if agent.thaw_if_frozen(guest):
+            note("kvmrun: the file systems were frozen in the snapshot's RAM state: thawed")
+    except KvmrunError as err:
+        note(f"kvmrun: warning: {err}")
 
 
 def _resume_hint(snap: str | None) -> str | None:
