@@ -159,7 +159,8 @@ def test_export_is_self_contained_and_import_lists_every_missing_file(kr, hosts,
         "cloud_init": {"user_data_file": "files/user-data",
                        "ssh_authorized_keys": ["files/id_test.pub", "ssh-rsa AAAAINLINE x"]}}))
     kr.ok("define", profile)                   # relative .pub paths resolve like any path
-    exported = yaml.safe_load(kr.ok("export", "web2").out)
+    exported_text = kr.ok("export", "web2").out
+    exported = yaml.safe_load(exported_text)
     assert exported["cloud_init"] == {
         "user_data": "#cloud-config\nruncmd:\n  - echo hello\n",
         "ssh_authorized_keys": ["ssh-ed25519 AAAATESTKEY test@here", "ssh-rsa AAAAINLINE x"]}
@@ -187,6 +188,11 @@ def test_export_is_self_contained_and_import_lists_every_missing_file(kr, hosts,
     assert not target.exists()                 # checked before any disk was written
     assert "web2" not in [v["name"] for v in
                           json.loads(kr.ok("-H", "hostb", "defined", "--json").out)]
+    plain = kr.base / "web2-exported.yaml"           # the profile alone: the same check
+    plain.write_text(exported_text)
+    code, out, err = kr.run("-H", "hostb", "import", plain)
+    assert code == 2 and [line.rsplit(": ", 1)[-1] for line in err.splitlines()
+                          if "not found" in line] == [m.rsplit(": ", 1)[-1] for m in missing]
 
     for name in ("vmlinuz", "initrd"):
         (files / name).write_bytes(b"x")
