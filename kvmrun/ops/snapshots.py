@@ -150,10 +150,10 @@ def take_resume(profile) -> str | None:
     """For a start of `profile`: the snapshot whose RAM state it loads (-loadvm), consumed
     (one-shot), or None. Dropped when the disks no longer carry that snapshot."""
     path = paths.resume_path(profile.name)
-    pending = files.read_json(path, None)
-    if pending is None:
+    if not path.exists():
         return None
-    path.unlink(missing_ok=True)
+    pending = files.read_json(path, None)
+    path.unlink(missing_ok=True)                  # consumed, whatever it says
     if not isinstance(pending, dict) or not pending.get("snapshot"):
         return None
     snap = pending["snapshot"]

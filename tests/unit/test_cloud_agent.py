@@ -380,3 +380,61 @@ def test_agent_verbs_need_a_running_guest(tmp_path, monkeypatch, capsys, args):
         main(args)
     assert exit_.value.code == 4
     assert capsys.readouterr().err.startswith("kvmrun: error: nosuch is not running")
+
+
+# ---------------------------------------------------------------- fsfreeze around a snapshot
+# (the real agent freezes and thaws in tests/integration/test_debian.py; these are the paths a
+# real agent cannot be made to take on cue: a refused freeze, a savevm that fails meanwhile)
+
+class _Launch:
+    argv = ["qemu", "-device", f"virtserialport,chardev=qga,name={qga.AGENT_PORT}"]
+
+
+class _Guest:
+    """What kvmrun.ops.agent.frozen reads of a running guest: its launch and socket."""
+
+    def __init__(self, sock: Path):
+        self.name = "vm"
+        self.paths = type("P", (), {"qga": sock})()
+
+    def launch_or_none(self):
+        return _Launch()
+
+
+def test_a_failed_snapshot_still_thaws(tmp_path, fake):
+    from kvmrun.ops import agent as agentops
+    agent = fake({"guest-fsfreeze-freeze": ret(2), "guest-fsfreeze-thaw": ret(2)})
+    with pytest.raises(QMPError, match="savevm failed"):
+        with agentops.frozen(_Guest(tmp_path / "qga.sock")) as state:
+            assert state.frozen and state.note is None
+            raise QMPError("savevm failed")
+    assert [m["execute"] for m in agent.received] == [
+        "guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+def test_a_refused_freeze_is_crash_consistent_with_a_note(tmp_path, fake):
+    from kvmrun.ops import agent as agentops
+    refused = json.dumps({"error": {"class": "GenericError",
+                                    "desc": "fsfreeze is disabled"}}).encode() + b"\n"
+    agent = fake({"guest-fsfreeze-freeze": refused, "guest-fsfreeze-thaw": ret(0)})
+    notes = []
+    with agentops.frozen(_Guest(tmp_path / "qga.sock"), notes.append) as state:
+        pass
+    assert state.frozen is False
+    assert notes == [f"kvmrun: note: {state.note}"]
+    assert state.note.startswith("the guest agent did not freeze the file systems (")
+    assert "fsfreeze is disabled" in state.note and state.note.endswith("crash-consistent")
+    # a freeze cut short may have frozen some: thawed all the same, once
+    assert [m["execute"] for m in agent.received] == [
+        "guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+def test_no_agent_port_is_crash_consistent_without_a_word(tmp_path):
+    from kvmrun.ops import agent as agentops
+    guest = _Guest(tmp_path / "qga.sock")
+    guest.launch_or_none = lambda: type("L", (), {"argv": ["qemu"]})()
+    notes = []
+    with agentops.frozen(guest, notes.append) as state:
+        pass
+    assert (state.frozen, notes) == (False, [])
+    assert "no guest agent port" in state.note
