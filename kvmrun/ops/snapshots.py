@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from kvmrun import files, paths
 from kvmrun.errors import KvmrunError
@@ -54,14 +55,27 @@ def _target(name: str):
         prof = defined.resolve(name)
     except KvmrunError:
         launch = guest.launch_or_none() if guest is not None else None
-        if launch is not None:
-            shared = set(launch.shared_disks)
-            return [(p, p in shared) for p in launch.disks], None, None
-        raise
+        if launch is None:
+            raise
+        prof = _last_profile(name, launch.summary.get("source"))
+        if prof is not None:            # the profile file it last ran from, unchanged name
+            return [(d.path, d.readonly or d.ephemeral) for d in prof.disks], None, prof
+        shared = set(launch.shared_disks)
+        return [(p, p in shared) for p in launch.disks], None, None
     running = Guest(prof.name)
     if running.qemu_pid() is not None:
         return _running_disks(running), running, prof
     return [(d.path, d.readonly or d.ephemeral) for d in prof.disks], None, prof
+
+
+def _last_profile(name: str, source: str | None):
+    if not source or not os.path.isfile(source):
+        return None
+    try:
+        prof = defined.load(Path(source))
+    except KvmrunError:
+        return None
+    return prof if prof.name == name else None
 
 
 def target(name: str) -> tuple[Disks, Guest | None]:

@@ -5,7 +5,8 @@ The guest (tests/guest/debian.py) is what Debian's genericcloud image ships: the
 a new user writes: a qcow2 overlay on the image (`backing:`), a cloud-init hostname and .pub key,
 a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`. Live snapshots freeze its file systems.
 
-The tests run in file order on one boot; the last one stops the guest.
+The tests run in file order on one boot; `test_stop_shuts_systemd_down` stops the guest, and
+the last one resumes it from a snapshot's RAM state (no second boot) and stops it again.
 """
 
 from __future__ import annotations
@@ -173,8 +174,7 @@ def test_a_live_snapshot_freezes_and_thaws_the_file_systems(booted):
                                                                    "agent did not freeze")
     assert env.run("ssh", NAME, "--", "sudo", "systemctl", "start", "qemu-guest-agent",
                    timeout=180).code == 0
-    for snap in ("quiesced", "unfrozen"):
-        env.ok("snapshot", "delete", NAME, snap, timeout=600)
+    env.ok("snapshot", "delete", NAME, "unfrozen", timeout=600)   # "quiesced" stays
 
 
 def test_stop_shuts_systemd_down(booted):
@@ -194,3 +194,23 @@ def test_stop_shuts_systemd_down(booted):
 def _plain(text: str) -> str:
     """The console without its colour escapes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_an_offline_revert_resumes_from_the_ram_state_thawed(booted):
+    """After the stop: reverting "quiesced" (taken frozen, above) makes the next start load
+    its RAM state; that start thaws it; the file written after the snapshot is not there
+    (disks and RAM are the snapshot's); the guest runs on and stops cleanly."""
+    env, _, _ = booted
+    reverted = json.loads(env.ok("snapshot", "revert", NAME, "quiesced", "--json",
+                                 timeout=600).out)
+    assert reverted["resume"] is True, reverted
+    started = env.run("start", env.base / f"{NAME}.yaml", timeout=600)
+    assert started.code == 0, started
+    assert "loading the RAM state of snapshot quiesced" in started.err
+    assert "frozen in the snapshot's RAM state: thawed" in started.err, started
+    assert json.loads(env.ok("agent", NAME, "guest-fsfreeze-status").out) == "thawed"
+    result = env.run("exec", NAME, "--", "sh", "-c", "test -e /var/tmp/w; echo $?")
+    assert (result.code, result.out) == (0, "1\n"), result
+    assert env.run("stop", NAME, timeout=300).code == 0
+    env.wait_state(NAME, lambda info: info["state"] == "stopped")
+    assert env.our_processes() == {}

@@ -1,5 +1,6 @@
 """A snapshot with RAM state, reverted while the VM is stopped: the next start loads that RAM
-state (`-loadvm`, once), the one after boots; --disk-only boots at once. The tiny guest counts
+state (`-loadvm`, once), the one after boots, also when QEMU refused the state (the profile
+changed); --disk-only boots at once. The tiny guest counts
 on its console from boot (`TICK 1`, `TICK 2`, …): a guest that goes on from the snapshot
 goes on counting, one that boots starts again at 1. QEMU's own command line shows -loadvm."""
 
@@ -62,6 +63,13 @@ def test_offline_revert_of_a_ram_snapshot_resumes_once(kr, tiny_guest):
     assert ticks[0] >= at_snapshot, ticks                     # it went on counting
     kr.ok("stop", "tick")
 
+    # a profile changed since the snapshot: QEMU refuses the state, the start says why, and
+    # the state is consumed all the same
+    assert json.loads(kr.ok("snapshot", "revert", "tick", "s1", "--json").out)["resume"]
+    refused = kr.run("start", "tick", "--memory", "320M")
+    assert refused.code == 7, refused
+    assert "could not load the RAM state of snapshot s1" in refused.err
+    assert "the next start boots" in refused.err
     again = json.loads(kr.ok("start", "tick", "--json").out)  # once: this one boots
     assert "-loadvm" not in _cmdline(again["pid"])
     assert _ticks(kr, "tick", 1)[0] == 1
