@@ -104,6 +104,11 @@ def nvram_path(name: str) -> Path:
     return data_dir() / "nvram" / f"{name}_VARS.fd"
 
 
+def resume_path(name: str) -> Path:
+    """The snapshot whose RAM state the VM's next start loads (kvmrun.ops.snapshots)."""
+    return data_dir() / "resume" / f"{name}.json"
+
+
 class RunPaths:
     """The files of one guest's run directory. Immutable; a plain class rather than a
     dataclass, which would bring inspect, ast and dis into every supervisor (~1.4 MiB)."""

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from kvmrun.cli.app import emit_json, err, lazy, out
-from kvmrun.errors import UsageError
+import typer
+
+from kvmrun.errors import ProfileError, UsageError
 
 archive = lazy("kvmrun.ops.archive")
 unpack = lazy("kvmrun.ops.unpack")
@@ -89,9 +91,15 @@ def is_archive(path: str) -> bool:
 
 
 def import_(source: str, name, pool, directory, no_check_files: bool, as_json: bool) -> None:
-    result = unpack.import_archive(source, name=name, pool=pool, directory=directory,
-                                   check_files=not no_check_files,
-                                   progress=progress(f"import {name or ''}".strip()))
+    try:
+        result = unpack.import_archive(source, name=name, pool=pool, directory=directory,
+                                       check_files=not no_check_files,
+                                       progress=progress(f"import {name or ''}".strip()))
+    except ProfileError as e:
+        err(f"kvmrun: error: {e}")
+        err("  hint: nothing was imported; make those files exist here (the paths are "
+            "the exporting host's), or --no-check-files and fix them with `kvmrun edit`")
+        raise typer.Exit(e.exit_code) from None
     for w in result["warnings"]:
         err(f"kvmrun: warning: {w}")
     if as_json:

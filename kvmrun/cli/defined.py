@@ -108,8 +108,10 @@ def import_(
     """Define a VM from an exported profile, a libvirt domain XML, or an archive with its
     disks (typically from another host).
 
-    Every disk, ISO, kernel and firmware path must exist here; each missing one is reported
-    with its key path (--no-check-files imports anyway). The uuid in the file is kept, so a
+    Every file the profile refers to (disk, backing image, ISO, kernel, initrd, firmware,
+    shared directory, .pub key, user-data file) must exist here: all the missing ones are
+    listed, with their key paths, before anything is defined (exit 2; --no-check-files
+    imports anyway). An archive's own disks count as there. The uuid in the file is kept, so a
     moved VM keeps its SMBIOS UUID (--new-uuid for a copy).
 
     A libvirt domain (`virsh dumpxml web1 > web1.xml; kvmrun import web1.xml`) is converted
@@ -257,7 +259,8 @@ def export(
     """Print a VM's self-contained profile (like `virsh dumpxml`), or with --with-disks
     write an archive holding its disks too.
 
-    Extends resolved, paths absolute, defaults omitted, uuid pinned; `kvmrun import` reads it
+    Extends resolved, paths absolute, defaults omitted, uuid pinned, and the files read only
+    for their text inlined (.pub keys, cloud_init.user_data_file); `kvmrun import` reads it
     on another host. --format libvirt writes a libvirt domain XML instead (settings only
     kvmrun has ride along in its <metadata>, so importing it back gives the same profile).
     --with-disks writes an archive: a tar (zstd-compressed when zstd is installed) with a
@@ -275,8 +278,9 @@ def export(
     if fmt == "libvirt":
         text = libvirt_export.to_xml(store.pinned(prof))
     else:
-        text = (json.dumps(store.export_dict(prof), indent=2) + "\n"
-                if as_json or fmt == "json" else store.export_text(prof))
+        data = store.portable_dict(prof)
+        text = (json.dumps(data, indent=2) + "\n" if as_json or fmt == "json"
+                else store.yaml_text(data))
     if output and output != "-":
         target = Path(output).absolute()
         store.atomic_write(target, text)

@@ -1,4 +1,4 @@
-"""Storage verbs: disk create/info/resize/delete, snapshot create/list/revert/delete, pool
+"""Storage verbs: disk create/info/rebase/resize/delete, snapshot create/list/revert/delete, pool
 define/undefine/list/info/start/stop, and ssh. Thin: each parses, calls kvmrun.storage, prints."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from kvmrun.storage import images, lvm, pools, snapshots
 from kvmrun.storage.images import human
 
 disks = lazy("kvmrun.storage.disks")
+rebase = lazy("kvmrun.storage.rebase")
 snapops = lazy("kvmrun.ops.snapshots")
 
 disk_app = typer.Typer(help="Disk images (on top of qemu-img).", no_args_is_help=True)
@@ -102,6 +103,31 @@ def disk_info(path: str = typer.Argument(..., metavar="PATH"),
         out(f"  {'in use':<9}by running guest {user[0]} (disk{user[1]})")
 
 
+@disk_app.command("rebase")
+def disk_rebase(
+    path: str = typer.Argument(..., metavar="DISK", help="A qcow2 overlay."),
+    backing: str = typer.Option(..., "--backing", "-b", metavar="NEW",
+                                help="Its new base: a copy of the old one (moved, renamed)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Point a qcow2 overlay at another base without copying data (qemu-img rebase -u).
+
+    Right only when NEW holds what the old base held. Checked first: DISK is qcow2 and not
+    in use, NEW exists (its format, qcow2 or raw, is written into DISK), NEW is not larger
+    than DISK (an overlay starts at its base's size and only grows) and, while the old base
+    is readable, NEW has its size. `kvmrun validate` says when a profile's backing: and the
+    overlay's own base differ."""
+    result = rebase.rebase(path, backing)
+    if as_json:
+        emit_json(result)
+        return
+    if not result["changed"]:
+        out(f"{result['path']} is already based on {result['backing_file']}")
+        return
+    out(f"rebased {result['path']}: {result['old_backing'] or 'no base'} -> "
+        f"{result['backing_file']} ({result['backing_format']})")
+
+
 @disk_app.command("resize", context_settings={"ignore_unknown_options": True})  # -1G
 def disk_resize(
     path: str = typer.Argument(..., metavar="PATH"),
@@ -143,13 +169,22 @@ NameOrProfile = typer.Argument(..., metavar="NAME", help="A guest, defined VM or
 @snapshot_app.command("create")
 def snapshot_create(name: str = NameOrProfile,
                     snap: Optional[str] = typer.Argument(None, metavar="[SNAP]",
-                                                         help="Default: snap-DATE-TIME.")) -> None:
+                                                         help="Default: snap-DATE-TIME."),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
-    qemu-img while it is stopped."""
-    snap = snap or snapops.default_name()
-    disks, guest = snapops.target(name)
-    snapshots.snapshot("create", disks, snap, guest)
-    out(f"created snapshot {snap} of {name}" + (" (running: with VM state)" if guest else ""))
+    qemu-img while it is stopped.
+
+    A running guest's file systems are frozen for it through its guest agent
+    (guest-fsfreeze-freeze, then -thaw, also on failure), so its disks are consistent. When
+    the agent does not answer (within 5 s) the snapshot is taken anyway, crash-consistent,
+    with a note; --json says "frozen": true or false."""
+    result = snapops.run(name, "create", snap, note=err)
+    if as_json:
+        emit_json(result)
+        return
+    out(f"created snapshot {result['snapshot']} of {name}"
+        + (" (running: with VM state" + (", file systems frozen)" if result["frozen"] else ")")
+           if result["live"] else ""))
 
 
 @snapshot_app.command("list")
@@ -162,19 +197,32 @@ def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False,
 
 @snapshot_app.command("revert")
 def snapshot_revert(name: str = NameOrProfile,
-                    snap: str = typer.Argument(..., metavar="SNAP")) -> None:
-    """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped)."""
-    disks, guest = snapops.target(name)
-    snapshots.snapshot("revert", disks, snap, guest)
+                    snap: str = typer.Argument(..., metavar="SNAP"),
+                    disk_only: bool = typer.Option(False, "--disk-only",
+                                                   help="Stopped VM: do not load the "
+                                                        "snapshot's RAM state at the next "
+                                                        "start; boot from the disks."),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Go back to a snapshot (loadvm while running, qemu-img snapshot -a while stopped).
+
+    While the VM is stopped, a snapshot taken with RAM state (VM STATE in `snapshot list`)
+    reverts the disks at once, and the next start loads its RAM state (-loadvm): the guest
+    goes on from the moment of the snapshot instead of booting. Once: the start after boots
+    normally. --disk-only skips that (the guest boots from the reverted disks)."""
+    result = snapops.run(name, "revert", snap, disk_only=disk_only)
+    if as_json:
+        emit_json(result)
+        return
     out(f"reverted {name} to {snap}")
+    if result["note"]:
+        out(result["note"])
 
 
 @snapshot_app.command("delete")
 def snapshot_delete(name: str = NameOrProfile,
                     snap: str = typer.Argument(..., metavar="SNAP")) -> None:
     """Delete a snapshot."""
-    disks, guest = snapops.target(name)
-    snapshots.snapshot("delete", disks, snap, guest)
+    snapops.run(name, "delete", snap)
     out(f"deleted snapshot {snap} of {name}")
 
 

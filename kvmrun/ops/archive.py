@@ -8,8 +8,8 @@ the `zstd` command is installed. Its first member is `manifest.json`:
                 "format": "qcow2", "backing": "disks/base.qcow2" | null,
                 "size": bytes, "allocated": bytes, "sha256": hex}, …]}
 
-then `profile.yaml` (self-contained: extends resolved, uuid pinned, disk paths relative to
-the archive), every disk image and each image of its qcow2 backing chain once (or, with
+then `profile.yaml` (self-contained: extends resolved, uuid pinned, .pub keys and
+user_data_file inlined, disk paths relative to the archive), every disk image and each image of its qcow2 backing chain once (or, with
 `flatten`, each disk converted to one image), and the UEFI variable store `nvram.fd`.
 
 Import reads the manifest first (refusing an existing VM or file and a directory without the
@@ -152,8 +152,8 @@ def _chain(path: str, fmt: str | None) -> list[tuple[str, str]]:
 def plan(profile, stage: Path, flatten: bool = False) -> Plan:
     """What the archive of `profile` holds; `stage` gets flattened copies and the symlink
     tree tar reads."""
-    from kvmrun.ops.defined import export_dict
-    data = export_dict(profile)
+    from kvmrun.ops.defined import portable_dict
+    data = portable_dict(profile)
     result = Plan(data, stage=stage)
     members: dict[str, str] = {}          # realpath -> member
     used: set[str] = set()
@@ -223,8 +223,7 @@ def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,
            compress: bool | None = None, progress: Progress = lambda d, t: None) -> dict:
     """Write the archive of `profile` (a defined VM or a profile file) to `out`."""
     from kvmrun.guest.rundir import Guest
-    from kvmrun.ops.defined import is_running
-    import yaml
+    from kvmrun.ops.defined import is_running, yaml_text
     running = is_running(profile.name)
     if running and not live:
         raise GuestError(f"{profile.name} is running; its disks would be copied while they "
@@ -240,7 +239,7 @@ def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,
         tree = stage / "tree"
         (tree / "disks").mkdir(parents=True)
         (tree / MANIFEST).write_text(json.dumps(result.manifest(), indent=1) + "\n")
-        (tree / PROFILE).write_text(yaml.safe_dump(result.profile, sort_keys=False))
+        (tree / PROFILE).write_text(yaml_text(result.profile))
         for item in result.items:
             os.symlink(os.path.abspath(item.source), tree / item.member)
         total = sum(i.allocated for i in result.items) + 512 * (4 + 3 * len(result.items))

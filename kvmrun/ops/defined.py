@@ -8,6 +8,7 @@ describes the VM and moves to another host with `kvmrun export` / `kvmrun import
     undefine(name)       remove it (refused while the VM runs) and its UEFI variable store
     update_from_file()   the saving half of `kvmrun edit` (validate, same name, atomic)
     export_text(profile) the self-contained YAML (`virsh dumpxml`)
+    portable_dict(p)     that, for another host: .pub keys and user_data_file inlined
     list_defined()       every defined VM, broken files included (with the reason)
     defined_rows(live)   `list --defined`: each defined VM, running ones with state and PID
     resolve(ref)         a PROFILE argument: a file, or the name of a defined VM
@@ -103,6 +104,47 @@ def export_dict(profile: Profile) -> dict:
     return to_dict(pinned(profile))
 
 
+def portable_dict(profile: Profile) -> dict:
+    """export_dict for another host (`kvmrun export`, archives, migration): the files the
+    profile reads only for their text are inlined, so the profile does not need them there:
+    each .pub file of cloud_init.ssh_authorized_keys becomes its key, user_data_file becomes
+    user_data. When `kvmrun ssh` would have found its identity beside a .pub file, that
+    private key is named in ssh.identity (on another host it may not exist: `import` warns)."""
+    from kvmrun.ops.ssh import login_defaults
+    from kvmrun.profile.model import is_key_file
+    from kvmrun.storage import cloudinit
+    data = export_dict(profile)
+    ci = profile.cloud_init
+    if ci is None:
+        return data
+    section = data["cloud_init"]
+    if ci.user_data_file and ci.user_data is None:
+        section.pop("user_data_file")
+        section["user_data"] = cloudinit.user_data_text(profile)
+    if any(is_key_file(k) for k in ci.ssh_authorized_keys):
+        identity = login_defaults(profile)["identity"]
+        if profile.ssh.identity is None and identity:
+            data.setdefault("ssh", {})["identity"] = identity
+        section["ssh_authorized_keys"] = [cloudinit.key_text(profile, i, k)
+                                          for i, k in enumerate(ci.ssh_authorized_keys)]
+    return data
+
+
+def yaml_text(data: dict) -> str:
+    """A profile mapping as YAML; text of several lines (user-data, a script) as a block."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):
+        style = "|" if "\n" in value.rstrip("\n") else None   # PyYAML falls back if it must
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    Dumper.add_representer(str, text)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True)
+
+
 def export_text(profile: Profile) -> str:
     import yaml
     return yaml.safe_dump(export_dict(profile), sort_keys=False, default_flow_style=False,
@@ -137,6 +179,10 @@ def check(profile: Profile, check_files: bool = True) -> list[str]:
     every problem; returns warnings (e.g. QEMU not installed, so those were not checked)."""
     errors = checks.missing_files(profile) if check_files else []
     warnings = []
+    identity = profile.ssh.identity
+    if check_files and identity and not Path(identity).exists():
+        warnings.append(f"ssh.identity {identity} not found: `kvmrun ssh {profile.name}` "
+                        "will offer ssh's default keys (-i KEY picks one)")
     try:
         errors += checks.host_errors(profile, files=False)
     except HostError as err:

@@ -7,6 +7,7 @@ reverse order it was made, unless QEMU came up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shlex
@@ -18,15 +19,15 @@ from typing import Callable
 
 from kvmrun import arch as archmod
 from kvmrun import files, proc
-from kvmrun.errors import GuestError, HostError, LaunchError
+from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
-from kvmrun.ops import quickstart
+from kvmrun.ops import agent, quickstart
 from kvmrun.ops import ssh as sshops
-from kvmrun.profile import Profile, referenced_files, warnings
+from kvmrun.profile import Profile, Ready, referenced_files, warnings
 from kvmrun.qemu import checks, host, varstore
 from kvmrun.qemu.compile import Compiled, build
 from kvmrun.storage import disks, images
@@ -162,6 +163,7 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
             notes.append(line)
     resolved, compiled = prepare(profile, noted)
     guest = Guest(profile.name)
+    resolved, resumed = _resume(resolved, compiled, noted)
     if profile.halted and wait_ready and profile.ready.pattern:
         noted("kvmrun: halted: not waiting for the console (resume the guest first)")
         wait_ready = False
@@ -170,7 +172,12 @@ def start(profile: Profile, wait_ready: bool = True, note: Progress = lambda m: 
         # the lock is released once QMP answers: a second start of the name then fails
         # at once with "already running" instead of waiting for this guest's boot
         result = _spawn_and_wait(resolved, guest, compiled.argv, wait_ready,
-                                 unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN))
+                                 unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN),
+                                 resumed=resumed)
+    if resumed:
+        result["resumed"] = resumed
+        _thaw_resumed(guest, noted)
+        return result
     entry = quick_entry(profile, resolved, launch_record(resolved, compiled), notes)
     if entry is not None:
         quickstart.save(profile.source, entry)
@@ -183,6 +190,7 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
     from kvmrun.guest.supervisor import Supervisor
     profile, compiled = prepare(profile, note)
     guest = Guest(profile.name)
+    profile, resumed = _resume(profile, compiled, note)
     with _starting(guest) as (_, undo):
         _claim(profile, guest, compiled, undo)
         sup = Supervisor(guest, None, foreground=True)
@@ -190,9 +198,13 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
             ended = (guest.read_state() or {}).get("ended") or {}
             raise LaunchError(f"QEMU failed to start: {ended.get('detail', '')}",
                               compiled.argv, ended.get("stderr", ""),
-                              hint=quickstart.launch_hint(ended.get("stderr", "")))
+                              hint=_resume_hint(resumed) or
+                              quickstart.launch_hint(ended.get("stderr", "")))
     if console:
         _attach_console(guest, note)
+    if resumed:                              # the loaded RAM state may be frozen
+        import threading
+        threading.Thread(target=_thaw_resumed, args=(guest, note), daemon=True).start()
     sup.loop()
     return sup.finish()
 
@@ -246,12 +258,48 @@ def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
 
 
 def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
-                    unlock: Callable[[], None] = lambda: None) -> dict:
+                    unlock: Callable[[], None] = lambda: None,
+                    resumed: str | None = None) -> dict:
     sup, rfd = _spawn(profile, guest)
-    return quickstart.wait_for_supervisor(
-        rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.pattern,
-        ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
-        log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
+    try:
+        return quickstart.wait_for_supervisor(
+            rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.pattern,
+            ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
+            log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
+    except LaunchError as err:
+        if resumed:
+            err.hint = _resume_hint(resumed)
+        raise
+
+
+def _resume(profile: Profile, compiled: Compiled, note: Progress) -> tuple[Profile, str | None]:
+    """A pending RAM state (an offline `snapshot revert`, kvmrun.ops.snapshots): consumed,
+    `-loadvm SNAP` added, and no console to wait for (the guest does not boot)."""
+    from kvmrun.ops.snapshots import take_resume
+    snap = take_resume(profile)
+    if snap is None:
+        return profile, None
+    compiled.argv.extend(["-loadvm", snap])          # a frozen dataclass, a list in it
+    note(f"kvmrun: loading the RAM state of snapshot {snap} (once; the next start boots)")
+    return dataclasses.replace(profile, ready=Ready(timeout=profile.ready.timeout)), snap
+
+
+def _thaw_resumed(guest: Guest, note: Progress) -> None:
+    """After -loadvm: thaw what the snapshot's RAM state had frozen (a note, never a failed
+    start: the guest runs)."""
+    try:
+        if agent.thaw_if_frozen(guest):
+            note("kvmrun: the file systems were frozen in the snapshot's RAM state: thawed")
+    except KvmrunError as err:
+        note(f"kvmrun: warning: {err}")
+
+
+def _resume_hint(snap: str | None) -> str | None:
+    if snap is None:
+        return None
+    return (f"QEMU could not load the RAM state of snapshot {snap} (the profile changed "
+            "since it was taken?); the disks are at the snapshot, and the next start boots "
+            "from them")
 
 
 def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,

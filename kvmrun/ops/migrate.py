@@ -297,7 +297,7 @@ def _profile_there(plan: Plan) -> str | None:
     import yaml
 
     from kvmrun.ops import defined
-    data = defined.export_dict(defined.load(defined.defined_path(plan.name)))
+    data = defined.portable_dict(defined.load(defined.defined_path(plan.name)))
     copied = {d["source"]: d["target"] for d in plan.disks if d["copy"]}
     for disk in data.get("disks", []):
         if disk.get("path") in copied:

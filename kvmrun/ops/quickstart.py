@@ -104,7 +104,7 @@ def start(ref: str, note: Callable[[str], None]) -> tuple[dict, dict] | None:
     or None when the full path must run."""
     found = paths.profile_file(ref)        # a missing file: the full path explains
     entry = load(found) if found is not None and found.is_file() else None
-    if entry is None:
+    if entry is None or paths.resume_path(entry["name"]).exists():   # -loadvm: the full path
         return None
     launch = LaunchRecord.from_json(entry["launch"])
     launch.run_id = uuid.uuid4().hex                 # every start is a run of its own

@@ -32,14 +32,13 @@ ROOT_REFUSED = 142     # cloud-init's disable_root: root's key runs "Please logi
 
 def login_defaults(profile: Profile) -> dict:
     """{"user", "identity"} for `kvmrun ssh` from a profile (None where it says nothing)."""
+    from kvmrun.profile.model import is_key_file
     identity = profile.ssh.identity
     ci = profile.cloud_init
     if identity is None and ci is not None:
-        base = Path(profile.source).resolve().parent if profile.source else Path.cwd()
         for key in ci.ssh_authorized_keys:
-            key = key.strip()
-            if key.endswith(".pub") and "\n" not in key and " " not in key:
-                private = (base / Path(key).expanduser()).with_suffix("")
+            if is_key_file(key):                 # made absolute when the profile loaded
+                private = Path(key.strip()).with_suffix("")
                 if private.is_file():
                     identity = str(private)
                     break

@@ -18,10 +18,11 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from kvmrun import paths
-from kvmrun.errors import AlreadyDefined, StorageError, UsageError
+from kvmrun.errors import AlreadyDefined, ProfileErrors, StorageError, UsageError
+from kvmrun.qemu import checks
 from kvmrun.ops.archive import CHUNK, FORMAT, MANIFEST, NVRAM, PROFILE, ZERO, ZSTD_MAGIC, \
     Progress
 from kvmrun.proc import log_argv
@@ -173,14 +174,18 @@ def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo, target: Path, entry: d
                            "SHA-256 sum does not match the manifest); nothing imported")
 
 
-def _unpack(tar, manifest: dict, stage: Path, progress: Progress) -> str:
-    """Every member into `stage`, checked; returns the profile's text."""
+def _unpack(tar, manifest: dict, stage: Path, progress: Progress,
+            on_profile: Callable[[str], None] = lambda text: None) -> str:
+    """Every member into `stage`, checked; returns the profile's text. `on_profile` sees it
+    as soon as it is read (export writes it before the disks: a profile that cannot be
+    defined here stops the import before a disk is written)."""
     entries = {e["member"]: e for e in manifest["files"]}
     seen, text = set(), None
     done, total = [0], sum(e.get("allocated", e["size"]) for e in entries.values())
     while (info := tar.next()) is not None:
         if info.name == PROFILE:
             text = tar.extractfile(info).read().decode()
+            on_profile(text)
         elif info.name in entries and info.name not in seen and info.isfile():
             _extract(tar, info, stage / Path(info.name).name, entries[info.name], done,
                      total, progress)
@@ -216,7 +221,8 @@ def _profile(text: str, manifest: dict, name: str, dest: Path):
         for key in ("path", "backing"):
             if disk.get(key, "").startswith("disks/"):
                 disk[key] = str(dest / disk[key][6:])
-    return from_mapping(data, {}, f"{manifest['name']} (archive)")
+    where = f"{PROFILE} of the archive of {manifest['name']}"
+    return from_mapping(data, {(): (where, None)}, where)
 
 
 def import_archive(source: str, *, name: str | None = None, pool: str | None = None,
@@ -245,8 +251,16 @@ def import_archive(source: str, *, name: str | None = None, pool: str | None = N
                 created = created.parent
             dest.mkdir(parents=True, mode=0o755)
         stage = Path(tempfile.mkdtemp(prefix=".kvmrun-import-", dir=dest))
+        carried = frozenset(str(dest / e["member"][6:]) for e in manifest["files"]
+                            if e["member"] != NVRAM)
+
+        def check(text: str) -> None:
+            if check_files:
+                errors = checks.missing_files(_profile(text, manifest, name, dest), carried)
+                if errors:
+                    raise ProfileErrors(errors)
         try:
-            text = _unpack(tar, manifest, stage, progress)
+            text = _unpack(tar, manifest, stage, progress, check)
         except (tarfile.TarError, EOFError) as err:
             raise StorageError(f"the archive is cut short or damaged ({err}); nothing "
                                "imported") from None

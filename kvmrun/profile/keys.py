@@ -13,7 +13,7 @@ import yaml
 from kvmrun import arch as archmod
 from kvmrun.paths import MAX_NAME, NAME_RE
 from kvmrun.profile.model import (CloudInit, Disk, Kernel, Network, Profile, Ready, Share,
-                                  Shutdown, Ssh)
+                                  Shutdown, Ssh, is_key_file)
 from kvmrun.profile.spec import (Bool, Either, Enum, Field, FilePath, Int, List, Obj, Size,
                                  Spec, Str, shown, suggest)
 
@@ -189,8 +189,12 @@ CLOUD_INIT = Obj(CloudInit, {
     "network_config": Field(YamlText(), "network-config (version 1 or 2): text or a mapping"),
     "hostname": Field(Str(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*",
                           what="a host name"), "the guest's host name; default: the VM name"),
-    "ssh_authorized_keys": Field(List(Str(), scalar_ok=True),
-                                 "public keys for the default user (text or a .pub file path)"),
+    "ssh_authorized_keys": Field(List(Either(((lambda v: isinstance(v, str) and is_key_file(v),
+                                               FilePath()),
+                                              (lambda v: True, Str())),
+                                             "a public key or a .pub file"), scalar_ok=True),
+                                 "public keys for the default user (text, or a .pub file "
+                                 "path relative to the profile)"),
     "password": Field(Str(), "password of the default user (ssh password login enabled)"),
     "interface": Field(Enum(SEED_INTERFACES),
                        "where the seed goes: virtio (a read-only virtio-blk disk, found by "

@@ -49,6 +49,12 @@ class Share:
     security_model: str = "none"
 
 
+def is_key_file(key: str) -> bool:
+    """A cloud_init.ssh_authorized_keys entry that names a .pub file rather than a key."""
+    key = key.strip()
+    return key.endswith(".pub") and "\n" not in key and " " not in key
+
+
 @dataclass(frozen=True)
 class CloudInit:
     user_data: str | None = None
@@ -56,7 +62,7 @@ class CloudInit:
     meta_data: str | None = None
     network_config: str | None = None
     hostname: str | None = None
-    ssh_authorized_keys: tuple[str, ...] = ()
+    ssh_authorized_keys: tuple[str, ...] = ()     # keys, or .pub files (absolute paths)
     password: str | None = None
     interface: str = "virtio"        # the seed's bus: virtio (read-only disk), ide, scsi (CD)
 

@@ -12,7 +12,7 @@ from typing import Iterable
 from kvmrun import arch as archmod
 from kvmrun.errors import Location, ProfileError
 from kvmrun.profile.keys import USER_ONLY
-from kvmrun.profile.model import Profile
+from kvmrun.profile.model import Profile, is_key_file
 from kvmrun.profile.spec import Ctx
 
 ALWAYS_WRITABLE = {"ide": "an IDE disk", "sd": "an SD card"}   # QEMU refuses read-only ones
@@ -246,6 +246,14 @@ def referenced_files(profile: Profile) -> Iterable[tuple[Location, str, str]]:
     if profile.cloud_init and profile.cloud_init.user_data_file:
         yield (profile.location("cloud_init", "user_data_file"), "user-data file",
                profile.cloud_init.user_data_file)
+    if profile.cloud_init:
+        for i, key in enumerate(profile.cloud_init.ssh_authorized_keys):
+            if is_key_file(key):
+                yield (profile.location("cloud_init", "ssh_authorized_keys", i),
+                       "public key file", key)
+    for i, net in enumerate(profile.network):
+        if net.tftp:
+            yield profile.location("network", i, "tftp"), "TFTP directory", net.tftp
     if profile.cdrom:
         yield profile.location("cdrom"), "CD-ROM image", profile.cdrom
     if profile.firmware not in (None, "bios", "uefi"):

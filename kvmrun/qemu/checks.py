@@ -1,5 +1,6 @@
 """Checks of a profile against this host: referenced files exist, the NICs' files exist,
-no backing-file overlay kvmrun made is lost (kvmrun.storage.overlays), the QEMU binary is
+no backing-file overlay kvmrun made is lost (kvmrun.storage.overlays) or based on another file
+than the profile's `backing:` (kvmrun.storage.rebase), the QEMU binary is
 installed, and the machine type and CPU model are ones the installed QEMU knows (with close
 matches suggested). `kvmrun validate`, `define` and `start` run
 these; the compiler does not."""
@@ -15,12 +16,17 @@ from kvmrun.net.checks import file_errors
 from kvmrun.profile import Profile, referenced_files
 from kvmrun.qemu import host
 from kvmrun.storage.overlays import lost
+from kvmrun.storage.rebase import mismatched
 
 
-def missing_files(profile: Profile) -> list[ProfileError]:
+def missing_files(profile: Profile, carried: frozenset[str] = frozenset()
+                  ) -> list[ProfileError]:
+    """Every file the profile refers to that is not there (all of them, not the first);
+    `carried`: paths that will be (an archive's disks, before they are unpacked)."""
     return [ProfileError(loc, f"{what} {path!r} not found")       # nfs:// URLs: QEMU's to open
             for loc, what, path in referenced_files(profile)
-            if not path.startswith("nfs://") and not Path(path).exists()]
+            if not path.startswith("nfs://") and path not in carried
+            and not Path(path).exists()]
 
 
 def _close(word: str, known: list[str]) -> str:
@@ -34,6 +40,7 @@ def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
     if files:
         errors += file_errors(profile)
         errors += lost(profile)
+        errors += mismatched(profile)
     binary = host.qemu_binary(profile.arch)
     if profile.machine:
         known = host.qemu_machines(binary)

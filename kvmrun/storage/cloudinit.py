@@ -21,6 +21,7 @@ import yaml
 from kvmrun import files
 from kvmrun.errors import ProfileError
 from kvmrun.profile import Profile
+from kvmrun.profile.model import is_key_file
 
 LABEL = "cidata"
 
@@ -33,14 +34,20 @@ def _read(profile: Profile, path: str, *where) -> str:
                            f"cannot read {path}: {err.strerror}") from err
 
 
-def _key(profile: Profile, i: int, key: str) -> str:
-    """A public key, or (for a value ending in .pub) the key in that file."""
+def key_text(profile: Profile, i: int, key: str) -> str:
+    """A public key, or (for a .pub file, its path made absolute when the profile was loaded)
+    the key in that file."""
     key = key.strip()
-    if key.endswith(".pub") and "\n" not in key and " " not in key:
-        base = Path(profile.source).resolve().parent if profile.source else Path.cwd()
-        return _read(profile, str(base / Path(key).expanduser()),
-                     "ssh_authorized_keys", i).strip()
+    if is_key_file(key):
+        return _read(profile, key, "ssh_authorized_keys", i).strip()
     return key
+
+
+def user_data_text(profile: Profile) -> str:
+    """The user-data as written: user_data_file's content, or user_data."""
+    ci = profile.cloud_init
+    return (_read(profile, ci.user_data_file, "user_data_file") if ci.user_data_file
+            else ci.user_data if ci.user_data is not None else "#cloud-config\n")
 
 
 def render(profile: Profile) -> dict[str, str]:
@@ -50,13 +57,12 @@ def render(profile: Profile) -> dict[str, str]:
     if ci.user_data is not None and ci.user_data_file:
         raise ProfileError(profile.location("cloud_init", "user_data_file"),
                            "give user_data or user_data_file, not both")
-    user = (_read(profile, ci.user_data_file, "user_data_file") if ci.user_data_file
-            else ci.user_data if ci.user_data is not None else "#cloud-config\n")
+    user = user_data_text(profile)
     shortcuts = {}
     if ci.hostname:
         shortcuts["hostname"] = ci.hostname
     if ci.ssh_authorized_keys:
-        shortcuts["ssh_authorized_keys"] = [_key(profile, i, k)
+        shortcuts["ssh_authorized_keys"] = [key_text(profile, i, k)
                                             for i, k in enumerate(ci.ssh_authorized_keys)]
     if ci.password is not None:
         shortcuts.update(password=ci.password, chpasswd={"expire": False}, ssh_pwauth=True)

@@ -133,3 +133,73 @@ def test_damaged_or_short_archives_import_nothing(kr, hosts, vm):
     # test_migrate); a binary archive never goes to a terminal; -o never overwrites
     code, _, err = kr.run("export", "web", "--with-disks", "-o", plain)
     assert code == 2 and "already exists" in err
+
+
+def test_export_is_self_contained_and_import_lists_every_missing_file(kr, hosts, vm):
+    """.pub keys and user_data_file travel inside the profile; what cannot travel (kernel,
+    initrd, a shared directory, a TFTP directory) is checked on import, every missing one
+    listed before a disk is written."""
+    disks, _ = vm
+    files = kr.base / "files"
+    files.mkdir()
+    (files / "id_test").write_text("PRIVATE\n")
+    (files / "id_test.pub").write_text("ssh-ed25519 AAAATESTKEY test@here\n")
+    (files / "user-data").write_text("#cloud-config\nruncmd:\n  - echo hello\n")
+    (files / "vmlinuz").write_bytes(b"k")
+    (files / "initrd").write_bytes(b"i")
+    (files / "share").mkdir()
+    (files / "tftp").mkdir()
+    profile = kr.base / "web2.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "web2", "memory": "128M",
+        "kernel": {"path": "files/vmlinuz", "initrd": "files/initrd"},
+        "disks": [{"path": str(disks / "data.img"), "format": "raw"}],
+        "shares": [{"path": "files/share", "tag": "s"}],
+        "network": [{"type": "user", "tftp": "files/tftp"}],
+        "cloud_init": {"user_data_file": "files/user-data",
+                       "ssh_authorized_keys": ["files/id_test.pub", "ssh-rsa AAAAINLINE x"]}}))
+    kr.ok("define", profile)                   # relative .pub paths resolve like any path
+    exported_text = kr.ok("export", "web2").out
+    exported = yaml.safe_load(exported_text)
+    assert exported["cloud_init"] == {
+        "user_data": "#cloud-config\nruncmd:\n  - echo hello\n",
+        "ssh_authorized_keys": ["ssh-ed25519 AAAATESTKEY test@here", "ssh-rsa AAAAINLINE x"]}
+    assert exported["ssh"] == {"identity": str(files / "id_test")}
+    archive = kr.base / "web2.tar"
+    kr.ok("export", "web2", "--with-disks", "-o", archive)
+    for name in ("id_test.pub", "user-data", "vmlinuz", "initrd", "id_test"):
+        (files / name).unlink()
+    (files / "share").rmdir()
+    (files / "tftp").rmdir()
+
+    target = hosts["b"].root / "web2disks"
+    code, out, err = kr.run("-H", "hostb", "import", archive, "--dir", target)
+    assert code == 2, err
+    missing = [line for line in err.splitlines() if "not found" in line]
+    assert [m.rsplit(": ", 1)[-1] for m in missing] == [
+        f"kernel path {str(files / 'vmlinuz')!r} not found",
+        f"kernel initrd {str(files / 'initrd')!r} not found",
+        f"shared directory {str(files / 'share')!r} not found",
+        f"TFTP directory {str(files / 'tftp')!r} not found"], err
+    assert missing[0].startswith("kvmrun: error: profile.yaml of the archive of web2: "
+                                 "kernel.path: ")
+    assert "shares[0].path" in missing[2] and "network[0].tftp" in missing[3]
+    assert "--no-check-files" in err
+    assert not target.exists()                 # checked before any disk was written
+    assert "web2" not in [v["name"] for v in
+                          json.loads(kr.ok("-H", "hostb", "defined", "--json").out)]
+    plain = kr.base / "web2-exported.yaml"           # the profile alone: the same check
+    plain.write_text(exported_text)
+    code, out, err = kr.run("-H", "hostb", "import", plain)
+    assert code == 2 and [line.rsplit(": ", 1)[-1] for line in err.splitlines()
+                          if "not found" in line] == [m.rsplit(": ", 1)[-1] for m in missing]
+
+    for name in ("vmlinuz", "initrd"):
+        (files / name).write_bytes(b"x")
+    (files / "share").mkdir()
+    (files / "tftp").mkdir()
+    code, out, err = kr.run("-H", "hostb", "import", archive, "--dir", target)
+    assert code == 0, err
+    assert f"ssh.identity {files / 'id_test'} not found" in err      # a warning only
+    there = yaml.safe_load(kr.ok("-H", "hostb", "export", "web2").out)
+    assert there["cloud_init"] == exported["cloud_init"]

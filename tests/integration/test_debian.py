@@ -3,9 +3,10 @@
 The guest (tests/guest/debian.py) is what Debian's genericcloud image ships: the cloud kernel
 (no SATA AHCI), systemd, cloud-init 22.4, openssh-server, qemu-guest-agent. Its profile is what
 a new user writes: a qcow2 overlay on the image (`backing:`), a cloud-init hostname and .pub key,
-a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`.
+a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`. Live snapshots freeze its file systems.
 
-The tests run in file order on one boot; the last one stops the guest.
+The tests run in file order on one boot; `test_stop_shuts_systemd_down` stops the guest, and
+the last one resumes it from a snapshot's RAM state (no second boot) and stops it again.
 """
 
 from __future__ import annotations
@@ -145,6 +146,37 @@ def test_a_silent_agent_is_exit_5_and_the_next_client_resyncs(booted):
     assert result.code == 0 and result.out == f"{HOSTNAME}\n", result
 
 
+def test_a_live_snapshot_freezes_and_thaws_the_file_systems(booted):
+    """savevm between guest-fsfreeze-freeze and -thaw; afterwards the guest writes again. A
+    live revert brings back the RAM state, frozen as it was saved: it is thawed. With the
+    agent stopped, the snapshot is taken crash-consistent, with a note, in bounded time."""
+    env, _, _ = booted
+    made = json.loads(env.ok("snapshot", "create", NAME, "quiesced", "--json",
+                             timeout=600).out)
+    assert (made["live"], made["frozen"], made["note"]) == (True, True, None), made
+    assert json.loads(env.ok("agent", NAME, "guest-fsfreeze-status").out) == "thawed"
+    wrote = env.run("exec", NAME, "--", "sh", "-c", "echo after > /var/tmp/w && sync && "
+                                                     "cat /var/tmp/w")
+    assert (wrote.code, wrote.out) == (0, "after\n"), wrote
+
+    reverted = json.loads(env.ok("snapshot", "revert", NAME, "quiesced", "--json",
+                                 timeout=600).out)
+    assert "frozen in the snapshot's RAM state: thawed" in (reverted["note"] or ""), reverted
+    assert json.loads(env.ok("agent", NAME, "guest-fsfreeze-status").out) == "thawed"
+
+    assert env.run("ssh", NAME, "--", "sudo", "systemctl", "stop", "qemu-guest-agent",
+                   timeout=180).code == 0
+    silent = env.run("snapshot", "create", NAME, "unfrozen", "--json", timeout=600)
+    assert silent.code == 0, silent
+    result = json.loads(silent.out)
+    assert result["frozen"] is False and "crash-consistent" in result["note"], result
+    assert silent.err.count("\n") == 1 and silent.err.startswith("kvmrun: note: the guest "
+                                                                   "agent did not freeze")
+    assert env.run("ssh", NAME, "--", "sudo", "systemctl", "start", "qemu-guest-agent",
+                   timeout=180).code == 0
+    env.ok("snapshot", "delete", NAME, "unfrozen", timeout=600)   # "quiesced" stays
+
+
 def test_stop_shuts_systemd_down(booted):
     env, _, _ = booted
     result = env.run("stop", NAME, timeout=300)
@@ -162,3 +194,23 @@ def test_stop_shuts_systemd_down(booted):
 def _plain(text: str) -> str:
     """The console without its colour escapes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_an_offline_revert_resumes_from_the_ram_state_thawed(booted):
+    """After the stop: reverting "quiesced" (taken frozen, above) makes the next start load
+    its RAM state; that start thaws it; the file written after the snapshot is not there
+    (disks and RAM are the snapshot's); the guest runs on and stops cleanly."""
+    env, _, _ = booted
+    reverted = json.loads(env.ok("snapshot", "revert", NAME, "quiesced", "--json",
+                                 timeout=600).out)
+    assert reverted["resume"] is True, reverted
+    started = env.run("start", env.base / f"{NAME}.yaml", timeout=600)
+    assert started.code == 0, started
+    assert "loading the RAM state of snapshot quiesced" in started.err
+    assert "frozen in the snapshot's RAM state: thawed" in started.err, started
+    assert json.loads(env.ok("agent", NAME, "guest-fsfreeze-status").out) == "thawed"
+    result = env.run("exec", NAME, "--", "sh", "-c", "test -e /var/tmp/w; echo $?")
+    assert (result.code, result.out) == (0, "1\n"), result
+    assert env.run("stop", NAME, timeout=300).code == 0
+    env.wait_state(NAME, lambda info: info["state"] == "stopped")
+    assert env.our_processes() == {}

@@ -111,6 +111,25 @@ def test_ssh_identity_defaults_to_the_private_half(tmp_path):
     assert sshcmd.login_defaults(p) == {"user": "debian", "identity": str(tmp_path / "other")}
 
 
+def test_pub_key_files_resolve_against_the_profile_and_must_exist(tmp_path):
+    """A .pub path is relative to the profile's file (so a defined copy elsewhere still finds
+    it), a key written out is left alone, and a missing .pub file is reported by validate."""
+    from kvmrun.profile import referenced_files
+    from kvmrun.qemu.checks import missing_files
+    (tmp_path / "keys").mkdir()
+    text = "cloud_init: {ssh_authorized_keys: [keys/id.pub, ssh-rsa AAAAinline a@b]}\n"
+    p = load(write(tmp_path, text))
+    assert p.cloud_init.ssh_authorized_keys == (str(tmp_path / "keys" / "id.pub"),
+                                                "ssh-rsa AAAAinline a@b")
+    assert [(str(loc), what) for loc, what, _ in referenced_files(p)] == [
+        (f"{tmp_path / 'vm.yaml'}:1: cloud_init.ssh_authorized_keys[0]", "public key file")]
+    assert [e.reason for e in missing_files(p)] == [
+        f"public key file {str(tmp_path / 'keys' / 'id.pub')!r} not found"]
+    (tmp_path / "keys" / "id.pub").write_text("ssh-ed25519 AAAA x@y\n")
+    assert missing_files(p) == []
+    assert "ssh-ed25519 AAAA x@y" in cloudinit.render(p)["user-data"]
+
+
 def test_ssh_explains_a_refused_root():
     assert "log in as the image's default user" in sshcmd.explain(142, None)
     assert "ssh: {user: debian}" in sshcmd.explain(142, "root")
@@ -361,3 +380,61 @@ def test_agent_verbs_need_a_running_guest(tmp_path, monkeypatch, capsys, args):
         main(args)
     assert exit_.value.code == 4
     assert capsys.readouterr().err.startswith("kvmrun: error: nosuch is not running")
+
+
+# ---------------------------------------------------------------- fsfreeze around a snapshot
+# (the real agent freezes and thaws in tests/integration/test_debian.py; these are the paths a
+# real agent cannot be made to take on cue: a refused freeze, a savevm that fails meanwhile)
+
+class _Launch:
+    argv = ["qemu", "-device", f"virtserialport,chardev=qga,name={qga.AGENT_PORT}"]
+
+
+class _Guest:
+    """What kvmrun.ops.agent.frozen reads of a running guest: its launch and socket."""
+
+    def __init__(self, sock: Path):
+        self.name = "vm"
+        self.paths = type("P", (), {"qga": sock})()
+
+    def launch_or_none(self):
+        return _Launch()
+
+
+def test_a_failed_snapshot_still_thaws(tmp_path, fake):
+    from kvmrun.ops import agent as agentops
+    agent = fake({"guest-fsfreeze-freeze": ret(2), "guest-fsfreeze-thaw": ret(2)})
+    with pytest.raises(QMPError, match="savevm failed"):
+        with agentops.frozen(_Guest(tmp_path / "qga.sock")) as state:
+            assert state.frozen and state.note is None
+            raise QMPError("savevm failed")
+    assert [m["execute"] for m in agent.received] == [
+        "guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+def test_a_refused_freeze_is_crash_consistent_with_a_note(tmp_path, fake):
+    from kvmrun.ops import agent as agentops
+    refused = json.dumps({"error": {"class": "GenericError",
+                                    "desc": "fsfreeze is disabled"}}).encode() + b"\n"
+    agent = fake({"guest-fsfreeze-freeze": refused, "guest-fsfreeze-thaw": ret(0)})
+    notes = []
+    with agentops.frozen(_Guest(tmp_path / "qga.sock"), notes.append) as state:
+        pass
+    assert state.frozen is False
+    assert notes == [f"kvmrun: note: {state.note}"]
+    assert state.note.startswith("the guest agent did not freeze the file systems (")
+    assert "fsfreeze is disabled" in state.note and state.note.endswith("crash-consistent")
+    # a freeze cut short may have frozen some: thawed all the same, once
+    assert [m["execute"] for m in agent.received] == [
+        "guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+def test_no_agent_port_is_crash_consistent_without_a_word(tmp_path):
+    from kvmrun.ops import agent as agentops
+    guest = _Guest(tmp_path / "qga.sock")
+    guest.launch_or_none = lambda: type("L", (), {"argv": ["qemu"]})()
+    notes = []
+    with agentops.frozen(guest, notes.append) as state:
+        pass
+    assert (state.frozen, notes) == (False, [])
+    assert "no guest agent port" in state.note
