@@ -58,6 +58,7 @@ class Arch:
     uefi_code: tuple[str, ...] = ()   # candidate firmware code images (first found wins)
     uefi_vars: tuple[str, ...] = ()   # matching variable-store templates
     onboard_nic: str | None = None    # a NIC built into the machine: `-nic user,model=…`
+    tpm: str | None = None            # the TPM 2.0 device model (`tpm: true`); None: none
     boards: tuple[Board, ...] = ()
     aliases: tuple[str, ...] = ()
 
@@ -91,10 +92,10 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
                     f"{EDK2}/ovmf/OVMF_CODE.fd"),
          uefi_vars=("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd",
                     f"{EDK2}/ovmf/OVMF_VARS.fd"),
-         aliases=("amd64", "x64")),
+         tpm="tpm-crb", aliases=("amd64", "x64")),
     Arch("i386", "qemu-system-i386", "q35", "max", "host", "ttyS0", "pci", "virtio-net-pci",
          "ide", ("x86_64", "i686", "i386"), package="qemu-system-x86", firmware="SeaBIOS",
-         power_button=("q35", "pc", "pc-*"), aliases=("i686", "x86")),
+         power_button=("q35", "pc", "pc-*"), tpm="tpm-crb", aliases=("i686", "x86")),
     # UEFI code and variables are 64 MiB pflash images (virt refuses other sizes), so
     # qemu-efi-aarch64's 2 MiB QEMU_EFI.fd (a -bios image) is no candidate
     Arch("aarch64", "qemu-system-aarch64", "virt", "max", "host", "ttyAMA0", "pci",
@@ -103,14 +104,14 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
          power_button=("virt", "virt-*"),
          uefi_code=(f"{AAVMF}/AAVMF_CODE.fd", f"{EDK2}/aarch64/QEMU_EFI-pflash.raw"),
          uefi_vars=(f"{AAVMF}/AAVMF_VARS.fd", f"{EDK2}/aarch64/vars-template-pflash.raw"),
-         semihosting=True, aliases=("arm64",)),
+         semihosting=True, tpm="tpm-tis-device", aliases=("arm64",)),
     Arch("arm", "qemu-system-arm", "virt", "max", "host", "ttyAMA0", "pci", "virtio-net-pci",
          "scsi", ("armv7l", "armv8l"), package="qemu-system-arm",
          firmware="none: a kernel, or firmware: uefi (AAVMF32)",
          power_button=("virt", "virt-*"),
          uefi_code=(f"{AAVMF}/AAVMF32_CODE.fd", f"{EDK2}/arm/QEMU_EFI-pflash.raw"),
          uefi_vars=(f"{AAVMF}/AAVMF32_VARS.fd", f"{EDK2}/arm/vars-template-pflash.raw"),
-         semihosting=True, aliases=("armhf", "armv7", "armv7l"),
+         semihosting=True, tpm="tpm-tis-device", aliases=("armhf", "armv7", "armv7l"),
          # Versatile Express: no PCI, but QEMU adds four virtio-mmio slots to the device
          # tree it is given; the SMSC LAN9118 is on the board
          boards=(Board("vexpress-a9", virtio="device", nic="lan9118", cpu="cortex-a9",
@@ -184,6 +185,8 @@ class HostFacts:
     net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
     qemu_user: str | None = None                # root: QEMU drops to this user (-runas)
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
+    virtiofsd: str | None = None                # the virtiofsd binary (virtiofs shares)
+    swtpm: str | None = None                    # the swtpm binary (tpm: true)
 
 
 # IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given

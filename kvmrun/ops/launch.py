@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import uuid
@@ -45,6 +46,7 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
     guest = Guest(profile.name)
     guest.paths.check_length()
     compiled = build(profile, facts, guest.paths)
+    guest.paths.check_length([Path(h.socket) for h in compiled.helpers])
     if profile.accel == "auto" and compiled.accel == "tcg" and not facts.forced_accel:
         if archmod.get(profile.arch).kvm_possible(facts.machine):
             note("kvmrun: KVM is not usable here (see `kvmrun doctor`); using TCG")
@@ -53,6 +55,8 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
                         hint="add yourself to the kvm group, or use accel: tcg")
     compiled.argv[0] = binary
     if proc.debug():
+        for helper in compiled.helpers:
+            note(f"kvmrun: debug: helper {helper.name}: {shlex.join(helper.argv)}")
         note(f"kvmrun: debug: qemu: {shlex.join(compiled.argv)}")
     return profile, compiled
 
@@ -80,6 +84,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     undo.callback(nics.teardown, guest.paths)
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
+    _prepare_tpm(profile, guest, undo)
     launch_record(profile, compiled).write(guest.paths.launch)
     guest.reserve_request()
 
@@ -94,8 +99,9 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         disks=[d.path for d in profile.disks],
         shared_disks=[d.path for d in profile.disks if d.readonly or d.ephemeral],
         ephemeral_disks=[i for i, d in enumerate(profile.disks) if d.ephemeral],
-        shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly}
+        shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly, "type": s.type}
                 for s in profile.shares],
+        helpers=[h.to_json() for h in compiled.helpers],
         ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
@@ -218,6 +224,24 @@ def _prepare_nvram(profile: Profile, guest: Guest) -> None:
     files.atomic_write(guest.paths.nvram, Path(template).read_bytes(), 0o600, make_dirs=0o700)
 
 
+TPM_STATE = "tpm2-00.permall"      # swtpm's permanent state file in its --tpmstate directory
+
+
+def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> None:
+    """A TPM's first start manufactures it (swtpm_setup: the endorsement keys, the SHA-256
+    PCR bank), as a new machine's TPM comes; later starts reuse the state. A failed first
+    start removes what it made."""
+    state = guest.paths.tpm
+    if not profile.tpm or state is None or (state / TPM_STATE).exists():
+        return
+    made = not state.exists()
+    files.mkdirs(state)
+    if made:
+        undo.callback(shutil.rmtree, state, True)
+    proc.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
+              "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
+
+
 def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "kvmrun.guest.supervisor", name, "--run-dir", str(base),
             *extra]
@@ -263,6 +287,10 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
     nvram = Guest(profile.name).paths.nvram
     if profile.firmware == "uefi" and nvram is not None:
         exist.append(str(nvram))
+    exist += [helper["argv"][0] for helper in record.helpers]     # virtiofsd, swtpm
+    tpm = Guest(profile.name).paths.tpm
+    if profile.tpm and tpm is not None:          # a TPM made again takes the full path
+        exist.append(str(tpm / TPM_STATE))
     formats = {new.path: new.format for old, new in zip(profile.disks, resolved.disks)
                if old.format is None and not images.is_block_device(new.path)}
     forwards = [(str(profile.location("network", i, "forward", j)), fwd)
