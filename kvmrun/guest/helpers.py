@@ -37,10 +37,11 @@ ACCEPTCON = 0x10000      # /proc/net/unix Flags: a listening socket
 class HelperFailed(Exception):
     """A helper did not come up; `log` is where its output went, `output` its tail."""
 
-    def __init__(self, message: str, log: Path, output: str = ""):
+    def __init__(self, message: str, log: Path, output: str = "", argv: list[str] = ()):
         super().__init__(message)
         self.log = log
         self.output = output
+        self.argv = list(argv)
 
 
 def listening(path: Path) -> bool:
@@ -95,7 +96,8 @@ class Helper:
                                              stderr=subprocess.STDOUT,
                                              start_new_session=True, umask=0o077)
         except OSError as err:
-            raise HelperFailed(f"cannot run {self.what}: {err.strerror}", self.log) from None
+            raise HelperFailed(f"cannot run {self.what}: {err.strerror}", self.log,
+                               argv=self.argv) from None
         try:
             self._wait_listening()
         except BaseException:
@@ -115,11 +117,12 @@ class Helper:
                     status = self.proc.wait()
                     raise HelperFailed(f"{self.what} exited with status {status} while "
                                        f"starting; its log: {self.log}", self.log,
-                                       self.output())
+                                       self.output(), self.argv)
             if listening(self.socket):
                 return
             raise HelperFailed(f"{self.what} did not listen on {self.socket} within "
-                               f"{self.wait:g}s; its log: {self.log}", self.log, self.output())
+                               f"{self.wait:g}s; its log: {self.log}", self.log, self.output(),
+                               self.argv)
         finally:
             os.close(pidfd)
 

@@ -156,7 +156,7 @@ class Supervisor:
                 started.append(self.helpers.enter_context(helper))
                 log(f"{self.guest.name}: {helper.what} up (pid {helper.proc.pid})")
         except HelperFailed as err:
-            return self.launch_failed(str(err), err.output)
+            return self.launch_failed(str(err), err.output, helper=err.argv)
         if started:
             self.save(helpers=[h.record() for h in started])
         return True
@@ -182,14 +182,17 @@ class Supervisor:
                                               f"{QMP_WAIT:g}s")
                 select.poll().poll(10)
 
-    def launch_failed(self, message: str, stderr: str | None = None) -> bool:
-        """A start that did not come up: its helpers ended, the failure recorded."""
+    def launch_failed(self, message: str, stderr: str | None = None,
+                      helper: list[str] | None = None) -> bool:
+        """A start that did not come up: its helpers ended, the failure recorded (`helper`:
+        the argv of the helper that failed, when it was not QEMU)."""
         self.end_helpers()
         if stderr is None:
             stderr = files.read_text(self.paths.qemu_log).strip()
         log(f"{self.guest.name}: {message}: {stderr}")
         self.save(ended={"reason": "failed-to-start", "detail": message, "stderr": stderr})
-        self.report("failed", message=message, stderr=stderr)
+        self.report("failed", message=message, stderr=stderr,
+                    **({"helper_argv": helper} if helper else {}))
         return False
 
     def became_ready(self) -> None:

@@ -145,7 +145,7 @@ def _helpers(p: Profile, host: HostFacts, paths: RunPaths) -> Iterator[HelperCom
                                      "(KVMRUN_RUN_DIR, KVMRUN_DATA_DIR)")
         yield HelperCommand("swtpm", [
             binary, "socket", "--tpm2", "--tpmstate", f"dir={state},mode=0600",
-            "--ctrl", f"type=unixio,path={sock},mode=0600", "--log", "fd=2,level=1",
+            "--ctrl", f"type=unixio,path={sock},mode=0600", "--log", "fd=1,level=1",
             "--terminate"], sock)
 
 
