@@ -190,7 +190,8 @@ class Supervisor:
         if stderr is None:
             stderr = files.read_text(self.paths.qemu_log).strip()
         log(f"{self.guest.name}: {message}: {stderr}")
-        self.save(ended={"reason": "failed-to-start", "detail": message, "stderr": stderr})
+        self.save(ended={"reason": "failed-to-start", "detail": message, "stderr": stderr,
+                         **({"helper_argv": helper} if helper else {})})
         self.report("failed", message=message, stderr=stderr,
                     **({"helper_argv": helper} if helper else {}))
         return False

@@ -187,13 +187,21 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
         sup = Supervisor(guest, None, foreground=True)
         if not sup.start_qemu():
             ended = (guest.read_state() or {}).get("ended") or {}
+            helper = ended.get("helper_argv")       # a helper (virtiofsd, swtpm) failed
+            if helper:
+                raise LaunchError(f"{profile.name} failed to start: {ended.get('detail')}",
+                                  helper, ended.get("stderr", ""),
+                                  said_by=os.path.basename(helper[0]))
             raise LaunchError(f"QEMU failed to start: {ended.get('detail', '')}",
                               compiled.argv, ended.get("stderr", ""),
                               hint=quickstart.launch_hint(ended.get("stderr", "")))
     if console:
         _attach_console(guest, note)
-    sup.loop()
-    return sup.finish()
+    try:
+        sup.loop()
+        return sup.finish()
+    finally:
+        sup.end_helpers()                 # also when the loop is interrupted
 
 
 def _attach_console(guest: Guest, note: Progress) -> None:
