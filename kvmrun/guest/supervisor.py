@@ -1,9 +1,10 @@
 """The supervisor: one process per guest, QEMU's parent.
 
 It starts the guest's helper daemons (virtiofsd, swtpm: kvmrun.guest.helpers) and then QEMU
-from the run directory's launch record, owns the events monitor (qmp.sock),
-writes events.jsonl and state.json, notices readiness (QMP up, then the console pattern),
-records why the guest ended, ends the helpers after QEMU, and exits with a code that says so (kvmrun.guest.ending).
+from the run directory's launch record, owns the events monitor (qmp.sock), writes
+events.jsonl and state.json, notices readiness (QMP up, then the console pattern), records
+why the guest ended, ends the helpers after QEMU, and exits with a code that says so
+(kvmrun.guest.ending).
 `kvmrun start` runs it detached (`python -m kvmrun.guest.supervisor`); `kvmrun run` runs it
 in the foreground (systemd, scripts), where SIGTERM/SIGINT stop the guest through the
 shutdown ladder and sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the

@@ -1,8 +1,8 @@
 """Checks of a profile against this host: referenced files exist, the NICs' files exist,
 no backing-file overlay kvmrun made is lost (kvmrun.storage.overlays), the QEMU binary is
-installed, the helpers a profile needs are (virtiofsd, swtpm), and the machine type and CPU model are ones the installed QEMU knows (with close
-matches suggested). `kvmrun validate`, `define` and `start` run
-these; the compiler does not."""
+installed, the helpers a profile needs are (virtiofsd, swtpm), and the machine type and CPU
+model are ones the installed QEMU knows (with close matches suggested). `kvmrun validate`,
+`define` and `start` run these; the compiler does not."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
 (`kvmrun.qemu.host.probe`) and the guest's runtime paths, and returns the argv as a list of
 strings with the facts it decided (accelerator, machine) and the argv of the guest's helper
 daemons, which QEMU connects to as it starts (virtiofsd per virtiofs share, swtpm for a TPM:
-run by the supervisor, kvmrun.guest.helpers); `compile()` returns QEMU's argv alone. Each option and its value sit together; values built from user input escape commas
-the way QEMU requires (`,` -> `,,`). Nothing ever goes through a shell.
+run by the supervisor, kvmrun.guest.helpers); `compile()` returns QEMU's argv alone. Each
+option and its value sit together; values built from user input escape commas the way QEMU
+requires (`,` -> `,,`). Nothing ever goes through a shell.
 """
 
 from __future__ import annotations

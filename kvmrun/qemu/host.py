@@ -1,6 +1,6 @@
 """Host probing, done once per command and outside the compiler: binaries (QEMU's and the
-helpers', virtiofsd and swtpm), /dev/kvm, the QEMU version, firmware files, and what machine types and CPU models the installed QEMU knows
-(asked from QEMU itself, cached per binary)."""
+helpers', virtiofsd and swtpm), /dev/kvm, the QEMU version, firmware files, and what machine
+types and CPU models the installed QEMU knows (asked from QEMU itself, cached per binary)."""
 
 from __future__ import annotations
 
