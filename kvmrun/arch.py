@@ -63,6 +63,7 @@ class Arch:
     uefi_secure: tuple[tuple[str, str], ...] = ()
     smm: bool = False
     onboard_nic: str | None = None    # a NIC built into the machine: `-nic user,model=…`
+    tpm: str | None = None            # the TPM 2.0 device model (`tpm: true`); None: none
     boards: tuple[Board, ...] = ()
     aliases: tuple[str, ...] = ()
 
@@ -100,10 +101,10 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
                        "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
                       ("/usr/share/OVMF/OVMF_CODE.secboot.fd", "/usr/share/OVMF/OVMF_VARS.ms.fd"),
                       (f"{EDK2}/ovmf/OVMF_CODE.secboot.fd", f"{EDK2}/ovmf/OVMF_VARS.secboot.fd")),
-         smm=True, aliases=("amd64", "x64")),
+         smm=True, tpm="tpm-crb", aliases=("amd64", "x64")),
     Arch("i386", "qemu-system-i386", "q35", "max", "host", "ttyS0", "pci", "virtio-net-pci",
          "ide", ("x86_64", "i686", "i386"), package="qemu-system-x86", firmware="SeaBIOS",
-         power_button=("q35", "pc", "pc-*"), aliases=("i686", "x86")),
+         power_button=("q35", "pc", "pc-*"), tpm="tpm-crb", aliases=("i686", "x86")),
     # UEFI code and variables are 64 MiB pflash images (virt refuses other sizes), so
     # qemu-efi-aarch64's 2 MiB QEMU_EFI.fd (a -bios image) is no candidate
     Arch("aarch64", "qemu-system-aarch64", "virt", "max", "host", "ttyAMA0", "pci",
@@ -113,14 +114,14 @@ ARCHES: dict[str, Arch] = {a.name: a for a in (
          uefi_code=(f"{AAVMF}/AAVMF_CODE.fd", f"{EDK2}/aarch64/QEMU_EFI-pflash.raw"),
          uefi_vars=(f"{AAVMF}/AAVMF_VARS.fd", f"{EDK2}/aarch64/vars-template-pflash.raw"),
          uefi_secure=((f"{AAVMF}/AAVMF_CODE.ms.fd", f"{AAVMF}/AAVMF_VARS.ms.fd"),),
-         semihosting=True, aliases=("arm64",)),
+         semihosting=True, tpm="tpm-tis-device", aliases=("arm64",)),
     Arch("arm", "qemu-system-arm", "virt", "max", "host", "ttyAMA0", "pci", "virtio-net-pci",
          "scsi", ("armv7l", "armv8l"), package="qemu-system-arm",
          firmware="none: a kernel, or firmware: uefi (AAVMF32)",
          power_button=("virt", "virt-*"),
          uefi_code=(f"{AAVMF}/AAVMF32_CODE.fd", f"{EDK2}/arm/QEMU_EFI-pflash.raw"),
          uefi_vars=(f"{AAVMF}/AAVMF32_VARS.fd", f"{EDK2}/arm/vars-template-pflash.raw"),
-         semihosting=True, aliases=("armhf", "armv7", "armv7l"),
+         semihosting=True, tpm="tpm-tis-device", aliases=("armhf", "armv7", "armv7l"),
          # Versatile Express: no PCI, but QEMU adds four virtio-mmio slots to the device
          # tree it is given; the SMSC LAN9118 is on the board
          boards=(Board("vexpress-a9", virtio="device", nic="lan9118", cpu="cortex-a9",
@@ -195,6 +196,8 @@ class HostFacts:
     qemu_user: str | None = None                # root: QEMU drops to this user (-runas)
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
     uefi_secure: dict[str, str] = field(default_factory=dict)   # arch -> Secure Boot code
+    virtiofsd: str | None = None                # the virtiofsd binary (virtiofs shares)
+    swtpm: str | None = None                    # the swtpm binary (tpm: true)
 
 
 # IDE slots (bus, unit) in the order kvmrun fills them. QEMU puts every IDE device given

@@ -209,12 +209,13 @@ class LaunchError(KvmrunError):
     exit_code = 7
 
     def __init__(self, message: str, argv: list[str] | None = None, stderr: str = "",
-                 hint: str | None = None):
+                 hint: str | None = None, said_by: str = "qemu"):
         self.argv = argv or []
         self.stderr = stderr.strip()
         full = message
-        if self.stderr:
-            full += "\n  qemu said: " + self.stderr.replace("\n", "\n            ")
+        if self.stderr:           # said_by: the program whose output it is (qemu, a helper)
+            full += f"\n  {said_by} said: " + self.stderr.replace(
+                "\n", "\n" + " " * (len(said_by) + 8))
         if self.argv:
             full += "\n  command: " + shlex.join(self.argv)
         super().__init__(full, hint)

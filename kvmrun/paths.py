@@ -13,6 +13,7 @@ import re
 
 from kvmrun.errors import HostError, InvalidName
 
+HELPER_PREFIX = "helper-"   # run-directory files of the guest's helpers (virtiofsd, swtpm)
 UNIX_PATH_MAX = 107          # sun_path is 108 bytes including the terminating NUL
 # The one name rule: VM names (run-directory names), network names, pool names
 NAME_RE = r"[A-Za-z0-9]+([._-][A-Za-z0-9]+)*"
@@ -107,35 +108,39 @@ def nvram_path(name: str) -> Path:
 def resume_path(name: str) -> Path:
     """The snapshot whose RAM state the VM's next start loads (kvmrun.ops.snapshots)."""
     return data_dir() / "resume" / f"{name}.json"
+def tpm_state_dir(name: str) -> Path:
+    """The VM's TPM 2.0 state (swtpm's --tpmstate directory), kept across restarts."""
+    return data_dir() / "tpm" / name
 
 
 class RunPaths:
     """The files of one guest's run directory. Immutable; a plain class rather than a
     dataclass, which would bring inspect, ast and dis into every supervisor (~1.4 MiB)."""
 
-    __slots__ = ("dir", "nvram")
+    __slots__ = ("dir", "nvram", "tpm")
 
-    def __init__(self, dir: Path, nvram: Path | None = None):
+    def __init__(self, dir: Path, nvram: Path | None = None, tpm: Path | None = None):
         object.__setattr__(self, "dir", dir)
         object.__setattr__(self, "nvram", nvram)
+        object.__setattr__(self, "tpm", tpm)          # the TPM state directory (tpm: true)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"RunPaths is immutable (cannot set {name})")
 
     def __eq__(self, other) -> bool:
-        return ((self.dir, self.nvram) == (other.dir, other.nvram)
+        return ((self.dir, self.nvram, self.tpm) == (other.dir, other.nvram, other.tpm)
                 if type(other) is RunPaths else NotImplemented)
 
     def __hash__(self) -> int:
-        return hash((self.dir, self.nvram))
+        return hash((self.dir, self.nvram, self.tpm))
 
     def __repr__(self) -> str:
-        return f"RunPaths(dir={self.dir!r}, nvram={self.nvram!r})"
+        return f"RunPaths(dir={self.dir!r}, nvram={self.nvram!r}, tpm={self.tpm!r})"
 
     @classmethod
     def for_guest(cls, name: str, base: Path | None = None) -> "RunPaths":
         check_name(name)
-        return cls((base or run_dir()) / name, nvram_path(name))
+        return cls((base or run_dir()) / name, nvram_path(name), tpm_state_dir(name))
 
     def _p(self, leaf: str) -> Path:
         return self.dir / leaf
@@ -176,12 +181,25 @@ class RunPaths:
         """The throwaway qcow2 overlay of an ephemeral disk (deleted when the guest ends)."""
         return self._p(f"overlay-disk{index}.qcow2")
 
+    def helper_socket(self, name: str) -> Path:
+        """The socket helper `name` (virtiofsd0, swtpm: kvmrun.guest.helpers) listens on."""
+        return self._p(f"{HELPER_PREFIX}{name}.sock")
+
+    def helper_log(self, name: str) -> Path:
+        """Helper `name`'s stdout and stderr."""
+        return self._p(f"{HELPER_PREFIX}{name}.log")
+
+    def helper_files(self, suffix: str) -> list[Path]:
+        """The helpers' sockets (".sock") or logs (".log") in the run directory."""
+        return sorted(self.dir.glob(f"{HELPER_PREFIX}*{suffix}"))
+
     def sockets(self) -> list[Path]:
         return [self.qmp, self.qmp_cli, self.console, self.qga, self.vnc, self.spice,
                 self.gdb, self.migrate_sock, self.nbd_sock, self.migrate_out, self.nbd_out]
 
-    def check_length(self) -> None:
-        longest = max(self.sockets(), key=lambda p: len(os.fsencode(p)))
+    def check_length(self, extra: list[Path] = ()) -> None:
+        """Every socket path fits a unix socket address (`extra`: the helpers' sockets)."""
+        longest = max([*self.sockets(), *extra], key=lambda p: len(os.fsencode(p)))
         if len(os.fsencode(longest)) > UNIX_PATH_MAX:
             raise HostError(
                 f"socket path {str(longest)!r} is {len(os.fsencode(longest))} bytes; unix "

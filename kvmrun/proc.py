@@ -21,7 +21,8 @@ from pathlib import Path
 from kvmrun.errors import GuestError, HostError
 
 PACKAGES = {"ip": "iproute2", "nft": "nftables", "dnsmasq": "dnsmasq-base",
-            "qemu-img": "qemu-utils", "genisoimage": "genisoimage"}
+            "qemu-img": "qemu-utils", "genisoimage": "genisoimage",
+            "swtpm_setup": "swtpm-tools"}
 
 
 def boot_id() -> str:

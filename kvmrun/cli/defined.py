@@ -156,12 +156,13 @@ def import_(
 def undefine(
     name: str = typer.Argument(..., metavar="NAME", help="A defined VM."),
     keep_nvram: bool = typer.Option(False, "--keep-nvram",
-                                    help="Keep the VM's UEFI variable store."),
+                                    help="Keep the VM's UEFI variable store and TPM "
+                                         "state."),
 ) -> None:
     """Remove a defined VM.
 
-    Refused while the VM runs (exit 4). Its UEFI variable store is removed too unless
-    --keep-nvram; disk images are never touched."""
+    Refused while the VM runs (exit 4). Its UEFI variable store and TPM state are removed
+    too unless --keep-nvram; disk images are never touched."""
     result = store.undefine(name, keep_nvram=keep_nvram)
     line = f"undefined {result.name} (removed {', '.join(map(str, result.removed))})"
     if result.kept:

@@ -66,9 +66,12 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     for i in info.get("ephemeral_disks", []):
         rows.append(("overlay", f"disk{i} is ephemeral: its writes go to a throwaway overlay"))
     for share in info.get("shares", []):
-        rows.append(("share", f"{share['path']} as {share['tag']}"
-                              f"{' (ro)' if share['readonly'] else ''}; in the guest: "
+        rows.append(("share", f"{share['path']} as {share['tag']} ({share['type']}"
+                              f"{', ro' if share['readonly'] else ''}); in the guest: "
                               f"{share['mount']}"))
+    if info.get("tpm"):
+        rows.append(("tpm", f"TPM {info['tpm']['version']} (swtpm), state in "
+                            f"{info['tpm']['state_dir']}"))
     if "cpu_percent" in info:
         rows.append(("host", f"cpu {info['cpu_percent']}% (average since start)  "
                              f"rss {info['rss_mib']} MiB"))

@@ -33,6 +33,10 @@ def cmdline(
 ) -> None:
     """Print the exact QEMU command line a profile compiles to.
 
+    Helper daemons the guest needs (virtiofsd for a virtiofs share, swtpm for a TPM) come
+    first, each on a comment line (`# helper NAME, started before QEMU: …`); --json prints
+    QEMU's argv alone.
+
     Without a PROFILE, one-off flags describe the VM:
     `kvmrun cmdline --hda test.img --cdrom install.iso --boot d -m 2048`.
     """
@@ -42,13 +46,14 @@ def cmdline(
         append=append, gdb=gdb, halted=halted or None))
     for problem in checks.missing_files(prof) + profile.warnings(prof):
         err(f"kvmrun: warning: {problem}")
-    argv = loader.qemu_argv(prof)
+    compiled = loader.compiled(prof)
+    argv = compiled.argv
     if as_json:
         emit_json(argv)
-    elif pretty:
-        out(format_pretty(argv))
-    else:
-        out(shlex.join(argv))
+        return
+    for helper in compiled.helpers:      # a comment line each: the output stays pasteable
+        out(f"# helper {helper.name}, started before QEMU: {shlex.join(helper.argv)}")
+    out(format_pretty(argv) if pretty else shlex.join(argv))
 
 
 def format_pretty(argv: list[str]) -> str:

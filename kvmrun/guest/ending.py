@@ -4,7 +4,8 @@
 for into the `ended` record and the supervisor's exit code. `record_end` is the end of every
 guest, whoever notices it (its supervisor; a CLI command when the supervisor is gone): the
 final state record is written, then the sockets, pidfile, overlays and network go, even when
-the write fails (a full disk must not keep a tap alive).
+the write fails (a full disk must not keep a tap alive), and helpers a dead supervisor left
+running (virtiofsd, swtpm) are ended.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import signal
 import time
 
-from kvmrun.guest import netrecord
+from kvmrun.guest import helpers, netrecord
 from kvmrun.guest.rundir import CRASH_REASONS, Guest, State
 from kvmrun.guest.shutdown import HARD_STAGES
 
@@ -92,5 +93,6 @@ def record_end(guest: Guest, state: dict, ended: dict, code: int | None = None) 
     try:
         guest.write_state(state)
     finally:
+        helpers.end_recorded(state.get("helpers"))
         release(guest)
     return state

@@ -11,6 +11,9 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
         (one start's id: its supervisor writes only while launch.json still carries it)
     3   adds "machine_type": the versioned machine type behind an alias (pc ->
         pc-i440fx-7.2), so a migration target runs the very machine the guest runs
+    4   adds "helpers": the guest's helper daemons, [{name, argv, socket}] (virtiofsd for a
+        virtiofs share, swtpm for a TPM), started by the supervisor before QEMU and ended
+        after it (kvmrun.guest.helpers); and "type" (9p, virtiofs) in each of "shares"
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 3
+VERSION = 4
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -30,7 +33,7 @@ FIELDS: dict[str, object] = {
     "disks": [],                  # every disk path, in profile order
     "shared_disks": [],           # disks only read (read-only, bases of ephemeral disks)
     "ephemeral_disks": [],        # indexes of ephemeral disks
-    "shares": [],                 # [{path, tag, readonly}]
+    "shares": [],                 # [{path, tag, readonly, type}] (no type: 9p, v1-v3)
     "ready_console": None,        # a regex the console must print to count as ready
     "ready_timeout": 300,
     "shutdown_timeout": 60,
@@ -41,6 +44,7 @@ FIELDS: dict[str, object] = {
     "summary": {},                # arch, machine, accel, smp, memory, source, forwards,
                                   # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
     "machine_type": None,         # the versioned machine type (None: not known, v1/v2)
+    "helpers": [],                # [{name, argv, socket}]: started before QEMU, in order
 }
 
 

@@ -13,6 +13,7 @@
         serial.log.1            the part before the last rotation
         overlay-diskN.qcow2     the throwaway overlay of ephemeral disk N (gone when it ends)
         cidata.iso              the cloud-init NoCloud seed (+ cidata.sha256 of its inputs)
+        helper-NAME.sock .log   a helper's socket and log (virtiofsd0, swtpm: guest.helpers)
         qmp.sock qmp-cli.sock console.sock [qga.sock vnc.sock]   mode 0600
 
 While a guest runs, everything is there. When it has stopped, the sockets, pidfile and
@@ -249,12 +250,13 @@ class Guest:
     # -------------------------------------------------------- clean-up
     def clear_runtime(self, keep_logs: bool = True) -> None:
         """Remove sockets, pidfile, request and ephemeral overlays (after the guest ended)."""
-        for p in self.paths.sockets() + [self.paths.pidfile, self.paths.request]:
+        for p in self.paths.sockets() + self.paths.helper_files(".sock") + [
+                self.paths.pidfile, self.paths.request]:
             files.unlink(p)
         if not keep_logs:
             for p in (self.paths.state, self.paths.events, self.paths.serial_log,
                       self.paths.serial_log_old,
-                      self.paths.qemu_log, self.paths.launch):
+                      self.paths.qemu_log, self.paths.launch, *self.paths.helper_files(".log")):
                 files.unlink(p)
         for p in self.paths.dir.glob("overlay-disk*.qcow2"):   # ephemeral disks' writes
             files.unlink(p)

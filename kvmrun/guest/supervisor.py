@@ -1,8 +1,10 @@
 """The supervisor: one process per guest, QEMU's parent.
 
-It launches QEMU from the run directory's launch record, owns the events monitor (qmp.sock),
-writes events.jsonl and state.json, notices readiness (QMP up, then the console pattern),
-records why the guest ended, and exits with a code that says so (kvmrun.guest.ending).
+It starts the guest's helper daemons (virtiofsd, swtpm: kvmrun.guest.helpers) and then QEMU
+from the run directory's launch record, owns the events monitor (qmp.sock), writes
+events.jsonl and state.json, notices readiness (QMP up, then the console pattern), records
+why the guest ended, ends the helpers after QEMU, and exits with a code that says so
+(kvmrun.guest.ending).
 `kvmrun start` runs it detached (`python -m kvmrun.guest.supervisor`); `kvmrun run` runs it
 in the foreground (systemd, scripts), where SIGTERM/SIGINT stop the guest through the
 shutdown ladder and sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the
@@ -14,6 +16,7 @@ Standard library and kvmrun's light modules only, to stay small in memory.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -28,6 +31,7 @@ from pathlib import Path
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.guest import ending, serial_log
+from kvmrun.guest.helpers import Helper, HelperFailed
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
@@ -71,6 +75,7 @@ class Supervisor:
         self.console_seen = b""
         self.console_offset = 0
         self.stop_requested: str | None = None
+        self.helpers = contextlib.ExitStack()     # ended after QEMU, in reverse order
 
     # ------------------------------------------------------------ reporting
     def report(self, event: str, **data) -> None:
@@ -118,6 +123,8 @@ class Supervisor:
                   supervisor_pid=me, supervisor_starttime=proc.starttime(me),
                   started_at=time.time(), argv=argv, summary=self.launch.summary,
                   ended=None, ready=False, unit=current_unit())
+        if not self.start_helpers():
+            return False
         proc.log_argv(argv)
         try:
             with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
@@ -139,6 +146,26 @@ class Supervisor:
             self.became_ready()
         return True
 
+    def start_helpers(self) -> bool:
+        """Each helper of the launch record, started and listening, before QEMU (which
+        connects to their sockets as it starts); on a failure the ones started are ended."""
+        started = []
+        try:
+            for spec in self.launch.helpers:
+                helper = Helper(spec["name"], spec["argv"], spec["socket"],
+                                self.paths.helper_log(spec["name"]))
+                started.append(self.helpers.enter_context(helper))
+                log(f"{self.guest.name}: {helper.what} up (pid {helper.proc.pid})")
+        except HelperFailed as err:
+            return self.launch_failed(str(err), err.output, helper=err.argv)
+        if started:
+            self.save(helpers=[h.record() for h in started])
+        return True
+
+    def end_helpers(self) -> None:
+        """End the helpers (after QEMU has exited, or when it failed to start)."""
+        self.helpers.close()
+
     def connect_qmp(self) -> bool:
         deadline = time.monotonic() + QMP_WAIT
         while True:
@@ -156,11 +183,18 @@ class Supervisor:
                                               f"{QMP_WAIT:g}s")
                 select.poll().poll(10)
 
-    def launch_failed(self, message: str) -> bool:
-        stderr = files.read_text(self.paths.qemu_log).strip()
+    def launch_failed(self, message: str, stderr: str | None = None,
+                      helper: list[str] | None = None) -> bool:
+        """A start that did not come up: its helpers ended, the failure recorded (`helper`:
+        the argv of the helper that failed, when it was not QEMU)."""
+        self.end_helpers()
+        if stderr is None:
+            stderr = files.read_text(self.paths.qemu_log).strip()
         log(f"{self.guest.name}: {message}: {stderr}")
-        self.save(ended={"reason": "failed-to-start", "detail": message, "stderr": stderr})
-        self.report("failed", message=message, stderr=stderr)
+        self.save(ended={"reason": "failed-to-start", "detail": message, "stderr": stderr,
+                         **({"helper_argv": helper} if helper else {})})
+        self.report("failed", message=message, stderr=stderr,
+                    **({"helper_argv": helper} if helper else {}))
         return False
 
     def became_ready(self) -> None:
@@ -345,6 +379,7 @@ class Supervisor:
         """How QEMU ended, recorded once; then the guest's run-time files and network go."""
         assert self.proc is not None
         returncode = self.proc.wait()
+        self.end_helpers()
         self.drain_events()
         ended, code = ending.classify(returncode, self.shutdown_reason, self.panicked,
                                       self.guest.request() or {})
@@ -374,6 +409,7 @@ class Supervisor:
             self.loop()
             return self.finish()
         finally:
+            self.end_helpers()
             if self.ready_fd is not None:
                 os.close(self.ready_fd)
 

@@ -16,7 +16,6 @@ UNSUPPORTED = {
     "redirdev": "USB redirection is not supported",
     "smartcard": "smartcards are not supported",
     "watchdog": "watchdog devices are not supported",
-    "tpm": "TPM devices are not supported",
     "sound": "sound devices are not supported",
     "panic": "panic notifier devices are not supported",
     "shmem": "shared-memory devices are not supported",
@@ -117,11 +116,11 @@ def _filesystem(d: Devices, fs: Node) -> None:
     if kind != "mount":
         return b.drop(fs, f"filesystem type {kind!r} is not supported (a host directory)")
     driver = fs.find("driver")
+    virtiofs = False
     if driver is not None:
         driver.use()
         if driver.attr("type") == "virtiofs":
-            b.loss(fs, "virtiofs is not supported: the directory is shared over virtio-9p "
-                       "instead (mount -t 9p in the guest)")
+            virtiofs = True
             binary = fs.find("binary")
             if binary is not None:
                 binary.use()
@@ -138,7 +137,12 @@ def _filesystem(d: Devices, fs: Node) -> None:
     if not path:
         return b.drop(fs, "a filesystem needs a <source dir>")
     share = {"path": path, "tag": tag, "security_model": ACCESS.get(access, "none")}
-    if access not in ACCESS:
+    if virtiofs and fs.find("readonly") is not None:
+        b.loss(fs, "a read-only virtiofs share is shared over virtio-9p instead (QEMU 7.2's "
+                   "virtiofsd has no read-only mode; mount -t 9p in the guest)")
+    elif virtiofs:                     # virtiofsd runs as this user: no ownership mapping
+        share = {"path": path, "tag": tag, "type": "virtiofs"}
+    elif access not in ACCESS:
         b.loss(fs, f"access mode {access!r} is not supported", "accessmode")
     if not re.fullmatch(TAG_RE, tag):
         share["tag"] = (re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("_")[:31]
@@ -154,6 +158,18 @@ def _filesystem(d: Devices, fs: Node) -> None:
 
 
 # ---------------------------------------------------------------- the rest
+
+def _tpm(d: Devices, node: Node) -> None:
+    """An emulated TPM 2.0 (swtpm) is `tpm: true`; kvmrun picks the model per architecture."""
+    b = d.b
+    node.attr("model")
+    backend = node.find("backend")
+    if backend is None or backend.use().attr("type") != "emulator":
+        return b.drop(node, "only an emulated TPM (backend type emulator: swtpm) is supported")
+    if backend.attr("version", "2.0") != "2.0":
+        return b.drop(node, "TPM 1.2 is not supported: kvmrun's TPM is 2.0")
+    b.set(("tpm",), True, node)
+
 
 def _channel(d: Devices, ch: Node) -> None:
     target = ch.find("target")
@@ -227,7 +243,7 @@ def _emulator(d: Devices, node: Node) -> None:
                    "from PATH")
 
 
-HANDLERS = {"disk": _disk, "interface": _interface, "filesystem": _filesystem,
+HANDLERS = {"disk": _disk, "interface": _interface, "filesystem": _filesystem, "tpm": _tpm,
             "channel": _channel, "input": _input, "memballoon": _memballoon, "rng": _rng,
             "controller": _controller, "audio": _audio, "emulator": _emulator,
             "serial": lambda d, n: None, "console": lambda d, n: None,

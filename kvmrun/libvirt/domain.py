@@ -80,6 +80,7 @@ def convert(raw: bytes, source: str, *, path_exists: Callable[[str], bool] = os.
     _clock_and_events(b, root)
     from kvmrun.libvirt import devices
     devices.convert(b, root)
+    _memory_backing(b, root)
     _commandline(b, root)
     _metadata(b, root)
     for node in root.children:
@@ -91,6 +92,22 @@ def convert(raw: bytes, source: str, *, path_exists: Callable[[str], bool] = os.
 
 
 # ---------------------------------------------------------------- the domain itself
+
+def _memory_backing(b: Builder, root: Node) -> None:
+    """A memfd source with shared access is what virtiofs shares need, and kvmrun gives
+    guest RAM that itself when a profile has one; anything else stays unsupported."""
+    backing = root.find("memoryBacking")
+    if backing is None or not any(s.get("type") == "virtiofs"
+                                  for s in b.data.get("shares", [])):
+        return
+    wanted = {"source": ("type", "memfd"), "access": ("mode", "shared")}
+    if all(wanted.get(c.tag) and c.attrs.get(wanted[c.tag][0]) == wanted[c.tag][1]
+           and set(c.attrs) == {wanted[c.tag][0]} and not c.children
+           for c in backing.children):
+        backing.use()
+        for child in backing.children:
+            child.use().attr(wanted[child.tag][0])
+
 
 def _hypervisor(b: Builder, root: Node) -> None:
     kind = root.attr("type")

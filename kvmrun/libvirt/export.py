@@ -57,6 +57,10 @@ def to_xml(p: Profile) -> str:
         _sub(dom, "description", p.description)
     meta = _sub(dom, "metadata")
     _sub(dom, "memory", str(p.memory), unit="MiB")
+    if any(share.type == "virtiofs" for share in p.shares):     # virtiofsd maps guest RAM
+        backing = _sub(dom, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(dom, "vcpu", str(p.smp), placement="static")
     _os(dom, p, a, extra)
     features = _sub(dom, "features")
@@ -209,6 +213,13 @@ def _disks(devs: ET.Element, p: Profile, a, extra: dict) -> None:
 def _shares(devs: ET.Element, p: Profile, extra: dict) -> None:
     more = []
     for s in p.shares:
+        if s.type == "virtiofs":           # libvirt: passthrough access, shared memory
+            fs = _sub(devs, "filesystem", type="mount", accessmode="passthrough")
+            _sub(fs, "driver", type="virtiofs")
+            _sub(fs, "source", dir=s.path)
+            _sub(fs, "target", dir=s.tag)
+            more.append({})
+            continue
         fs = _sub(devs, "filesystem", type="mount",
                   accessmode=ACCESS.get(s.security_model, "mapped"))
         _sub(fs, "driver", type="path")
@@ -284,6 +295,9 @@ def _rest(devs: ET.Element, p: Profile, a, extra: dict) -> None:
         _sub(_sub(devs, "video"), "model", type=model)
     elif p.display == "gtk":
         extra["display"] = "gtk"
+    if p.tpm:
+        tpm = _sub(devs, "tpm", model="tpm-crb" if a.tpm == "tpm-crb" else "tpm-tis")
+        _sub(tpm, "backend", type="emulator", version="2.0")
     _sub(devs, "memballoon", model="virtio" if "balloon" in p.devices else "none")
     if "rng" in p.devices:
         rng = _sub(devs, "rng", model="virtio")

@@ -4,13 +4,15 @@ The archive is a tar stream (GNU format, holes stored as holes), compressed with
 the `zstd` command is installed. Its first member is `manifest.json`:
 
     {"format": 1, "name": …, "uuid": …, "profile": "profile.yaml",
-     "files": [{"member": "disks/web.qcow2", "role": "disk"|"backing"|"nvram",
+     "files": [{"member": "disks/web.qcow2", "role": "disk"|"backing"|"nvram"|"tpm",
                 "format": "qcow2", "backing": "disks/base.qcow2" | null,
                 "size": bytes, "allocated": bytes, "sha256": hex}, …]}
 
 then `profile.yaml` (self-contained: extends resolved, uuid pinned, .pub keys and
-user_data_file inlined, disk paths relative to the archive), every disk image and each image of its qcow2 backing chain once (or, with
-`flatten`, each disk converted to one image), and the UEFI variable store `nvram.fd`.
+user_data_file inlined, disk paths relative to the archive), every disk image and each image
+of its qcow2 backing chain once (or, with `flatten`, each disk converted to one image), the
+UEFI variable store `nvram.fd`, and the TPM's state (`tpm: true`: swtpm's files,
+`tpm/tpm2-00.permall`).
 
 Import reads the manifest first (refusing an existing VM or file and a directory without the
 room before writing anything), unpacks into a hidden staging directory beside the
@@ -46,6 +48,7 @@ from kvmrun.proc import log_argv
 
 FORMAT = 1
 MANIFEST, PROFILE, NVRAM = "manifest.json", "profile.yaml", "nvram.fd"
+TPM_DIR = "tpm"                    # members tpm/FILE: the TPM state directory's files
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20
 ZERO = bytes(CHUNK)
@@ -57,7 +60,7 @@ Progress = Callable[[int, int], None]          # (bytes done, bytes in all)
 class Item:
     member: str                       # its name in the archive
     source: str                       # where it is read from here
-    role: str                         # disk, backing or nvram
+    role: str                         # disk, backing, nvram or tpm
     format: str | None = None
     backing: str | None = None        # the member it is based on
     size: int = 0
@@ -198,6 +201,11 @@ def plan(profile, stage: Path, flatten: bool = False) -> Plan:
     nvram = paths.nvram_path(profile.name)
     if profile.firmware == "uefi" and nvram.exists():
         result.items.append(Item(NVRAM, str(nvram), "nvram", "raw"))
+    tpm = paths.tpm_state_dir(profile.name)
+    if profile.tpm and tpm.is_dir():          # swtpm's state (not its .lock)
+        for file in sorted(tpm.iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                result.items.append(Item(f"{TPM_DIR}/{file.name}", str(file), "tpm", "raw"))
     return result
 
 
@@ -241,6 +249,7 @@ def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,
         (tree / MANIFEST).write_text(json.dumps(result.manifest(), indent=1) + "\n")
         (tree / PROFILE).write_text(yaml_text(result.profile))
         for item in result.items:
+            (tree / item.member).parent.mkdir(exist_ok=True)
             os.symlink(os.path.abspath(item.source), tree / item.member)
         total = sum(i.allocated for i in result.items) + 512 * (4 + 3 * len(result.items))
         members = [MANIFEST, PROFILE] + [i.member for i in result.items]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,16 @@ def undefine(name: str, keep_nvram: bool = False) -> Undefined:
             except OSError as err:
                 raise StoreError(f"{name} is undefined, but its UEFI variable store {nvram} "
                                  f"could not be removed: {err.strerror or err}") from err
+    tpm = paths.tpm_state_dir(name)
+    if tpm.is_dir():                  # the TPM's state goes with the VM, as its vars do
+        if keep_nvram:
+            kept.append(tpm)
+        else:
+            shutil.rmtree(tpm, ignore_errors=True)
+            if tpm.exists():
+                raise StoreError(f"{name} is undefined, but its TPM state {tpm} could not "
+                                 "be removed")
+            removed.append(tpm)
     return Undefined(name, tuple(removed), tuple(kept))
 
 

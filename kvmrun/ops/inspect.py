@@ -48,8 +48,13 @@ def status(guest: Guest, detailed: bool = True) -> dict:
     info["ephemeral_disks"] = launch.ephemeral_disks if launch else []
     info["agent"] = str(guest.paths.qga) if launch and agent.has_port(launch.argv) else None
     info["nics"] = nic_status(guest)
-    info["shares"] = [{**s, "mount": share_mount_command(s["tag"], s["readonly"])}
+    info["shares"] = [{**s, "type": s.get("type", "9p"),
+                       "mount": share_mount_command(s["tag"], s["readonly"],
+                                                    s.get("type", "9p"))}
                       for s in (launch.shares if launch else [])]
+    info["tpm"] = tpm_status(guest, launch)
+    info["helpers"] = [{k: h.get(k) for k in ("name", "pid", "socket", "log")}
+                       for h in (state.get("helpers") or [])] if pid else []
     info["migration"] = migration(guest) if pid else None
     if pid and detailed and state_name is State.NOT_RESPONDING:
         info["problem"] = "QEMU is stopped by a signal (SIGSTOP or a debugger): it cannot " \
@@ -79,11 +84,22 @@ def migration(guest: Guest) -> dict | None:
             "ram_bytes": record.get("ram")}
 
 
-def share_mount_command(tag: str, readonly: bool = False) -> str:
-    """What a Linux guest runs to mount a virtio-9p share."""
+def share_mount_command(tag: str, readonly: bool = False, type: str = "9p") -> str:
+    """What a Linux guest runs to mount a share: virtio-9p (the 9p and 9pnet_virtio
+    modules), or virtiofs (the virtiofs module; Debian's cloud kernel has only this one)."""
+    if type == "virtiofs":
+        return f"mkdir -p /mnt/{tag} && mount -t virtiofs {tag} /mnt/{tag}"
     ro = ",ro" if readonly else ""
     return (f"mkdir -p /mnt/{tag} && mount -t 9p -o trans=virtio,version=9p2000.L{ro} "
             f"{tag} /mnt/{tag}")
+
+
+def tpm_status(guest: Guest, launch) -> dict | None:
+    """The guest's TPM (a swtpm helper) and where its state is kept, or None."""
+    if not launch or not any(h.get("name") == "swtpm" for h in launch.helpers):
+        return None
+    return {"version": "2.0", "state_dir": str(guest.paths.tpm),
+            "log": str(guest.paths.helper_log("swtpm"))}
 
 
 def _device_id(block: dict) -> str:

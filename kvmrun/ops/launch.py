@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import uuid
@@ -52,6 +53,7 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
         note(f"kvmrun: warning: {profile.name}'s UEFI variable store {nvram} has no Secure "
              "Boot keys (it was made for plain UEFI), so the firmware verifies nothing; "
              "remove it while the VM is stopped to start from Microsoft's keys")
+    guest.paths.check_length([Path(h.socket) for h in compiled.helpers])
     if profile.accel == "auto" and compiled.accel == "tcg" and not facts.forced_accel:
         if archmod.get(profile.arch).kvm_possible(facts.machine):
             note("kvmrun: KVM is not usable here (see `kvmrun doctor`); using TCG")
@@ -60,6 +62,8 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
                         hint="add yourself to the kvm group, or use accel: tcg")
     compiled.argv[0] = binary
     if proc.debug():
+        for helper in compiled.helpers:
+            note(f"kvmrun: debug: helper {helper.name}: {shlex.join(helper.argv)}")
         note(f"kvmrun: debug: qemu: {shlex.join(compiled.argv)}")
     return profile, compiled
 
@@ -87,6 +91,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     undo.callback(nics.teardown, guest.paths)
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
+    _prepare_tpm(profile, guest, undo)
     launch_record(profile, compiled).write(guest.paths.launch)
     guest.reserve_request()
 
@@ -101,8 +106,9 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         disks=[d.path for d in profile.disks],
         shared_disks=[d.path for d in profile.disks if d.readonly or d.ephemeral],
         ephemeral_disks=[i for i, d in enumerate(profile.disks) if d.ephemeral],
-        shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly}
+        shares=[{"path": s.path, "tag": s.tag, "readonly": s.readonly, "type": s.type}
                 for s in profile.shares],
+        helpers=[h.to_json() for h in compiled.helpers],
         ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
@@ -196,6 +202,11 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
         sup = Supervisor(guest, None, foreground=True)
         if not sup.start_qemu():
             ended = (guest.read_state() or {}).get("ended") or {}
+            helper = ended.get("helper_argv")       # a helper (virtiofsd, swtpm) failed
+            if helper:
+                raise LaunchError(f"{profile.name} failed to start: {ended.get('detail')}",
+                                  helper, ended.get("stderr", ""),
+                                  said_by=os.path.basename(helper[0]))
             raise LaunchError(f"QEMU failed to start: {ended.get('detail', '')}",
                               compiled.argv, ended.get("stderr", ""),
                               hint=_resume_hint(resumed) or
@@ -205,8 +216,11 @@ def run_foreground(profile: Profile, note: Progress = lambda m: None,
     if resumed:                              # the loaded RAM state may be frozen
         import threading
         threading.Thread(target=_thaw_resumed, args=(guest, note), daemon=True).start()
-    sup.loop()
-    return sup.finish()
+    try:
+        sup.loop()
+        return sup.finish()
+    finally:
+        sup.end_helpers()                 # also when the loop is interrupted
 
 
 def _attach_console(guest: Guest, note: Progress) -> None:
@@ -236,6 +250,24 @@ def _prepare_nvram(profile: Profile, guest: Guest) -> None:
                         + (" with Microsoft's keys enrolled" if profile.secure_boot else ""),
                         hint="install ovmf (x86_64) or qemu-efi-aarch64 (aarch64)")
     files.atomic_write(guest.paths.nvram, Path(template).read_bytes(), 0o600, make_dirs=0o700)
+
+
+TPM_STATE = "tpm2-00.permall"      # swtpm's permanent state file in its --tpmstate directory
+
+
+def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> None:
+    """A TPM's first start manufactures it (swtpm_setup: the endorsement keys, the SHA-256
+    PCR bank), as a new machine's TPM comes; later starts reuse the state. A failed first
+    start removes what it made."""
+    state = guest.paths.tpm
+    if not profile.tpm or state is None or (state / TPM_STATE).exists():
+        return
+    made = not state.exists()
+    files.mkdirs(state)
+    if made:
+        undo.callback(shutil.rmtree, state, True)
+    proc.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
+              "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
 
 
 def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
@@ -319,6 +351,10 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
     nvram = Guest(profile.name).paths.nvram
     if profile.firmware == "uefi" and nvram is not None:
         exist.append(str(nvram))
+    exist += [helper["argv"][0] for helper in record.helpers]     # virtiofsd, swtpm
+    tpm = Guest(profile.name).paths.tpm
+    if profile.tpm and tpm is not None:          # a TPM made again takes the full path
+        exist.append(str(tpm / TPM_STATE))
     formats = {new.path: new.format for old, new in zip(profile.disks, resolved.disks)
                if old.format is None and not images.is_block_device(new.path)}
     forwards = [(str(profile.location("network", i, "forward", j)), fwd)

@@ -149,6 +149,13 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     launch = guest.read_launch()
     if launch.ephemeral_disks:
         raise MigrationError(f"{name} has ephemeral disks; their overlays cannot move yet")
+    if launch.helpers:          # the target would need its own virtiofsd/swtpm first
+        raise MigrationError(f"{name} runs helper daemons ("
+                             + ", ".join(h["name"] for h in launch.helpers)
+                             + "): live migration of virtiofs shares and TPMs is not "
+                               "supported yet",
+                             hint=f"stop it and move it with `kvmrun export {name} "
+                                  "--with-disks` (the TPM state goes along)")
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:

@@ -48,8 +48,13 @@ def load_profile(ref: str | None, sets: Sequence[str] = (), oneoff: dict | None 
 def qemu_argv(profile: Profile) -> list[str]:
     """`kvmrun cmdline`: the exact QEMU argv `profile` compiles to on this host (image
     formats detected, host probed)."""
+    return compiled(profile).argv
+
+
+def compiled(profile: Profile) -> compiler.Compiled:
+    """QEMU's argv and the helpers' (virtiofsd, swtpm) `profile` compiles to here."""
     profile = with_formats(profile)
-    return compiler.compile(profile, host.probe(), RunPaths.for_guest(profile.name))
+    return compiler.build(profile, host.probe(), RunPaths.for_guest(profile.name))
 
 
 def restart_profile(name: str) -> Profile:

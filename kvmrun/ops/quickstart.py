@@ -201,6 +201,11 @@ def wait_for_supervisor(rfd: int, reap: Callable[[], int], *, name: str, argv: l
             event = message["event"]
             if event == "failed":
                 reap()
+                if message.get("helper_argv"):      # a helper (virtiofsd, swtpm), not QEMU
+                    helper = message["helper_argv"]
+                    raise LaunchError(f"{name} failed to start: {message['message']}",
+                                      helper, message.get("stderr", ""),
+                                      said_by=os.path.basename(helper[0]))
                 raise LaunchError(f"QEMU failed to start: {message['message']}", argv,
                                   message.get("stderr", ""),
                                   hint=launch_hint(message.get("stderr", "")))

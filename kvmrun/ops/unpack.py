@@ -23,8 +23,8 @@ from typing import BinaryIO, Callable
 from kvmrun import paths
 from kvmrun.errors import AlreadyDefined, ProfileErrors, StorageError, UsageError
 from kvmrun.qemu import checks
-from kvmrun.ops.archive import CHUNK, FORMAT, MANIFEST, NVRAM, PROFILE, ZERO, ZSTD_MAGIC, \
-    Progress
+from kvmrun.ops.archive import CHUNK, FORMAT, MANIFEST, NVRAM, PROFILE, TPM_DIR, ZERO, \
+    ZSTD_MAGIC, Progress
 from kvmrun.proc import log_argv
 
 
@@ -112,10 +112,26 @@ def _manifest(tar: tarfile.TarFile) -> dict:
                            f"kvmrun reads ({FORMAT})")
     for entry in manifest.get("files", []):
         member = entry.get("member", "")
-        if not (member == NVRAM or (member.startswith("disks/") and member.count("/") == 1
-                                    and member[6:] not in ("", ".", ".."))):
+        folder, _, leaf = member.partition("/")
+        if not (member == NVRAM or (folder in ("disks", TPM_DIR) and "/" not in leaf
+                                    and leaf not in ("", ".", ".."))):
             raise StorageError(f"the archive names a file outside it: {member!r}")
     return manifest
+
+
+def _target(member: str, name: str, dest: Path) -> Path:
+    """Where an archive member goes: the variable store and TPM state to the VM's own
+    places in the data directory, disks into `dest`."""
+    if member == NVRAM:
+        return paths.nvram_path(name)
+    folder, _, leaf = member.partition("/")
+    return paths.tpm_state_dir(name) / leaf if folder == TPM_DIR else dest / leaf
+
+
+def _staged(stage: Path, member: str) -> Path:
+    """A member's place in the staging directory (TPM files apart from the disks)."""
+    folder, _, leaf = member.partition("/")
+    return stage / TPM_DIR / leaf if folder == TPM_DIR else stage / Path(member).name
 
 
 def _destination(manifest: dict, name: str, pool: str | None, directory: str | None) -> Path:
@@ -135,8 +151,7 @@ def _refuse_existing(manifest: dict, name: str, dest: Path) -> None:
         raise AlreadyDefined(f"a VM named {name!r} is already defined",
                              hint="--name NEW imports it under another name")
     for entry in manifest["files"]:
-        target = paths.nvram_path(name) if entry["member"] == NVRAM else \
-            dest / entry["member"][6:]
+        target = _target(entry["member"], name, dest)
         if os.path.lexists(target):
             raise StorageError(f"{target} already exists; import never overwrites a disk",
                                hint="--dir DIR (or --pool) puts the disks elsewhere")
@@ -187,8 +202,9 @@ def _unpack(tar, manifest: dict, stage: Path, progress: Progress,
             text = tar.extractfile(info).read().decode()
             on_profile(text)
         elif info.name in entries and info.name not in seen and info.isfile():
-            _extract(tar, info, stage / Path(info.name).name, entries[info.name], done,
-                     total, progress)
+            staged = _staged(stage, info.name)
+            staged.parent.mkdir(exist_ok=True)
+            _extract(tar, info, staged, entries[info.name], done, total, progress)
             seen.add(info.name)
         else:
             raise StorageError(f"the archive holds {info.name!r}, which its manifest does "
@@ -269,10 +285,10 @@ def import_archive(source: str, *, name: str | None = None, pool: str | None = N
         _rebase(manifest, stage)
         profile = _profile(text, manifest, name, dest)
         for entry in manifest["files"]:
-            staged = stage / Path(entry["member"]).name
-            target = paths.nvram_path(name) if entry["member"] == NVRAM else \
-                dest / staged.name
-            _place(staged, target, made)
+            target = _target(entry["member"], name, dest)
+            _place(_staged(stage, entry["member"]), target, made)
+            if entry["member"].startswith(TPM_DIR + "/"):
+                os.chmod(target, 0o600)               # the TPM's secrets: this user's only
         result = defined.define(profile, name, check_files=check_files)
         made, created = [], None                      # done: keep them
         return {"name": result.name, "path": str(result.path), "uuid": profile.vm_uuid,
@@ -282,6 +298,11 @@ def import_archive(source: str, *, name: str | None = None, pool: str | None = N
             stream.close(False)
         for path in made:
             path.unlink(missing_ok=True)
+        if name:
+            try:
+                paths.tpm_state_dir(name).rmdir()     # made for the TPM files, now empty
+            except OSError:
+                pass
         raise
     finally:
         if stage is not None:

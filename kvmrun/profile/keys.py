@@ -149,15 +149,22 @@ DISK = Obj(Disk, {
                     "on a read error (stop, report, ignore); default: QEMU's (report)"),
 })
 
+SHARE_TYPES = ("9p", "virtiofs")
+
 SHARE = Obj(Share, {
-    "path": Field(FilePath(), "host directory to share (virtio-9p)", required=True),
+    "path": Field(FilePath(), "host directory to share", required=True),
     "tag": Field(Str(r"[A-Za-z0-9_.-]{1,31}", what="a mount tag (letters, digits, . _ -, at "
                                                   "most 31)"),
-                 "mount tag the guest mounts: mount -t 9p -o trans=virtio TAG /mnt",
-                 required=True),
-    "readonly": Field(Bool(), "the guest cannot write"),
+                 "mount tag the guest mounts: mount -t 9p -o trans=virtio TAG /mnt (9p), "
+                 "mount -t virtiofs TAG /mnt (virtiofs)", required=True),
+    "type": Field(Enum(SHARE_TYPES),
+                  "9p: virtio-9p served by QEMU (no root needed; not in Debian's cloud "
+                  "kernel); virtiofs: a virtiofsd helper per share (root; faster, POSIX "
+                  "semantics, in every cloud kernel); default 9p"),
+    "readonly": Field(Bool(), "the guest cannot write (9p only)"),
     "security_model": Field(Enum(("none", "passthrough", "mapped-xattr", "mapped-file")),
-                            "how guest file ownership maps to the host (QEMU's security_model)"),
+                            "9p: how guest file ownership maps to the host (QEMU's "
+                            "security_model)"),
 })
 
 
@@ -311,7 +318,8 @@ PROFILE = Obj(Profile, {
                                  "enrolled in the VM's variable store, SMM (q35 only)"),
     "disks": Field(List(DISK), "disks, in order"),
     "cdrom": Field(FilePath(), "ISO image attached as CD-ROM"),
-    "shares": Field(List(SHARE), "host directories shared with the guest (virtio-9p)"),
+    "shares": Field(List(SHARE), "host directories shared with the guest (virtio-9p or "
+                                 "virtiofs)"),
     "cloud_init": Field(CLOUD_INIT, "cloud-init NoCloud seed (a read-only disk labelled "
                                     "cidata)"),
     "network": Field(List(NETWORK), "NICs; default: one user-mode NIC; [] for none"),
@@ -330,5 +338,8 @@ PROFILE = Obj(Profile, {
     "semihosting": Field(Bool(), "enable Arm/RISC-V semihosting"),
     "sandbox": Field(Bool(), "QEMU's seccomp sandbox (obsolete, set*id, spawn and resource "
                              "control denied); default true; false turns it off (a warning)"),
+    "tpm": Field(Bool(), "a TPM 2.0 device (tpm-crb on x86, tpm-tis-device on Arm virt) "
+                        "backed by a swtpm helper; its state is kept in the data directory "
+                        "across restarts and moves with export"),
     "qemu_args": Field(List(Str()), "extra QEMU arguments, appended verbatim"),
 }, "A kvmrun VM profile")

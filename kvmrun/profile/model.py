@@ -46,7 +46,8 @@ class Share:
     path: str
     tag: str
     readonly: bool = False
-    security_model: str = "none"
+    security_model: str = "none"     # 9p only
+    type: str = "9p"                 # 9p (QEMU serves it) or virtiofs (a virtiofsd helper)
 
 
 def is_key_file(key: str) -> bool:
@@ -138,6 +139,7 @@ class Profile:
     halted: bool = False
     semihosting: bool = False
     sandbox: bool = True                   # QEMU's seccomp sandbox (-sandbox on,…)
+    tpm: bool = False                      # a TPM 2.0: a swtpm helper, state in the data dir
     qemu_args: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)
     lines: dict = field(default_factory=dict, compare=False, repr=False)

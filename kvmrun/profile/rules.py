@@ -35,6 +35,8 @@ def _check_board(p: Profile, ctx: Ctx) -> None:
     if "tablet" in p.devices:
         ctx.error(("devices",), f"{why}: no USB controller for the tablet")
     if board.virtio is None:
+        for i, _ in enumerate(p.shares):
+            ctx.error(("shares", i), f"{why} and no virtio: no place for a shared directory")
         for i, net in enumerate(p.network):
             if net.type == "user" and (net.model or board.nic) != board.nic:
                 ctx.error(("network", i), f"{why} and no virtio: only its on-board NIC "
@@ -122,10 +124,39 @@ def check_combinations(p: Profile, ctx: Ctx) -> None:
     _check_disk_sources(p, ctx)
     _check_ide_slots(p, ctx)
     _check_networks(p, ctx)
+    _check_shares(p, ctx)
+    _check_tpm(p, ctx)
+
+
+def _check_shares(p: Profile, ctx: Ctx) -> None:
     tags = [s.tag for s in p.shares]
     for i, share in enumerate(p.shares):
         if tags.index(share.tag) != i:
             ctx.error(("shares", i, "tag"), f"tag {share.tag!r} is used twice")
+        if share.type != "virtiofs":
+            continue
+        if share.readonly:
+            ctx.error(("shares", i, "readonly"), "a virtiofs share cannot be read-only here "
+                      "(QEMU 7.2's virtiofsd has no read-only mode)",
+                      hint="use type: 9p for a read-only share, or mount it read-only in the "
+                           "guest (mount -t virtiofs -o ro TAG /mnt)")
+        if ("shares", i, "security_model") in ctx.lines:
+            ctx.error(("shares", i, "security_model"), "security_model is for type: 9p, not "
+                                                       "type: virtiofs")
+
+
+def _check_tpm(p: Profile, ctx: Ctx) -> None:
+    if not p.tpm:
+        return
+    a = archmod.get(p.arch)
+    board = a.board(p.machine)
+    if a.tpm is None:
+        ctx.error(("tpm",), f"kvmrun offers no TPM for {a.name} guests",
+                  hint="TPM 2.0 is there for " + ", ".join(
+                      n for n, x in archmod.ARCHES.items() if x.tpm))
+    elif board is not None:
+        ctx.error(("tpm",), f"the {board.name} machine has no place for a TPM ({a.tpm})",
+                  hint=f"use the {a.machine} machine")
 
 
 def _check_secure_boot(p: Profile, ctx: Ctx) -> None:

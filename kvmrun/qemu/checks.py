@@ -1,13 +1,15 @@
 """Checks of a profile against this host: referenced files exist, the NICs' files exist,
 no backing-file overlay kvmrun made is lost (kvmrun.storage.overlays) or based on another file
-than the profile's `backing:` (kvmrun.storage.rebase), the QEMU binary is
-installed, and the machine type and CPU model are ones the installed QEMU knows (with close
-matches suggested). `kvmrun validate`, `define` and `start` run
-these; the compiler does not."""
+than the profile's `backing:` (kvmrun.storage.rebase), the QEMU binary is installed, the
+helpers a profile needs are (virtiofsd, swtpm), and the machine type and CPU model are ones
+the installed QEMU knows (with close matches suggested). `kvmrun validate`, `define` and
+`start` run these; the compiler does not."""
 
 from __future__ import annotations
 
 import difflib
+import os
+import shutil
 
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from kvmrun.errors import ProfileError, ProfileErrors
 from kvmrun.net.checks import file_errors
 from kvmrun.profile import Profile, referenced_files
 from kvmrun.qemu import host
+from kvmrun.qemu.compile import SWTPM_PACKAGE, VIRTIOFSD_PACKAGE, virtiofs_shares
 from kvmrun.storage.overlays import lost
 from kvmrun.storage.rebase import mismatched
 
@@ -41,6 +44,7 @@ def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
         errors += file_errors(profile)
         errors += lost(profile)
         errors += mismatched(profile)
+    errors += helper_errors(profile)
     binary = host.qemu_binary(profile.arch)
     if profile.machine:
         known = host.qemu_machines(binary)
@@ -58,6 +62,27 @@ def host_errors(profile: Profile, files: bool = True) -> list[ProfileError]:
                 profile.location("cpu"),
                 f"CPU model {model!r} is not known to {binary}" + _close(model, known),
                 hint=f"list them with: {binary} -cpu help"))
+    return errors
+
+
+def helper_errors(profile: Profile) -> list[ProfileError]:
+    """The helper daemons the profile needs, missing or unable to run here."""
+    errors = []
+    shares = virtiofs_shares(profile)
+    if shares and host.virtiofsd_binary() is None:
+        errors.append(ProfileError(profile.location("shares", shares[0], "type"),
+                                   "virtiofs shares need virtiofsd, which is not installed",
+                                   hint=f"install {VIRTIOFSD_PACKAGE}, or use type: 9p"))
+    elif shares and os.geteuid() != 0:
+        errors.append(ProfileError(profile.location("shares", shares[0], "type"),
+                                   "virtiofsd needs root (its sandbox makes namespaces)",
+                                   hint="run kvmrun as root, or use type: 9p (no root needed)"))
+    if profile.tpm:
+        for program in ("swtpm", "swtpm_setup"):
+            if shutil.which(program) is None:
+                errors.append(ProfileError(profile.location("tpm"),
+                                           f"tpm: true needs {program}, which is not installed",
+                                           hint=f"install it: apt-get install {SWTPM_PACKAGE}"))
     return errors
 
 

@@ -2,8 +2,11 @@
 
 `build(profile, host, paths)` takes the typed profile, host facts probed once elsewhere
 (`kvmrun.qemu.host.probe`) and the guest's runtime paths, and returns the argv as a list of
-strings with the facts it decided (accelerator, machine); `compile()` returns the argv alone. Each option and its value sit together; values built from user input escape commas
-the way QEMU requires (`,` -> `,,`). Nothing ever goes through a shell.
+strings with the facts it decided (accelerator, machine) and the argv of the guest's helper
+daemons, which QEMU connects to as it starts (virtiofsd per virtiofs share, swtpm for a TPM:
+run by the supervisor, kvmrun.guest.helpers); `compile()` returns QEMU's argv alone. Each
+option and its value sit together; values built from user input escape commas the way QEMU
+requires (`,` -> `,,`). Nothing ever goes through a shell.
 """
 
 from __future__ import annotations
@@ -23,6 +26,19 @@ Args = Iterator[str]
 
 
 @dataclass(frozen=True)
+class HelperCommand:
+    """A helper daemon the guest needs: its name (the run directory's helper-NAME.sock and
+    .log), its argv, and the socket it listens on (QEMU connects to it)."""
+
+    name: str
+    argv: list[str]
+    socket: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "argv": list(self.argv), "socket": self.socket}
+
+
+@dataclass(frozen=True)
 class Compiled:
     """The argv and what the compiler decided on the way (the launch record keeps these)."""
 
@@ -30,6 +46,7 @@ class Compiled:
     accel: str
     machine: str
     sandbox: str | None = None     # the -sandbox value, None when turned off
+    helpers: tuple[HelperCommand, ...] = ()    # started before QEMU, in this order
 
 
 def qemu_escape(value: str) -> str:
@@ -74,7 +91,7 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
     argv = [a.qemu]
     for part in (_identity(profile), _machine(profile, a, accel),
                  _display(profile, a, paths), _firmware(profile, a, host, paths),
-                 _kernel(profile), _storage(profile, a, paths), _shares(profile, a),
+                 _kernel(profile), _storage(profile, a, paths), _shares(profile, a, paths),
                  _network(profile, a, host, paths),
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths)):
@@ -86,15 +103,61 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
     if sandbox:
         argv += ["-sandbox", sandbox]
     argv.extend(profile.qemu_args)
-    return Compiled(argv, accel, profile.machine or a.machine, sandbox)
+    return Compiled(argv, accel, profile.machine or a.machine, sandbox,
+                    tuple(_helpers(profile, host, paths)))
+
+
+def virtiofs_shares(p: Profile) -> list[int]:
+    """The indexes of the shares served by virtiofsd."""
+    return [i for i, share in enumerate(p.shares) if share.type == "virtiofs"]
+
+
+def fuse_escape(value: str) -> str:
+    """virtiofsd's -o values (FUSE's option syntax) escape backslashes and commas."""
+    return str(value).replace("\\", "\\\\").replace(",", "\\,")
+
+
+def _helper_binary(found: str | None, program: str, package: str) -> str:
+    if not found:
+        raise HostError(f"{program} not found", hint=f"install it: apt-get install {package}")
+    return found
+
+
+VIRTIOFSD_PACKAGE = "qemu-system-common (Debian 12: /usr/lib/qemu/virtiofsd) or virtiofsd"
+SWTPM_PACKAGE = "swtpm swtpm-tools"
+
+
+def _helpers(p: Profile, host: HostFacts, paths: RunPaths) -> Iterator[HelperCommand]:
+    for i in virtiofs_shares(p):
+        binary = _helper_binary(host.virtiofsd, "virtiofsd", VIRTIOFSD_PACKAGE)
+        sock = str(paths.helper_socket(f"virtiofsd{i}"))
+        yield HelperCommand(f"virtiofsd{i}", [
+            binary, f"--socket-path={sock}", "-o", f"source={fuse_escape(p.shares[i].path)}",
+            "-o", "cache=auto"], sock)
+    if p.tpm:
+        binary = _helper_binary(host.swtpm, "swtpm", SWTPM_PACKAGE)
+        sock, state = str(paths.helper_socket("swtpm")), paths.tpm
+        if state is None:
+            raise HostError("no TPM state directory for this guest")
+        for path in (sock, str(state)):
+            if "," in path:             # swtpm's option syntax has no escape for commas
+                raise HostError(f"swtpm cannot be given a path with a comma: {path!r}",
+                                hint="choose run and data directories without commas "
+                                     "(KVMRUN_RUN_DIR, KVMRUN_DATA_DIR)")
+        yield HelperCommand("swtpm", [
+            binary, "socket", "--tpm2", "--tpmstate", f"dir={state},mode=0600",
+            "--ctrl", f"type=unixio,path={sock},mode=0600", "--log", "fd=1,level=1",
+            "--terminate"], sock)
 
 
 def runas_user(p: Profile, host: HostFacts) -> str | None:
     """The user QEMU drops to after opening what needs root (disks, taps, /dev/kvm,
     sockets, logs: all opened before -runas takes effect). Not with features QEMU uses
-    by path after start-up: virtio-9p shares (root's files) and isolated networks (the
-    hub socket in root's 0700 run directory)."""
-    if not host.qemu_user or p.shares or any(n.type == "isolated" for n in p.network):
+    by path after start-up: virtio-9p shares (root's files), isolated networks (the
+    hub socket in root's 0700 run directory), and helpers' sockets (virtiofs, TPM: kept
+    to root until a reconnect as another user is tested)."""
+    if not host.qemu_user or p.shares or p.tpm or any(n.type == "isolated"
+                                                      for n in p.network):
         return None
     return host.qemu_user
 
@@ -123,6 +186,9 @@ def _identity(p: Profile) -> Args:
     yield from ("-uuid", p.vm_uuid)
 
 
+SHARED_RAM = "guest-ram"     # the memory backend's id when a helper maps guest RAM
+
+
 def _machine(p: Profile, a: Arch, accel: str) -> Args:
     machine = p.machine or a.machine
     if accel == "tcg" and a.tcg_machine_opts and (machine == a.machine
@@ -130,6 +196,10 @@ def _machine(p: Profile, a: Arch, accel: str) -> Args:
         machine = f"{machine},{a.tcg_machine_opts}"
     if p.secure_boot and a.smm:
         machine = f"{machine},smm=on"
+    if virtiofs_shares(p):     # vhost-user: the helper maps guest RAM, so RAM is shared memfd
+        machine = f"{machine},memory-backend={SHARED_RAM}"
+        yield from ("-object", opts("memory-backend-memfd", id=SHARED_RAM,
+                                    size=f"{p.memory}M", share=True))
     yield from ("-machine", machine)
     thread = "multi" if accel == "tcg" and a.mttcg and p.smp > 1 else None
     yield from ("-accel", opts(accel, thread=thread))
@@ -265,8 +335,14 @@ def _seed(p: Profile, a: Arch, paths: RunPaths, ide_slot) -> Args:
                                     drive="drive-cidata", id="cidata", **place))
 
 
-def _shares(p: Profile, a: Arch) -> Args:
+def _shares(p: Profile, a: Arch, paths: RunPaths) -> Args:
     for i, share in enumerate(p.shares):
+        if share.type == "virtiofs":     # served by helper virtiofsd{i} (see _helpers)
+            sock = paths.helper_socket(f"virtiofsd{i}")
+            yield from ("-chardev", opts("socket", id=f"fs{i}", path=qemu_escape(sock)))
+            yield from ("-device", opts(f"vhost-user-fs-{a.virtio}", f"chardev=fs{i}",
+                                        f"tag={share.tag}", id=f"share{i}"))
+            continue
         # security_model and mount_tag keep their underscores (opts() would make them dashes)
         yield from ("-fsdev", opts("local", f"id=fsdev{i}", f"path={qemu_escape(share.path)}",
                                    f"security_model={share.security_model}",
@@ -349,6 +425,11 @@ def _devices(p: Profile, a: Arch, paths: RunPaths) -> Args:
                                     name=AGENT_PORT))
     if "tablet" in wanted:
         yield from ("-device", "qemu-xhci,id=usb0", "-device", "usb-tablet,bus=usb0.0")
+    if p.tpm:                          # swtpm, helper "swtpm" (see _helpers)
+        yield from ("-chardev", opts("socket", id="tpm-chr",
+                                     path=qemu_escape(paths.helper_socket("swtpm"))))
+        yield from ("-tpmdev", "emulator,id=tpm0,chardev=tpm-chr")
+        yield from ("-device", opts(a.tpm, tpmdev="tpm0", id="tpm0"))
 
 
 def _control(p: Profile, paths: RunPaths) -> Args:

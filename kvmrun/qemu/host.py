@@ -1,6 +1,6 @@
-"""Host probing, done once per command and outside the compiler: binaries, /dev/kvm, the QEMU
-version, firmware files, and what machine types and CPU models the installed QEMU knows
-(asked from QEMU itself, cached per binary)."""
+"""Host probing, done once per command and outside the compiler: binaries (QEMU's and the
+helpers', virtiofsd and swtpm), /dev/kvm, the QEMU version, firmware files, and what machine
+types and CPU models the installed QEMU knows (asked from QEMU itself, cached per binary)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,18 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
         if pair:
             secure[a.name] = pair[0]
     return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
-                     uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=qemu_user())
+                     uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=qemu_user(),
+                     virtiofsd=virtiofsd_binary(), swtpm=shutil.which("swtpm"))
+
+
+# QEMU 7.2's C virtiofsd (Debian 12's qemu-system-common), then the Rust one (package
+# virtiofsd), which takes the same --socket-path and -o source= options
+VIRTIOFSD = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+
+
+def virtiofsd_binary() -> str | None:
+    found = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
+    return found or shutil.which("virtiofsd")
 
 
 def qemu_user() -> str | None:

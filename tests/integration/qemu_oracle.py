@@ -27,7 +27,9 @@ from qemu.qmp.protocol import ConnectError
 from kvmrun import arch as archmod
 from kvmrun.storage import cloudinit
 from kvmrun.storage import disks as storage
-from kvmrun.qemu.compile import HostFacts, boot_indexes, compile, stable_mac
+from kvmrun.guest.helpers import Helper
+from kvmrun.qemu import host as hostmod
+from kvmrun.qemu.compile import HostFacts, boot_indexes, build, stable_mac
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile, load, referenced_files
 
@@ -40,7 +42,8 @@ UEFI = {a.name: code for a in archmod.ARCHES.values()
 SECURE = {a.name: code for a in archmod.ARCHES.values()
           for code, store in a.uefi_secure[:1] if os.path.exists(code) and os.path.exists(store)}
 TCG_HOST = HostFacts(machine=archmod.host_machine(), kvm=False, forced_accel="tcg", uefi=UEFI,
-                     uefi_secure=SECURE)
+                     uefi_secure=SECURE, virtiofsd=hostmod.virtiofsd_binary(),
+                     swtpm=shutil.which("swtpm"))
 
 # profile key -> (peripheral id QEMU gives the device, bootindex letter)
 DEVICE_IDS = {"rng": "rng0", "balloon": "balloon0", "agent": "vserial0", "tablet": "usb0"}
@@ -144,7 +147,7 @@ def with_free_ports(profile: Profile) -> Profile:
 def run_paths(workdir: Path) -> RunPaths:
     run = workdir / "run"
     run.mkdir(mode=0o700, exist_ok=True)
-    return RunPaths(run, nvram=run / "VARS.fd")
+    return RunPaths(run, nvram=run / "VARS.fd", tpm=workdir / "tpm")
 
 
 def make_nvram(profile: Profile, paths: RunPaths) -> None:
@@ -331,6 +334,15 @@ def confirm(qmp: QEMUMonitorProtocol, profile: Profile, paths: RunPaths,
         assert qmp.cmd("query-vnc")["enabled"] is True
     if profile.display == "spice":
         assert qmp.cmd("query-spice")["enabled"] is True
+    fs = [(i, s) for i, s in enumerate(profile.shares) if s.type == "virtiofs"]
+    for i, share in fs:
+        assert peripheral(qmp, f"share{i}", "type") == f"vhost-user-fs-{a.virtio}"
+        assert peripheral(qmp, f"share{i}", "tag") == share.tag, f"tag of share {i}"
+    if fs:                                  # virtiofsd maps guest RAM: a shared memfd
+        assert [m["share"] for m in qmp.cmd("query-memdev")] == [True], "shared RAM"
+    tpms = [(t["model"], t["options"]["type"]) for t in qmp.cmd("query-tpm")]
+    model = (a.tpm or "").removesuffix("-device")       # QMP names tpm-tis-device tpm-tis
+    assert tpms == ([(model, "emulator")] if profile.tpm else []), f"TPM: {tpms}"
 
 
 def check_profile(profile: Profile, workdir: Path) -> list[str]:
@@ -340,7 +352,14 @@ def check_profile(profile: Profile, workdir: Path) -> list[str]:
     make_nvram(profile, paths)
     if profile.cloud_init:                  # what start does: the seed in the run directory
         cloudinit.build_seed(profile, paths.cidata)
-    argv = compile(profile, TCG_HOST, paths)
-    with launch(argv, paths, workdir) as qmp:
-        confirm(qmp, profile, paths, argv)
+    compiled = build(profile, TCG_HOST, paths)
+    argv = compiled.argv
+    if profile.tpm:
+        paths.tpm.mkdir(mode=0o700)
+    with contextlib.ExitStack() as helpers:       # as the supervisor does: helpers first
+        for h in compiled.helpers:
+            helpers.enter_context(Helper(h.name, h.argv, h.socket,
+                                         paths.helper_log(h.name)))
+        with launch(argv, paths, workdir) as qmp:
+            confirm(qmp, profile, paths, argv)
     return argv

@@ -3,7 +3,9 @@
 The guest (tests/guest/debian.py) is what Debian's genericcloud image ships: the cloud kernel
 (no SATA AHCI), systemd, cloud-init 22.4, openssh-server, qemu-guest-agent. Its profile is what
 a new user writes: a qcow2 overlay on the image (`backing:`), a cloud-init hostname and .pub key,
-a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`. Live snapshots freeze its file systems.
+a forward to port 22, `devices: [agent]`, `ready: {cloud_init: true}`, `ssh: {user: debian}`,
+and a virtiofs share (the cloud kernel has virtiofs but no 9p). Live snapshots freeze its
+file systems.
 
 The tests run in file order on one boot; `test_stop_shuts_systemd_down` stops the guest, and
 the last one resumes it from a snapshot's RAM state (no second boot) and stops it again.
@@ -28,6 +30,7 @@ from kvmrun.profile import CLOUD_INIT_FINISHED
 
 NAME = "deb"
 HOSTNAME = "kvmrun-deb"
+SHARE_TAG = "hostshare"
 BOOT_TIMEOUT = 900           # seconds for `kvmrun start` (cloud-init under TCG on 2 cores)
 
 
@@ -49,6 +52,8 @@ def booted(debian_guest):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmrun-test",
                         "-f", str(base / "id")], check=True, stdin=subprocess.DEVNULL,
                        timeout=60)
+        (base / "share").mkdir()
+        (base / "share" / "from-host").write_text("written on the host\n")
         profile = base / f"{NAME}.yaml"
         profile.write_text(yaml.safe_dump({
             "name": NAME, "accel": "tcg", "memory": "1G", "smp": 2,
@@ -56,6 +61,7 @@ def booted(debian_guest):
                        "append": debian_guest.append},
             "disks": [{"path": "root.qcow2", "backing": str(debian_guest.disk)}],
             "devices": ["rng", "agent"],
+            "shares": [{"path": "share", "tag": SHARE_TAG, "type": "virtiofs"}],
             "cloud_init": {"hostname": HOSTNAME, "ssh_authorized_keys": ["id.pub"]},
             "network": [{"forward": [f"tcp:127.0.0.1:{free_port()}-:22"]}],
             "ready": {"cloud_init": True, "timeout": BOOT_TIMEOUT - 60},
@@ -146,6 +152,33 @@ def test_a_silent_agent_is_exit_5_and_the_next_client_resyncs(booted):
     assert result.code == 0 and result.out == f"{HOSTNAME}\n", result
 
 
+def test_virtiofs_share_both_ways(booted):
+    """QEMU has the vhost-user-fs device with the tag on shared memory; the guest mounts it
+    with the command `status` gives, reads the host's file, writes one the host reads, and
+    sees a file the host writes after the mount."""
+    env, _, _ = booted
+    device = ["qom-get", json.dumps({"path": "/machine/peripheral/share0", "property": "%s"})]
+    assert json.loads(env.ok("qmp", NAME, device[0], device[1] % "type").out) == \
+        "vhost-user-fs-pci"
+    assert json.loads(env.ok("qmp", NAME, device[0], device[1] % "tag").out) == SHARE_TAG
+    memdevs = json.loads(env.ok("qmp", NAME, "query-memdev").out)
+    assert [(m["id"], m["share"]) for m in memdevs] == [("guest-ram", True)]
+    share = env.status(NAME)["shares"][0]
+    assert share["mount"] == (f"mkdir -p /mnt/{SHARE_TAG} && "
+                              f"mount -t virtiofs {SHARE_TAG} /mnt/{SHARE_TAG}")
+    assert f"as {SHARE_TAG} (virtiofs); in the guest: {share['mount']}" in \
+        env.ok("status", NAME).out
+    mnt = f"/mnt/{SHARE_TAG}"
+    result = env.run("ssh", NAME, "--", "sudo", "sh", "-c", f"'{share['mount']} && "
+                     f"cat {mnt}/from-host && echo written in the guest > {mnt}/from-guest'",
+                     timeout=180)
+    assert result.code == 0, result
+    assert result.out == "written on the host\n"
+    host_side = env.base / "share"
+    assert (host_side / "from-guest").read_text() == "written in the guest\n"
+    (host_side / "later").write_text("after the mount\n")
+    result = env.run("ssh", NAME, "--", "cat", f"{mnt}/later", timeout=180)
+    assert (result.code, result.out) == (0, "after the mount\n"), result
 def test_a_live_snapshot_freezes_and_thaws_the_file_systems(booted):
     """savevm between guest-fsfreeze-freeze and -thaw; afterwards the guest writes again. A
     live revert brings back the RAM state, frozen as it was saved: it is thawed. With the

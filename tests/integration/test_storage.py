@@ -158,7 +158,7 @@ def test_seed_share_created_disk_and_live_resize(kr, tiny_guest):
                           capture_output=True, text=True).stdout
     assert user.startswith("#cloud-config\n") and "hostname: seedbox" in user
     status = kr.ok("status", "seed").out
-    assert ("share    " + str(shared) + " as src (ro); in the guest: mkdir -p /mnt/src && "
+    assert ("share    " + str(shared) + " as src (9p, ro); in the guest: mkdir -p /mnt/src && "
             "mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src") in status
 
     port = json.loads(kr.ok("status", "seed", "--json").out)["forwards"][0].split(":")[2]

@@ -4,7 +4,8 @@
     profiles/NAME.yaml              -> golden/profiles/NAME.args  every shipped profile
     tests/unit/golden/cli/NAME.cmd  -> golden/cli/NAME.args       a `kvmrun` command line
 
-A golden file holds one option with its values per line. The host is pinned: x86_64 with
+A golden file holds one option with its values per line, then a `# helper NAME: ARGV` line
+per helper daemon the guest needs (virtiofsd, swtpm). The host is pinned: x86_64 with
 working KVM and fixed UEFI paths; a `# golden-host: kvm=false` line in a profile takes KVM
 away. Run paths are /run/kvmrun/NAME; the profile's directory shows as @PROFILE_DIR@, the
 checkout as @REPO@ and the CLI's working directory as @CWD@, so goldens do not depend on
@@ -26,7 +27,7 @@ import pytest
 from kvmrun import arch as archmod
 from kvmrun.qemu import host as hostmod
 from kvmrun.cli import main
-from kvmrun.qemu.compile import HostFacts, compile
+from kvmrun.qemu.compile import HostFacts, build
 from kvmrun.paths import RunPaths
 from kvmrun.profile import load
 
@@ -40,13 +41,15 @@ UEFI = {"x86_64": "/usr/share/OVMF/OVMF_CODE_4M.fd",
         "arm": "/usr/share/AAVMF/AAVMF32_CODE.fd"}
 SECURE = {"x86_64": "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
           "aarch64": "/usr/share/AAVMF/AAVMF_CODE.ms.fd"}
-KVM_HOST = HostFacts(machine="x86_64", kvm=True, uefi=UEFI, uefi_secure=SECURE)
-TCG_HOST = HostFacts(machine="x86_64", kvm=False, uefi=UEFI, uefi_secure=SECURE)
+HELPERS = {"virtiofsd": "/usr/lib/qemu/virtiofsd", "swtpm": "/usr/bin/swtpm"}
+KVM_HOST = HostFacts(machine="x86_64", kvm=True, uefi=UEFI, uefi_secure=SECURE, **HELPERS)
+TCG_HOST = HostFacts(machine="x86_64", kvm=False, uefi=UEFI, uefi_secure=SECURE, **HELPERS)
 
 
 def run_paths(name: str) -> RunPaths:
     return RunPaths(Path("/run/kvmrun") / name,
-                    nvram=Path("/var/lib/kvmrun/nvram") / f"{name}_VARS.fd")
+                    nvram=Path("/var/lib/kvmrun/nvram") / f"{name}_VARS.fd",
+                    tpm=Path("/var/lib/kvmrun/tpm") / name)
 
 
 def host_for(profile_file: Path) -> HostFacts:
@@ -110,9 +113,12 @@ def case_id(case: tuple[Path, Path]) -> str:
 def test_profile_compiles_to_golden(case, x86_64_host):
     profile_file, golden = case
     profile = load(profile_file)
-    argv = compile(profile, host_for(profile_file), run_paths(profile.name))
-    check_golden(golden, render(argv, {str(profile_file.parent): "@PROFILE_DIR@",
-                                       str(ROOT): "@REPO@"}))
+    compiled = build(profile, host_for(profile_file), run_paths(profile.name))
+    places = {str(profile_file.parent): "@PROFILE_DIR@", str(ROOT): "@REPO@"}
+    helpers = "".join(f"# helper {h.name}: {shlex.join(h.argv)}\n" for h in compiled.helpers)
+    for real, mark in places.items():
+        helpers = helpers.replace(real, mark)
+    check_golden(golden, render(compiled.argv, places) + helpers)
 
 
 @pytest.mark.parametrize("case", cli_cases(), ids=case_id)

@@ -31,7 +31,7 @@ def test_launch_record_round_trip_and_version(tmp_path):
                           summary={"forwards": ["tcp:127.0.0.1:2222-:22"]})
     record.write(tmp_path / "launch.json")
     data = json.loads((tmp_path / "launch.json").read_text())
-    assert data["version"] == VERSION == 3
+    assert data["version"] == VERSION == 4
     back = LaunchRecord.read(tmp_path / "launch.json")
     assert back.to_json() == record.to_json()
     assert back.forwards == ["tcp:127.0.0.1:2222-:22"] and back.ephemeral_disks == [0]
@@ -44,6 +44,13 @@ def test_launch_record_of_kvmrun_0_1_reads_with_defaults(tmp_path):
     old = LaunchRecord.read(tmp_path / "launch.json")
     assert old.version == 0 and old.shutdown_timeout == 30
     assert old.shutdown_method == "acpi" and old.shares == [] and old.forwards == []
+    assert old.helpers == []                  # no helpers before version 4
+
+
+def test_launch_record_v4_keeps_its_helpers(tmp_path):
+    helpers = [{"name": "swtpm", "argv": ["/usr/bin/swtpm", "socket"], "socket": "/r/s.sock"}]
+    LaunchRecord(argv=["qemu"], helpers=helpers).write(tmp_path / "launch.json")
+    assert LaunchRecord.read(tmp_path / "launch.json").helpers == helpers
 
 
 @pytest.mark.parametrize("content, message", [

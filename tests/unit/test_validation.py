@@ -142,6 +142,27 @@ KNOWN_KEYS = "known keys: " + ", ".join(PROFILE.fields)
     pytest.param("name: vm\n\x00\n",
                  "vm.yaml:2: invalid YAML: the character U+0000 is not allowed",
                  id="control character"),
+    pytest.param("name: vm\nshares:\n  - {path: d, tag: d, type: virtio-fs}\n",
+                 "vm.yaml:3: shares[0].type: 'virtio-fs' is not one of 9p, virtiofs (did you "
+                 "mean 'virtiofs'?)", id="bad share type"),
+    pytest.param("name: vm\nshares:\n  - path: d\n    tag: d\n    type: virtiofs\n"
+                 "    readonly: true\n",
+                 "vm.yaml:6: shares[0].readonly: a virtiofs share cannot be read-only here "
+                 "(QEMU 7.2's virtiofsd has no read-only mode)\n  hint: use type: 9p for a "
+                 "read-only share, or mount it read-only in the guest (mount -t virtiofs -o ro "
+                 "TAG /mnt)", id="read-only virtiofs"),
+    pytest.param("name: vm\nshares:\n  - path: d\n    tag: d\n    type: virtiofs\n"
+                 "    security_model: passthrough\n",
+                 "vm.yaml:6: shares[0].security_model: security_model is for type: 9p, not "
+                 "type: virtiofs", id="security_model on virtiofs"),
+    pytest.param("name: vm\ntpm: yes please\n",
+                 "vm.yaml:2: tpm: expected true or false, found 'yes please'", id="tpm not bool"),
+    pytest.param("name: vm\narch: riscv64\ntpm: true\n",
+                 "vm.yaml:3: tpm: kvmrun offers no TPM for riscv64 guests\n"
+                 "  hint: TPM 2.0 is there for x86_64, i386, aarch64, arm", id="tpm on riscv"),
+    pytest.param("name: vm\narch: arm\nmachine: vexpress-a9\ntpm: true\n",
+                 "vm.yaml:4: tpm: the vexpress-a9 machine has no place for a TPM "
+                 "(tpm-tis-device)\n  hint: use the virt machine", id="tpm on vexpress"),
 ])
 def test_message(content, message):
     assert error_of(content) == message
@@ -159,6 +180,22 @@ def test_uefi_secure_is_uefi_with_secure_boot():
     assert load(write("c.yaml", yaml.safe_dump(to_dict(short)))) == short
     assert load(write("d.yaml", "name: vm\narch: x86_64\nmachine: pc-q35-7.2\n"),
                 ["firmware=uefi-secure"]).secure_boot
+def test_missing_helpers_are_located_errors_of_the_host_checks(monkeypatch):
+    """virtiofsd and swtpm are checked by validate/start, at the key that needs them."""
+    monkeypatch.setattr(host, "qemu_binary", lambda arch: "/usr/bin/qemu-system-x86_64")
+    monkeypatch.setattr(host, "virtiofsd_binary", lambda: None)
+    monkeypatch.setattr(checks.shutil, "which", lambda program: None)
+    write("d/keep", "")
+    profile = load(write("vm.yaml", "name: vm\nshares:\n  - {path: d, tag: d, type: virtiofs}"
+                                    "\ntpm: true\n"))
+    assert [str(e) for e in checks.helper_errors(profile)] == [
+        "vm.yaml:3: shares[0].type: virtiofs shares need virtiofsd, which is not installed\n"
+        "  hint: install qemu-system-common (Debian 12: /usr/lib/qemu/virtiofsd) or "
+        "virtiofsd, or use type: 9p",
+        "vm.yaml:4: tpm: tpm: true needs swtpm, which is not installed\n"
+        "  hint: install it: apt-get install swtpm swtpm-tools",
+        "vm.yaml:4: tpm: tpm: true needs swtpm_setup, which is not installed\n"
+        "  hint: install it: apt-get install swtpm swtpm-tools"]
 
 
 def test_all_errors_of_a_file_are_reported_at_once():
