@@ -76,7 +76,9 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if info.get("sandbox"):
         rows.append(("sandbox", info["sandbox"]))
     if info.get("qemu_user"):
-        rows.append(("runs as", info["qemu_user"]))
+        why = info.get("qemu_user_why")
+        rows.append(("runs as", info["qemu_user"] + (f" (warning: QEMU keeps root: {why})"
+                                                     if why else "")))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
         if info.get("agent"):

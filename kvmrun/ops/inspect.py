@@ -31,6 +31,7 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         "memory_mib": summary.get("memory"), "forwards": summary.get("forwards", []),
         "shutdown_method": summary.get("shutdown_method"), "ready": state.get("ready"),
         "sandbox": summary.get("sandbox"), "qemu_user": summary.get("qemu_user"),
+        "qemu_user_why": summary.get("qemu_user_why"),
         "profile": summary.get("source"),
         "console": str(guest.paths.console), "serial_log": str(guest.paths.serial_log),
         "qmp": str(guest.paths.qmp_cli), "run_dir": str(guest.paths.dir),

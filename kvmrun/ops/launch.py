@@ -28,7 +28,7 @@ from kvmrun.ops import quickstart
 from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, referenced_files, warnings
 from kvmrun.qemu import checks, host
-from kvmrun.qemu.compile import Compiled, build
+from kvmrun.qemu.compile import Compiled, build, stays_root
 from kvmrun.storage import disks, images
 
 Progress = Callable[[str], None]
@@ -52,6 +52,8 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
         raise HostError("accel kvm asked for, but /dev/kvm is not usable by this user",
                         hint="add yourself to the kvm group, or use accel: tcg")
     compiled.argv[0] = binary
+    if compiled.qemu_user and compiled.qemu_user == host.DEFAULT_QEMU_USER:
+        host.ensure_qemu_user(compiled.qemu_user, note)
     if proc.debug():
         note(f"kvmrun: debug: qemu: {shlex.join(compiled.argv)}")
     return profile, compiled
@@ -84,8 +86,15 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     guest.reserve_request()
 
 
-def _runas(argv: list[str]) -> str | None:
-    return argv[argv.index("-runas") + 1] if "-runas" in argv else None
+def _qemu_user(profile: Profile, compiled: Compiled) -> dict:
+    """Who QEMU runs as, for status: the user it drops to, else the caller; and why a
+    root kvmrun's QEMU keeps root."""
+    if compiled.qemu_user:
+        return {"qemu_user": compiled.qemu_user, "qemu_user_why": None}
+    why = None
+    if os.geteuid() == 0:
+        why = stays_root(profile) or "KVMRUN_QEMU_USER=root"
+    return {"qemu_user": host.user_name(os.geteuid()), "qemu_user_why": why}
 
 
 def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
@@ -107,7 +116,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "shutdown_method": profile.shutdown.method,
                  "ssh": sshops.login_defaults(profile),
                  "sandbox": compiled.sandbox or "off",
-                 "qemu_user": _runas(compiled.argv)})
+                 **_qemu_user(profile, compiled)})
 
 
 class Undo(contextlib.ExitStack):

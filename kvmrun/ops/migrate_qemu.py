@@ -1,15 +1,16 @@
 """The source QEMU's side of a live migration (kvmrun.ops.migrate): the guest's disks as
-QEMU has them, drive-mirror to the target's NBD exports until READY, and the migration
+QEMU has them, blockdev-mirror to the target's NBD exports until READY, and the migration
 stream with its downtime limit raised step by step (up to a cap) while it does not converge.
 Progress goes to `note`; failures are MigrationError (the caller rolls back)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Callable
 
-from kvmrun.errors import MigrationError
+from kvmrun.errors import MigrationError, QMPError
 from kvmrun.guest.qmp import QMPClient
 
 STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
@@ -36,12 +37,16 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
            check: Callable[[], None], note: Callable[[str], None]) -> None:
     """drive-mirror each drive in `exports` to its NBD export behind `sock` (job ids go to
     `jobs_made` as they start) and wait until every job is READY; `check` raises when the
-    tunnel is gone."""
+    tunnel is gone. kvmrun connects to the tunnel and hands QEMU the connection (getfd),
+    so a QEMU that runs as an unprivileged user needs no access to the run directory."""
     for drive in exports:
         job = f"mirror-{drive}"
-        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
-                                     "mode": "existing", "format": "raw",
-                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
+        passed = pass_connection(qmp, sock, f"nbd-{drive}")
+        qmp.execute("blockdev-add", {"driver": "nbd", "node-name": f"target-{drive}",
+                                     "export": drive,
+                                     "server": {"type": "fd", "str": passed}})
+        qmp.execute("blockdev-mirror", {"device": drive, "job-id": job, "sync": "full",
+                                        "target": f"target-{drive}"})
         jobs_made.append(job)
     while True:
         jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
@@ -63,6 +68,20 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
         time.sleep(0.2)
 
 
+def pass_connection(qmp: QMPClient, sock, name: str) -> str:
+    """Connect to the unix socket `sock` and give QEMU the connection as fd `name`
+    (QEMU connects to nothing by path: it may run as a user who cannot reach `sock`)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(sock))
+        qmp.execute("getfd", {"fdname": name}, fds=[conn.fileno()])
+    except OSError as err:
+        raise MigrationError(f"cannot reach the tunnel {sock}: {err}") from None
+    finally:
+        conn.close()
+    return name
+
+
 def job_error(qmp: QMPClient, job: str) -> str:
     for event in qmp.pending_events:
         data = event.get("data", {})
@@ -79,7 +98,7 @@ def stream(qmp: QMPClient, sock, downtime: int, cap: int, bandwidth: int | None,
     if bandwidth:
         params["max-bandwidth"] = bandwidth << 20
     qmp.execute("migrate-set-parameters", params)
-    qmp.execute("migrate", {"uri": f"unix:{sock}"})
+    qmp.execute("migrate", {"uri": "fd:" + pass_connection(qmp, sock, "migrate")})
     limit, last_step = downtime, time.monotonic()
     while True:
         info = qmp.execute("query-migrate")
@@ -113,3 +132,8 @@ def wait_jobs_gone(qmp: QMPClient, jobs: list[str], timeout: float = 120) -> Non
         if time.monotonic() > deadline:
             raise MigrationError("the disk mirrors did not finish after the switch-over")
         time.sleep(0.05)
+    for job in jobs:                     # the NBD nodes mirror() added, and their connections
+        try:
+            qmp.execute("blockdev-del", {"node-name": "target-" + job.removeprefix("mirror-")})
+        except QMPError:
+            pass

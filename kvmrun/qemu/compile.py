@@ -30,6 +30,7 @@ class Compiled:
     accel: str
     machine: str
     sandbox: str | None = None     # the -sandbox value, None when turned off
+    qemu_user: str | None = None   # the user QEMU drops to (-runas), None: it does not
 
 
 def qemu_escape(value: str) -> str:
@@ -81,22 +82,30 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
         argv.extend(part)
     runas = runas_user(profile, host)
     if runas:
-        argv += ["-runas", runas]
+        argv += ["-run-with", f"user={runas}"] if host.run_with else ["-runas", runas]
     sandbox = sandbox_option(profile, host)
     if sandbox:
         argv += ["-sandbox", sandbox]
     argv.extend(profile.qemu_args)
-    return Compiled(argv, accel, profile.machine or a.machine, sandbox)
+    return Compiled(argv, accel, profile.machine or a.machine, sandbox, runas)
 
 
 def runas_user(p: Profile, host: HostFacts) -> str | None:
     """The user QEMU drops to after opening what needs root (disks, taps, /dev/kvm,
     sockets, logs: all opened before -runas takes effect). Not with features QEMU uses
-    by path after start-up: virtio-9p shares (root's files) and isolated networks (the
-    hub socket in root's 0700 run directory)."""
-    if not host.qemu_user or p.shares or any(n.type == "isolated" for n in p.network):
-        return None
-    return host.qemu_user
+    by path after start-up (`stays_root` says which)."""
+    return None if not host.qemu_user or stays_root(p) else host.qemu_user
+
+
+def stays_root(p: Profile) -> str | None:
+    """Why QEMU of a root kvmrun keeps root for this profile, or None: virtio-9p shares
+    (QEMU reads root's files by path) and isolated networks (QEMU sends each frame to the
+    hub socket, by path, in root's 0700 run directory)."""
+    if p.shares:
+        return "9p shares are read by path as root"
+    if any(n.type == "isolated" for n in p.network):
+        return "an isolated network's hub is reached by path"
+    return None
 
 
 SANDBOX = {"obsolete": "deny", "elevateprivileges": "deny", "spawn": "deny",

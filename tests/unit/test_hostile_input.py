@@ -201,7 +201,7 @@ def test_sandbox_off_warns(capsys):
 
 def test_runas_only_where_no_feature_needs_root_paths():
     from kvmrun.arch import HostFacts
-    from kvmrun.qemu.compile import runas_user, sandbox_option
+    from kvmrun.qemu.compile import runas_user, sandbox_option, stays_root
     host = HostFacts(machine="x86_64", qemu_user="kvmrun")
     plain = load("vm.yaml")
     assert runas_user(plain, host) == "kvmrun"
@@ -210,3 +210,37 @@ def test_runas_only_where_no_feature_needs_root_paths():
                                 "    name: lab\n")
     assert runas_user(load("iso.yaml"), host) is None
     assert runas_user(plain, HostFacts(machine="x86_64")) is None
+    assert stays_root(load("iso.yaml")) == "an isolated network's hub is reached by path"
+    assert stays_root(plain) is None
+
+
+def test_runas_spelling_follows_the_qemu_version():
+    """QEMU 7.2 has -runas; 9.1 deprecated it for -run-with user= (HostFacts.run_with,
+    probed from `qemu -help`)."""
+    from kvmrun.arch import HostFacts
+    from kvmrun.paths import RunPaths
+    from kvmrun.qemu.compile import build
+    paths = RunPaths(Path("/run/kvmrun/vm"))
+    old = build(load("vm.yaml"), HostFacts(machine="x86_64", qemu_user="kvmrun"), paths)
+    new = build(load("vm.yaml"), HostFacts(machine="x86_64", qemu_user="kvmrun",
+                                           run_with=True), paths)
+    assert old.argv[old.argv.index("-runas") + 1] == "kvmrun" and "-run-with" not in old.argv
+    assert new.argv[new.argv.index("-run-with") + 1] == "user=kvmrun"
+    assert "-runas" not in new.argv and new.qemu_user == old.qemu_user == "kvmrun"
+
+
+def test_qemu_user_defaults_to_kvmrun_as_root(monkeypatch):
+    from kvmrun.errors import HostError
+    from kvmrun.qemu import host
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    monkeypatch.delenv("KVMRUN_QEMU_USER", raising=False)
+    assert host.qemu_user() == "kvmrun"            # made on demand at the first start
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "root")
+    assert host.qemu_user() is None
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "nobody")
+    assert host.qemu_user() == "nobody"
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "sync-to-root-0")
+    with pytest.raises(HostError, match="no such user"):
+        host.qemu_user()
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    assert host.qemu_user() is None                # not root: QEMU runs as the caller
