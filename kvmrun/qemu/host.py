@@ -78,9 +78,10 @@ def ensure_qemu_user(name: str, note=lambda message: None) -> None:
     except KeyError:
         pass
     argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-            "--comment", "kvmrun: QEMU guests run as this user", name]
-    note(f"kvmrun: creating the system user {name!r} that QEMU runs as "
-         f"({' '.join(argv)}; KVMRUN_QEMU_USER names another, =root keeps QEMU root)")
+            "--comment", "QEMU guests of kvmrun", name]
+    import shlex
+    note(f"kvmrun: creating the system user {name!r} QEMU runs as: {shlex.join(argv)} "
+         f"(KVMRUN_QEMU_USER names another user; KVMRUN_QEMU_USER=root keeps QEMU root)")
     done = run(argv, check=False, timeout=60)
     if done.returncode != 0 and name not in {e.pw_name for e in pwd.getpwall()}:
         raise HostError(f"cannot create the user {name!r} QEMU should run as: "

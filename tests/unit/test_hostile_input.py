@@ -244,3 +244,24 @@ def test_qemu_user_defaults_to_kvmrun_as_root(monkeypatch):
         host.qemu_user()
     monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
     assert host.qemu_user() is None                # not root: QEMU runs as the caller
+
+
+def test_status_says_why_root_qemu_keeps_root(monkeypatch):
+    from kvmrun.arch import HostFacts
+    from kvmrun.ops import launch
+    from kvmrun.paths import RunPaths
+    from kvmrun.qemu.compile import build
+    monkeypatch.setattr(launch.os, "geteuid", lambda: 0)
+    paths = RunPaths(Path("/run/kvmrun/vm"))
+    plain = load("vm.yaml")
+    dropped = build(plain, HostFacts(machine="x86_64", qemu_user="kvmrun"), paths)
+    assert launch._qemu_user(plain, dropped) == {"qemu_user": "kvmrun", "qemu_user_why": None}
+    kept = build(plain, HostFacts(machine="x86_64"), paths)          # KVMRUN_QEMU_USER=root
+    assert launch._qemu_user(plain, kept) == {"qemu_user": "root",
+                                              "qemu_user_why": "KVMRUN_QEMU_USER=root"}
+    Path("iso.yaml").write_text("name: iso\narch: x86_64\nnetwork:\n  - type: isolated\n"
+                                "    name: lab\n")
+    iso = load("iso.yaml")
+    why = launch._qemu_user(iso, build(iso, HostFacts(machine="x86_64", qemu_user="kvmrun"),
+                                       paths))["qemu_user_why"]
+    assert why == "an isolated network's hub is reached by path"
