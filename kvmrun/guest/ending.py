@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import time
 
-from kvmrun.guest import netrecord
+from kvmrun.guest import cgroup, netrecord
 from kvmrun.guest.rundir import CRASH_REASONS, Guest, State
 from kvmrun.guest.shutdown import HARD_STAGES
 
@@ -75,11 +75,15 @@ def classify(returncode: int, shutdown_reason: str | None, panicked: bool,
 
 def release(guest: Guest) -> None:
     """What a guest that has ended no longer needs: sockets, pidfile, request, overlays,
-    taps and hub ports. Safe to call twice."""
+    taps and hub ports, its cgroup. Safe to call twice."""
+    launch = guest.launch_or_none()
+    leaf = (launch.cgroup or {}).get("leaf") if launch else None
     try:
         guest.clear_runtime()
     finally:
         netrecord.teardown(guest.paths)
+        if leaf:
+            cgroup.remove(leaf, wait=1.0)
 
 
 def record_end(guest: Guest, state: dict, ended: dict, code: int | None = None) -> dict:

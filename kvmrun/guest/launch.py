@@ -11,6 +11,9 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
         (one start's id: its supervisor writes only while launch.json still carries it)
     3   adds "machine_type": the versioned machine type behind an alias (pc ->
         pc-i440fx-7.2), so a migration target runs the very machine the guest runs
+    4   adds "cgroup": where the profile's limits apply (kvmrun.guest.cgroup): {"leaf":
+        DIR} (the supervisor moves QEMU in before exec, removes DIR after), {"scope": ARGV}
+        (QEMU starts behind that systemd-run prefix), or None
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 3
+VERSION = 4
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -41,6 +44,7 @@ FIELDS: dict[str, object] = {
     "summary": {},                # arch, machine, accel, smp, memory, source, forwards,
                                   # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
     "machine_type": None,         # the versioned machine type (None: not known, v1/v2)
+    "cgroup": None,               # {"leaf": DIR} or {"scope": ARGV}: limits (v4)
 }
 
 

@@ -15,6 +15,7 @@ Standard library and kvmrun's light modules only, to stay small in memory.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import ending, serial_log
+from kvmrun.guest import cgroup, ending, serial_log
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
@@ -118,12 +119,19 @@ class Supervisor:
                   supervisor_pid=me, supervisor_starttime=proc.starttime(me),
                   started_at=time.time(), argv=argv, summary=self.launch.summary,
                   ended=None, ready=False, unit=current_unit())
+        where = self.launch.cgroup or {}
+        enter = None
+        if where.get("scope"):               # systemd-run --scope execs QEMU in place
+            argv = list(where["scope"]) + argv
+        elif where.get("leaf"):              # into the guest's cgroup before exec
+            enter = functools.partial(cgroup.enter, where["leaf"])
         proc.log_argv(argv)
         try:
             with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                             umask=0o177)     # its sockets and logs: 0600
+                                             umask=0o177,     # its sockets and logs: 0600
+                                             preexec_fn=enter)
         except OSError as err:
             return self.launch_failed(f"cannot run {argv[0]}: {err.strerror}")
         self.pidfd = proc.open_pidfd(self.proc.pid)

@@ -19,7 +19,7 @@ from typing import Callable
 from kvmrun import arch as archmod
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, LaunchError
-from kvmrun.guest import ending
+from kvmrun.guest import cgroup, ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
@@ -52,6 +52,7 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
         raise HostError("accel kvm asked for, but /dev/kvm is not usable by this user",
                         hint="add yourself to the kvm group, or use accel: tcg")
     compiled.argv[0] = binary
+    cgroup.check(profile.limits.asked())     # limits that cannot apply: refused, not skipped
     if compiled.qemu_user and compiled.qemu_user == host.DEFAULT_QEMU_USER:
         host.ensure_qemu_user(compiled.qemu_user, note)
     if proc.debug():
@@ -82,8 +83,24 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     undo.callback(nics.teardown, guest.paths)
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
-    launch_record(profile, compiled).write(guest.paths.launch)
+    record = launch_record(profile, compiled)
+    record.cgroup = _cgroup(profile, record.run_id, undo)
+    record.write(guest.paths.launch)
     guest.reserve_request()
+
+
+def _cgroup(profile: Profile, run_id: str, undo: contextlib.ExitStack) -> dict | None:
+    """Where the profile's limits apply: a systemd scope QEMU starts in, or a cgroup
+    directory made now (removed again if the start fails)."""
+    limits = profile.limits.asked()
+    how = cgroup.check(limits)
+    if how == "scope":
+        return {"scope": cgroup.scope_argv(profile.name, run_id, limits)}
+    if how == "directory":
+        leaf = cgroup.make_leaf(profile.name, limits)
+        undo.callback(cgroup.remove, leaf, 1.0)
+        return {"leaf": str(leaf)}
+    return None
 
 
 def _qemu_user(profile: Profile, compiled: Compiled) -> dict:
@@ -115,7 +132,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "forwards": [f for n in profile.network for f in n.forward],
                  "shutdown_method": profile.shutdown.method,
                  "ssh": sshops.login_defaults(profile),
-                 "sandbox": compiled.sandbox or "off",
+                 "sandbox": compiled.sandbox or "off", "limits": profile.limits.asked(),
                  **_qemu_user(profile, compiled)})
 
 
