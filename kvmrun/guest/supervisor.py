@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import cgroup, ending, serial_log
+from kvmrun.guest import cgroup, ending, exits, serial_log
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
@@ -119,7 +119,8 @@ class Supervisor:
                   supervisor_pid=me, supervisor_starttime=proc.starttime(me),
                   started_at=time.time(), argv=argv, summary=self.launch.summary,
                   ended=None, ready=False, unit=current_unit())
-        where = self.launch.cgroup or {}
+        argv = argv + exits.TRACE_ARGS      # QEMU logs its shutdown cause (status reads it
+        where = self.launch.cgroup or {}    # when no supervisor saw the end)
         enter = None
         if where.get("scope"):               # systemd-run --scope execs QEMU in place
             argv = list(where["scope"]) + argv

@@ -267,6 +267,15 @@ def test_state_file_pointing_at_an_unrelated_process(kr, tiny_guest):
                     info = kr.status("g")
                     assert info["pid"] is None
                     if says_running:
+                        # QEMU logged how it ended (the stop's QMP quit or power-off):
+                        # that, not "crashed", is what status says with nobody's record
+                        assert info["state"] == "stopped", info
+                        assert "QEMU's log" in info["ended"]["note"]
+                        qemu_log = kr.guest_dir("g") / "qemu.log"
+                        logged = qemu_log.read_bytes()
+                        qemu_log.write_bytes(b"")        # no word from QEMU either
+                        info = kr.status("g")
+                        qemu_log.write_bytes(logged)
                         assert info["state"] == "crashed"
                         assert info["ended"]["reason"] == "unknown"
                     else:

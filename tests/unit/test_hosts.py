@@ -95,8 +95,9 @@ def test_migrated_is_a_clean_end():
 
 
 def test_launch_record_v1_reads_with_no_machine_type(tmp_path: Path):
-    assert VERSION == 3
+    assert VERSION == 4
     old = LaunchRecord.from_json({"version": 1, "argv": ["qemu"], "summary": {}})
     assert old.machine_type is None and old.version == 1
     new = LaunchRecord(argv=["qemu"], machine_type="pc-i440fx-7.2")
     assert LaunchRecord.from_json(new.to_json()).machine_type == "pc-i440fx-7.2"
+    assert old.cgroup is None                  # v4's cgroup: none in older records
