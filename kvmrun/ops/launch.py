@@ -276,11 +276,12 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
                 notes: list[str]) -> dict | None:
     """What kvmrun.ops.quickstart needs to start this profile again unchanged, if it can:
     a profile from files alone (no --set, one-off flags or --name), with nothing the quick
-    path does not make (cloud-init seed, ephemeral overlays, networks beyond user)."""
+    path does not make (cloud-init seed, ephemeral overlays, networks beyond user, the
+    cgroup of limits)."""
     sources = sorted({file for file, _ in profile.lines.values()})
     if not profile.source or not all(os.path.isfile(f) for f in sources):
         return None
-    if profile.cloud_init or any(d.ephemeral for d in profile.disks):
+    if profile.cloud_init or any(d.ephemeral for d in profile.disks) or profile.limits.asked():
         return None
     if any(net.type not in ("user", "none") for net in profile.network):
         return None

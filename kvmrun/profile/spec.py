@@ -139,13 +139,15 @@ class Percent(Spec):
     max: int
 
     def check(self, value, ctx, path):
-        text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(
-            value, bool) else None
-        m = re.fullmatch(r"([0-9]{1,7})\s*%?", text or "", re.ASCII)
-        if not m:
-            return ctx.error(path, f"expected a percentage like 50% or 200%, found "
-                                   f"{shown(value)}")
-        number = int(m.group(1))
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value                     # never str(): a 5,000-digit int cannot be
+        else:
+            m = re.fullmatch(r"([0-9]{1,7})\s*%?", value.strip(), re.ASCII) \
+                if isinstance(value, str) else None
+            if not m:
+                return ctx.error(path, f"expected a percentage like 50% or 200%, found "
+                                       f"{shown(value)}")
+            number = int(m.group(1))
         if not self.min <= number <= self.max:
             return ctx.error(path, f"{shown(value)} is out of range ({self.min}% to "
                                    f"{self.max}%)")

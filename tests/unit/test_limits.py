@@ -88,3 +88,14 @@ def test_cmdline_is_unchanged_by_limits(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "cpu_weight" not in out and "-sandbox" in out
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "150 %", "'%'", "-5%", "1e3%", "\u0661\u0660%"])
+def test_odd_percentages_are_located_errors(value):
+    Path("vm.yaml").write_text(f"name: vm\narch: x86_64\nlimits:\n  cpu_max: {value}\n")
+    try:
+        p = load("vm.yaml")
+    except ProfileError as err:
+        assert str(err).startswith("vm.yaml:4: limits.cpu_max: ") and len(str(err)) < 300
+    else:
+        assert p.limits.cpu_max == 150 and value == "150 %"
