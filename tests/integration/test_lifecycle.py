@@ -485,8 +485,8 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
     for record in ("launch.json", "state.json"):
         path = kr.guest_dir("old") / record
         data = json.loads(path.read_text())
-        assert data.pop("version") == {"launch.json": 3, "state.json": 1}[record]
-        for newer in ("run_id", "serial_log_max", "machine_type"):          # fields after kvmrun 0.1
+        assert data.pop("version") == {"launch.json": 4, "state.json": 1}[record]
+        for newer in ("run_id", "serial_log_max", "machine_type", "cgroup"):   # after kvmrun 0.1
             data.pop(newer, None)
         path.write_text(json.dumps(data, indent=1))       # as kvmrun 0.1 wrote it
     info = kr.status("old")
