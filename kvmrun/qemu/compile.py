@@ -99,10 +99,13 @@ def runas_user(p: Profile, host: HostFacts) -> str | None:
 
 def stays_root(p: Profile) -> str | None:
     """Why QEMU of a root kvmrun keeps root for this profile, or None: virtio-9p shares
-    (QEMU reads root's files by path) and isolated networks (QEMU sends each frame to the
-    hub socket, by path, in root's 0700 run directory)."""
+    and a user network's TFTP directory (QEMU reads root's files by path while the guest
+    runs) and isolated networks (QEMU sends each frame to the hub socket, by path, in
+    root's 0700 run directory)."""
     if p.shares:
         return "9p shares are read by path as root"
+    if any(n.tftp for n in p.network):
+        return "the TFTP directory is read by path as root"
     if any(n.type == "isolated" for n in p.network):
         return "an isolated network's hub is reached by path"
     return None

@@ -212,6 +212,8 @@ def test_runas_only_where_no_feature_needs_root_paths():
     assert runas_user(plain, HostFacts(machine="x86_64")) is None
     assert stays_root(load("iso.yaml")) == "an isolated network's hub is reached by path"
     assert stays_root(plain) is None
+    Path("pxe.yaml").write_text("name: pxe\narch: x86_64\nnetwork:\n  - tftp: .\n")
+    assert stays_root(load("pxe.yaml")) == "the TFTP directory is read by path as root"
 
 
 def test_runas_spelling_follows_the_qemu_version():
