@@ -1,5 +1,5 @@
 """The source QEMU's side of a live migration (kvmrun.ops.migrate): the guest's disks as
-QEMU has them, blockdev-mirror to the target's NBD exports until READY, and the migration
+QEMU has them, drive-mirror to the target's NBD exports until READY, and the migration
 stream with its downtime limit raised step by step (up to a cap) while it does not converge.
 Progress goes to `note`; failures are MigrationError (the caller rolls back)."""
 
@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Callable
 
-from kvmrun.errors import MigrationError, QMPError
+from kvmrun.errors import MigrationError
 from kvmrun.guest.qmp import QMPClient
 
 STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
@@ -37,16 +37,12 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
            check: Callable[[], None], note: Callable[[str], None]) -> None:
     """drive-mirror each drive in `exports` to its NBD export behind `sock` (job ids go to
     `jobs_made` as they start) and wait until every job is READY; `check` raises when the
-    tunnel is gone. kvmrun connects to the tunnel and hands QEMU the connection (getfd),
-    so a QEMU that runs as an unprivileged user needs no access to the run directory."""
+    tunnel is gone."""
     for drive in exports:
         job = f"mirror-{drive}"
-        passed = pass_connection(qmp, sock, f"nbd-{drive}")
-        qmp.execute("blockdev-add", {"driver": "nbd", "node-name": f"target-{drive}",
-                                     "export": drive,
-                                     "server": {"type": "fd", "str": passed}})
-        qmp.execute("blockdev-mirror", {"device": drive, "job-id": job, "sync": "full",
-                                        "target": f"target-{drive}"})
+        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
+                                     "mode": "existing", "format": "raw",
+                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
         jobs_made.append(job)
     while True:
         jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
@@ -132,8 +128,3 @@ def wait_jobs_gone(qmp: QMPClient, jobs: list[str], timeout: float = 120) -> Non
         if time.monotonic() > deadline:
             raise MigrationError("the disk mirrors did not finish after the switch-over")
         time.sleep(0.05)
-    for job in jobs:                     # the NBD nodes mirror() added, and their connections
-        try:
-            qmp.execute("blockdev-del", {"node-name": "target-" + job.removeprefix("mirror-")})
-        except QMPError:
-            pass

@@ -267,3 +267,19 @@ def test_status_says_why_root_qemu_keeps_root(monkeypatch):
     why = launch._qemu_user(iso, build(iso, HostFacts(machine="x86_64", qemu_user="kvmrun"),
                                        paths))["qemu_user_why"]
     assert why == "an isolated network's hub is reached by path"
+
+
+def test_copy_storage_of_a_guest_whose_qemu_dropped_root_is_refused(monkeypatch):
+    """--copy-storage mirrors through a socket path a QEMU running as kvmrun cannot reach:
+    refused with a hint, not a failure halfway."""
+    from kvmrun.errors import MigrationError
+    from kvmrun.guest.launch import LaunchRecord
+    from kvmrun.ops import migrate
+    monkeypatch.setattr(migrate.os, "geteuid", lambda: 0)
+    confined = LaunchRecord(argv=["qemu"], summary={"qemu_user": "kvmrun"})
+    with pytest.raises(MigrationError, match="runs as kvmrun, which cannot reach") as err:
+        migrate._check_qemu_user("web", confined, copy_storage=True)
+    assert "--shared-storage" in err.value.hint
+    migrate._check_qemu_user("web", confined, copy_storage=False)
+    migrate._check_qemu_user("web", LaunchRecord(argv=["qemu"], summary={"qemu_user": "root"}),
+                             copy_storage=True)
