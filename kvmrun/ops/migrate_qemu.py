@@ -66,7 +66,7 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
 
 def pass_connection(qmp: QMPClient, sock, name: str) -> str:
     """Connect to the unix socket `sock` and give QEMU the connection as fd `name`
-    (QEMU connects to nothing by path: it may run as a user who cannot reach `sock`)."""
+    (QEMU reaches no path for it: it may run as a user who cannot reach `sock`)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(sock))
