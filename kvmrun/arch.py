@@ -194,6 +194,7 @@ class HostFacts:
     forced_accel: str | None = None             # KVMRUN_ACCEL
     net_admin: bool = False                     # root: kvmrun makes taps for bridged NICs
     qemu_user: str | None = None                # root: QEMU drops to this user (-runas)
+    run_with: bool = False                      # QEMU >= 9.1: -run-with user= for -runas
     uefi: dict[str, str] = field(default_factory=dict)   # arch -> firmware code image
     uefi_secure: dict[str, str] = field(default_factory=dict)   # arch -> Secure Boot code
     virtiofsd: str | None = None                # the virtiofsd binary (virtiofs shares)

@@ -17,7 +17,8 @@
      │    └── AgentError        exit 6   the guest agent refused a command (its class kept)
      ├── LaunchError            exit 7   QEMU failed to start (carries argv and QEMU's stderr)
      ├── MigrationError         exit 1   a migration failed or was refused (the source runs on)
-     ├── StorageError           exit 1   a disk operation failed (qemu-img, sizes, space)
+     ├── StorageError           exit 1   a disk operation failed (qemu-img, space)
+     │    ├── BadSize           exit 2   a disk size argument does not parse or is out of range
      │    └── PoolError         exit 1   a pool or volume operation failed
      │         └── NfsError     exit 1   an NFS export or volume (server, export, rights)
      ├── OsinfoError            exit 1   osinfo-db is missing, or has no such OS
@@ -228,6 +229,13 @@ class MigrationError(KvmrunError):
 
 class StorageError(KvmrunError):
     """A disk operation failed (bad size, missing base, qemu-img refused, no space…)."""
+
+
+class BadSize(StorageError):
+    """A disk size given on the command line (`disk create --size`, `disk resize`) that
+    does not parse or is out of range: a usage error, exit 2, like a bad profile value."""
+
+    exit_code = 2
 
 
 class PoolError(StorageError):

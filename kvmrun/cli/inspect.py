@@ -82,7 +82,12 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     if info.get("sandbox"):
         rows.append(("sandbox", info["sandbox"]))
     if info.get("qemu_user"):
-        rows.append(("runs as", info["qemu_user"]))
+        why = info.get("qemu_user_why")
+        rows.append(("runs as", info["qemu_user"] + (f" (warning: QEMU keeps root: {why})"
+                                                     if why else "")))
+    if info.get("limits"):
+        rows.append(("limits", limits_text(info["limits"])
+                     + (f" (cgroup {info['cgroup']})" if info.get("cgroup") else "")))
     if info["pid"]:                         # sockets exist only while the guest runs
         rows += [("console", info["console"]), ("qmp", info["qmp"])]
         if info.get("agent"):
@@ -93,6 +98,12 @@ def status(name: str = NameArg, as_json: bool = typer.Option(False, "--json")) -
     out(f"{info['name']}")
     for key, value in rows:
         out(f"  {key:<9}{value}")
+
+
+def limits_text(limits: dict) -> str:
+    """{'cpu_max': 150, 'memory_max': 2048} -> 'cpu_max 150%, memory_max 2048M'."""
+    unit = {"cpu_max": "%", "memory_max": "M"}
+    return ", ".join(f"{k} {v}{unit.get(k, '')}" for k, v in limits.items())
 
 
 @app.command("list")

@@ -14,6 +14,9 @@ stopping and reporting after an upgrade. Version 0 is the unversioned record of 
     4   adds "helpers": the guest's helper daemons, [{name, argv, socket}] (virtiofsd for a
         virtiofs share, swtpm for a TPM), started by the supervisor before QEMU and ended
         after it (kvmrun.guest.helpers); and "type" (9p, virtiofs) in each of "shares"
+    5   adds "cgroup": where the profile's limits apply (kvmrun.guest.cgroup): {"leaf":
+        DIR} (the supervisor moves QEMU in before exec, removes DIR after), {"scope": ARGV}
+        (QEMU starts behind that systemd-run prefix), or None
 
 Standard library only (a plain class: the supervisor imports it).
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from kvmrun import files
 
-VERSION = 4
+VERSION = 5
 
 # field -> default for records that lack it (older versions)
 FIELDS: dict[str, object] = {
@@ -45,6 +48,7 @@ FIELDS: dict[str, object] = {
                                   # ssh ({user, identity}: `kvmrun ssh`'s defaults; optional)
     "machine_type": None,         # the versioned machine type (None: not known, v1/v2)
     "helpers": [],                # [{name, argv, socket}]: started before QEMU, in order
+    "cgroup": None,               # {"leaf": DIR} or {"scope": ARGV}: limits (v5)
 }
 
 

@@ -110,16 +110,22 @@ class QMPClient:
         return message
 
     def execute(self, command: str, arguments: dict | None = None,
-                timeout: float | None = None) -> object:
+                timeout: float | None = None, fds: list[int] = ()) -> object:
         """Run a command and return its `return` value; QMPError for an `error` reply.
-        Events that arrive meanwhile are kept in `pending_events`."""
+        Events that arrive meanwhile are kept in `pending_events`. `fds` go along with
+        the command (SCM_RIGHTS), for `getfd`."""
         if self.sock is None:
             raise QMPError("not connected")
         message: dict = {"execute": command}
         if arguments:
             message["arguments"] = arguments
         try:
-            self.sock.sendall(json.dumps(message).encode() + b"\n")
+            data = json.dumps(message).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(self.sock, [data], list(fds))
+                data = data[sent:]
+            if data:
+                self.sock.sendall(data)
         except OSError as err:
             raise QMPError(f"QMP connection failed: {err}") from None
         wait = self.timeout if timeout is None else timeout

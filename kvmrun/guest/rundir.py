@@ -38,6 +38,7 @@ from typing import Iterator
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, GuestTimeout, NotPrivate
+from kvmrun.guest import exits
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.paths import RunPaths, run_dir
 
@@ -228,13 +229,27 @@ class Guest:
             return recorded, state
         self.collect_orphans()
         if recorded.live:
-            ended = state.get("ended") or {
-                "reason": "unknown",
-                "detail": "QEMU is gone and its supervisor did not record why "
-                          "(supervisor killed, or the host rebooted)"}
+            ended = state.get("ended") or self.unrecorded_end()
             crashed = ended.get("reason") in CRASH_REASONS + ("unknown",)
             return (State.CRASHED if crashed else State.STOPPED), {**state, "ended": ended}
         return recorded, state
+
+    def unrecorded_end(self) -> dict:
+        """How a QEMU ended that no supervisor saw end: the shutdown cause QEMU logged
+        (a power-off from inside, a QMP quit, a signal it handled), else unknown, which
+        reads as a crash (QEMU killed or crashed logs none; so does a host reboot)."""
+        try:
+            with open(self.paths.qemu_log, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                cause = exits.logged_cause(f.read())
+        except OSError:
+            cause = None
+        if cause is None:
+            return {"reason": "unknown",
+                    "detail": "QEMU is gone and its supervisor did not record why "
+                              "(supervisor killed, or the host rebooted)"}
+        ended, _ = exits.classify(0, cause, cause == "guest-panic", self.request() or {})
+        return {**ended, "note": "from QEMU's log: its supervisor was not running"}
 
     # -------------------------------------------------------- locking
     @contextmanager

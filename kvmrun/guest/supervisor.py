@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import ending, serial_log
+from kvmrun.guest import cgroup, ending, exits, serial_log
 from kvmrun.guest.helpers import Helper, HelperFailed
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
@@ -125,12 +126,20 @@ class Supervisor:
                   ended=None, ready=False, unit=current_unit())
         if not self.start_helpers():
             return False
+        argv = argv + exits.TRACE_ARGS      # QEMU logs its shutdown cause (status reads it
+        where = self.launch.cgroup or {}    # when no supervisor saw the end)
+        enter = None
+        if where.get("scope"):               # systemd-run --scope execs QEMU in place
+            argv = list(where["scope"]) + argv
+        elif where.get("leaf"):              # into the guest's cgroup before exec
+            enter = functools.partial(cgroup.enter, where["leaf"])
         proc.log_argv(argv)
         try:
             with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                             umask=0o177)     # its sockets and logs: 0600
+                                             umask=0o177,     # its sockets and logs: 0600
+                                             preexec_fn=enter)
         except OSError as err:
             return self.launch_failed(f"cannot run {argv[0]}: {err.strerror}")
         self.pidfd = proc.open_pidfd(self.proc.pid)

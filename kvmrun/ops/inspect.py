@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import agent, netrecord
+from kvmrun.guest import agent, cgroup, netrecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State, guest_names
 from kvmrun.net.leases import leases
@@ -32,6 +32,9 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         "shutdown_method": summary.get("shutdown_method"), "ready": state.get("ready"),
         "sandbox": summary.get("sandbox"), "qemu_user": summary.get("qemu_user"),
         "firmware": summary.get("firmware"), "secure_boot": summary.get("secure_boot"),
+        "qemu_user_why": summary.get("qemu_user_why"),
+        "limits": summary.get("limits") or {},
+        "cgroup": cgroup.of_pid(pid) if pid and summary.get("limits") else None,
         "profile": summary.get("source"),
         "console": str(guest.paths.console), "serial_log": str(guest.paths.serial_log),
         "qmp": str(guest.paths.qmp_cli), "run_dir": str(guest.paths.dir),

@@ -21,7 +21,7 @@ from typing import Callable
 from kvmrun import arch as archmod
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
-from kvmrun.guest import ending
+from kvmrun.guest import cgroup, ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
@@ -30,7 +30,7 @@ from kvmrun.ops import agent, quickstart
 from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, Ready, referenced_files, warnings
 from kvmrun.qemu import checks, host, varstore
-from kvmrun.qemu.compile import Compiled, build
+from kvmrun.qemu.compile import Compiled, build, stays_root
 from kvmrun.storage import disks, images
 
 Progress = Callable[[str], None]
@@ -61,6 +61,9 @@ def prepare(profile: Profile, note: Progress = lambda m: None) -> tuple[Profile,
         raise HostError("accel kvm asked for, but /dev/kvm is not usable by this user",
                         hint="add yourself to the kvm group, or use accel: tcg")
     compiled.argv[0] = binary
+    cgroup.check(profile.limits.asked())     # limits that cannot apply: refused, not skipped
+    if compiled.qemu_user and compiled.qemu_user == host.DEFAULT_QEMU_USER:
+        host.ensure_qemu_user(compiled.qemu_user, note)
     if proc.debug():
         for helper in compiled.helpers:
             note(f"kvmrun: debug: helper {helper.name}: {shlex.join(helper.argv)}")
@@ -92,12 +95,35 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
     nics.setup(profile, guest.paths)
     _prepare_nvram(profile, guest)
     _prepare_tpm(profile, guest, undo)
-    launch_record(profile, compiled).write(guest.paths.launch)
+    record = launch_record(profile, compiled)
+    record.cgroup = _cgroup(profile, record.run_id, undo)
+    record.write(guest.paths.launch)
     guest.reserve_request()
 
 
-def _runas(argv: list[str]) -> str | None:
-    return argv[argv.index("-runas") + 1] if "-runas" in argv else None
+def _cgroup(profile: Profile, run_id: str, undo: contextlib.ExitStack) -> dict | None:
+    """Where the profile's limits apply: a systemd scope QEMU starts in, or a cgroup
+    directory made now (removed again if the start fails)."""
+    limits = profile.limits.asked()
+    how = cgroup.check(limits)
+    if how == "scope":
+        return {"scope": cgroup.scope_argv(profile.name, run_id, limits)}
+    if how == "directory":
+        leaf = cgroup.make_leaf(profile.name, limits)
+        undo.callback(cgroup.remove, leaf, 1.0)
+        return {"leaf": str(leaf)}
+    return None
+
+
+def _qemu_user(profile: Profile, compiled: Compiled) -> dict:
+    """Who QEMU runs as, for status: the user it drops to, else the caller; and why a
+    root kvmrun's QEMU keeps root."""
+    if compiled.qemu_user:
+        return {"qemu_user": compiled.qemu_user, "qemu_user_why": None}
+    why = None
+    if os.geteuid() == 0:
+        why = stays_root(profile) or "KVMRUN_QEMU_USER=root"
+    return {"qemu_user": host.user_name(os.geteuid()), "qemu_user_why": why}
 
 
 def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
@@ -119,9 +145,9 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
                  "forwards": [f for n in profile.network for f in n.forward],
                  "shutdown_method": profile.shutdown.method,
                  "ssh": sshops.login_defaults(profile),
-                 "sandbox": compiled.sandbox or "off",
+                 "sandbox": compiled.sandbox or "off", "limits": profile.limits.asked(),
                  "firmware": profile.firmware, "secure_boot": profile.secure_boot,
-                 "qemu_user": _runas(compiled.argv)})
+                 **_qemu_user(profile, compiled)})
 
 
 class Undo(contextlib.ExitStack):
@@ -338,11 +364,12 @@ def quick_entry(profile: Profile, resolved: Profile, record: LaunchRecord,
                 notes: list[str]) -> dict | None:
     """What kvmrun.ops.quickstart needs to start this profile again unchanged, if it can:
     a profile from files alone (no --set, one-off flags or --name), with nothing the quick
-    path does not make (cloud-init seed, ephemeral overlays, networks beyond user)."""
+    path does not make (cloud-init seed, ephemeral overlays, networks beyond user, the
+    cgroup of limits)."""
     sources = sorted({file for file, _ in profile.lines.values()})
     if not profile.source or not all(os.path.isfile(f) for f in sources):
         return None
-    if profile.cloud_init or any(d.ephemeral for d in profile.disks):
+    if profile.cloud_init or any(d.ephemeral for d in profile.disks) or profile.limits.asked():
         return None
     if any(net.type not in ("user", "none") for net in profile.network):
         return None

@@ -6,6 +6,7 @@ Progress goes to `note`; failures are MigrationError (the caller rolls back)."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Callable
 
@@ -63,6 +64,20 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
         time.sleep(0.2)
 
 
+def pass_connection(qmp: QMPClient, sock, name: str) -> str:
+    """Connect to the unix socket `sock` and give QEMU the connection as fd `name`
+    (QEMU reaches no path for it: it may run as a user who cannot reach `sock`)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(sock))
+        qmp.execute("getfd", {"fdname": name}, fds=[conn.fileno()])
+    except OSError as err:
+        raise MigrationError(f"cannot reach the tunnel {sock}: {err}") from None
+    finally:
+        conn.close()
+    return name
+
+
 def job_error(qmp: QMPClient, job: str) -> str:
     for event in qmp.pending_events:
         data = event.get("data", {})
@@ -79,7 +94,7 @@ def stream(qmp: QMPClient, sock, downtime: int, cap: int, bandwidth: int | None,
     if bandwidth:
         params["max-bandwidth"] = bandwidth << 20
     qmp.execute("migrate-set-parameters", params)
-    qmp.execute("migrate", {"uri": f"unix:{sock}"})
+    qmp.execute("migrate", {"uri": "fd:" + pass_connection(qmp, sock, "migrate")})
     limit, last_step = downtime, time.monotonic()
     while True:
         info = qmp.execute("query-migrate")

@@ -93,6 +93,7 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
             esc = lambda p: p.replace(",", ",,")
             swaps.append((f"file={esc(disk['source'])},", f"file={esc(disk['target'])},"))
     out = []
+    argv = without_runas(argv)
     for i, arg in enumerate(argv):
         for old, new in swaps:
             arg = arg.replace(old, new)
@@ -100,6 +101,23 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
             arg = ",".join([req["machine"]] + arg.split(",")[1:])
         out.append(arg)
     return [*out, "-incoming", "defer", "-S"]
+
+
+def without_runas(argv: list[str]) -> list[str]:
+    """The argv without its drop to a user (`-runas U`, `-run-with user=U`): a target QEMU
+    binds nbd.sock and migrate.sock by path after start-up, in root's run directory, so it
+    stays root here (and the user may not exist on this host)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "-runas" or (arg == "-run-with" and argv[i + 1:i + 2]
+                                 and argv[i + 1].startswith("user=")):
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def prepare(req: dict) -> dict:
@@ -130,6 +148,11 @@ def prepare(req: dict) -> dict:
     record["argv"] = _rewrite(record["argv"], req, guest)
     record["disks"] = [d["target"] for d in req["disks"]] or record.get("disks", [])
     record["machine_type"] = req.get("machine")
+    if isinstance(record.get("summary"), dict):
+        from kvmrun.qemu.host import user_name
+        record["summary"] = {**record["summary"], "qemu_user": user_name(os.geteuid()),
+                             "qemu_user_why": "an incoming migration listens by path"
+                             if os.geteuid() == 0 else None}
     LaunchRecord.from_json(record).write(guest.paths.launch)
     _spawn(guest)
     incoming({"name": req["name"], "exports": req.get("exports", [])})

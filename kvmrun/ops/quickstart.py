@@ -3,8 +3,8 @@
 A start that succeeds keeps what it decided (the launch record, the NIC list, the notes it
 printed) in <cache dir>/launch/, with fingerprints of everything that decision read: the
 profile and its `extends` chain, the disks whose format was detected, the files the profile
-names, the QEMU binary, the host facts (euid, /dev/kvm, the KVM verdict, KVMRUN_ACCEL) and
-kvmrun's own code. When all of them are unchanged, `start` skips the interpreter's heavy
+names, the QEMU binary, the host facts (euid, /dev/kvm, the KVM verdict, KVMRUN_ACCEL,
+KVMRUN_QEMU_USER) and kvmrun's own code. When all of them are unchanged, `start` skips the interpreter's heavy
 imports (typer, yaml, the profile model, the compiler, qemu-img) and the supervisor's own
 interpreter start-up: it forks the supervisor from this light process. Everything else is as
 in kvmrun.ops.launch: the guest's lock, the running/disks-in-use/forwarded-port checks, a
@@ -58,6 +58,7 @@ def code_stamp() -> str:
 
 def host_stamp() -> dict:
     return {"euid": os.geteuid(), "accel": os.environ.get("KVMRUN_ACCEL"),
+            "qemu_user": os.environ.get("KVMRUN_QEMU_USER"),
             "kvm": kvm_accessible(), "verdict": _stamp(kvm_verdict_file())}
 
 

@@ -12,10 +12,10 @@ import yaml
 
 from kvmrun import arch as archmod
 from kvmrun.paths import MAX_NAME, NAME_RE
-from kvmrun.profile.model import (CloudInit, Disk, Kernel, Network, Profile, Ready, Share,
-                                  Shutdown, Ssh, is_key_file)
-from kvmrun.profile.spec import (Bool, Either, Enum, Field, FilePath, Int, List, Obj, Size,
-                                 Spec, Str, shown, suggest)
+from kvmrun.profile.model import (CloudInit, Disk, Kernel, Limits, Network, Profile, Ready,
+                                  Share, Shutdown, Ssh, is_key_file)
+from kvmrun.profile.spec import (Bool, Either, Enum, Field, FilePath, Int, List, Obj, Percent,
+                                 Size, Spec, Str, shown, suggest)
 
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme", "sd")
 SEED_INTERFACES = ("virtio", "ide", "scsi")
@@ -288,6 +288,16 @@ SSH = Obj(Ssh, {
                                   "a cloud_init.ssh_authorized_keys .pub file"),
 })
 
+LIMITS = Obj(Limits, {
+    "cpu_weight": Field(Int(1, 10000), "CPU share against other processes (cgroup cpu.weight; "
+                                       "100 is the kernel's default)"),
+    "cpu_max": Field(Percent(1, 1024 * 100), "CPU time cap in percent of one CPU, like "
+                                             "systemd's CPUQuota: 50% or 200% (cpu.max)"),
+    "memory_max": Field(Size(16, 16 * 1024 * 1024), "memory cap for QEMU as a whole (guest RAM "
+                                                   "plus QEMU's own), above memory (memory.max)"),
+    "io_weight": Field(Int(1, 10000), "disk I/O share (io.weight; 100 is the default)"),
+})
+
 PROFILE = Obj(Profile, {
     "name": Field(Str(NAME_RE, MAX_NAME, "a valid VM name (letters, digits and . _ - "
                                          "between them)"),
@@ -341,5 +351,7 @@ PROFILE = Obj(Profile, {
     "tpm": Field(Bool(), "a TPM 2.0 device (tpm-crb on x86, tpm-tis-device on Arm virt) "
                         "backed by a swtpm helper; its state is kept in the data directory "
                         "across restarts and moves with export"),
+    "limits": Field(LIMITS, "resource limits through a cgroup v2 leaf of the guest's own "
+                            "(refused where no cgroup v2 with these controllers is usable)"),
     "qemu_args": Field(List(Str()), "extra QEMU arguments, appended verbatim"),
 }, "A kvmrun VM profile")

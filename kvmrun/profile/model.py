@@ -109,6 +109,19 @@ class Ssh:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Resource limits of the guest's QEMU, through its own cgroup v2 leaf."""
+    cpu_weight: int | None = None    # cpu.weight, 1-10000 (the kernel's default is 100)
+    cpu_max: int | None = None       # percent of one CPU (cpu.max; systemd's CPUQuota)
+    memory_max: int | None = None    # MiB (memory.max), for QEMU as a whole
+    io_weight: int | None = None     # io.weight, 1-10000 (default 100)
+
+    def asked(self) -> dict:
+        """The limits set, by name."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     arch: str = field(default_factory=archmod.host_arch)
@@ -140,6 +153,7 @@ class Profile:
     semihosting: bool = False
     sandbox: bool = True                   # QEMU's seccomp sandbox (-sandbox on,…)
     tpm: bool = False                      # a TPM 2.0: a swtpm helper, state in the data dir
+    limits: Limits = Limits()              # cgroup v2 limits (kvmrun.qemu.cgroup)
     qemu_args: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)
     lines: dict = field(default_factory=dict, compare=False, repr=False)

@@ -96,6 +96,10 @@ def check_combinations(p: Profile, ctx: Ctx) -> None:
     """Values that are each valid but that QEMU refuses together."""
     a = archmod.ARCHES.get(p.arch)
     _check_board(p, ctx)
+    if p.limits.memory_max is not None and p.limits.memory_max <= p.memory:
+        ctx.error(("limits", "memory_max"), f"{p.limits.memory_max} MiB is not above the guest's "
+                  f"memory ({p.memory} MiB): QEMU needs its own memory on top and would be "
+                  f"killed by the OOM killer", hint=f"give at least {p.memory + 256}M")
     if ("shutdown", "method") in ctx.lines and power_button_problem(p):
         # written out: an error; left at the default: a warning (see warnings())
         ctx.error(("shutdown", "method"), power_button_problem(p), hint=POWER_BUTTON_HINT)

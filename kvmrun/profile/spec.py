@@ -131,6 +131,33 @@ class Int(Spec):
         return {"type": "integer", "minimum": self.min, "maximum": self.max}
 
 
+@dataclasses.dataclass
+class Percent(Spec):
+    """A whole percentage, written 150% (or 150)."""
+
+    min: int
+    max: int
+
+    def check(self, value, ctx, path):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value                     # never str(): a 5,000-digit int cannot be
+        else:
+            m = re.fullmatch(r"([0-9]{1,7})\s*%?", value.strip(), re.ASCII) \
+                if isinstance(value, str) else None
+            if not m:
+                return ctx.error(path, f"expected a percentage like 50% or 200%, found "
+                                       f"{shown(value)}")
+            number = int(m.group(1))
+        if not self.min <= number <= self.max:
+            return ctx.error(path, f"{shown(value)} is out of range ({self.min}% to "
+                                   f"{self.max}%)")
+        return number
+
+    def schema(self):
+        return {"anyOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": r"^[0-9]{1,7}\s*%?$"}]}
+
+
 class Bool(Spec):
     def check(self, value, ctx, path):
         if not isinstance(value, bool):

@@ -47,6 +47,7 @@ class Compiled:
     machine: str
     sandbox: str | None = None     # the -sandbox value, None when turned off
     helpers: tuple[HelperCommand, ...] = ()    # started before QEMU, in this order
+    qemu_user: str | None = None   # the user QEMU drops to (-runas), None: it does not
 
 
 def qemu_escape(value: str) -> str:
@@ -98,13 +99,13 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
         argv.extend(part)
     runas = runas_user(profile, host)
     if runas:
-        argv += ["-runas", runas]
+        argv += ["-run-with", f"user={runas}"] if host.run_with else ["-runas", runas]
     sandbox = sandbox_option(profile, host)
     if sandbox:
         argv += ["-sandbox", sandbox]
     argv.extend(profile.qemu_args)
     return Compiled(argv, accel, profile.machine or a.machine, sandbox,
-                    tuple(_helpers(profile, host, paths)))
+                    tuple(_helpers(profile, host, paths)), runas)
 
 
 def virtiofs_shares(p: Profile) -> list[int]:
@@ -153,13 +154,27 @@ def _helpers(p: Profile, host: HostFacts, paths: RunPaths) -> Iterator[HelperCom
 def runas_user(p: Profile, host: HostFacts) -> str | None:
     """The user QEMU drops to after opening what needs root (disks, taps, /dev/kvm,
     sockets, logs: all opened before -runas takes effect). Not with features QEMU uses
-    by path after start-up: virtio-9p shares (root's files), isolated networks (the
-    hub socket in root's 0700 run directory), and helpers' sockets (virtiofs, TPM: kept
-    to root until a reconnect as another user is tested)."""
-    if not host.qemu_user or p.shares or p.tpm or any(n.type == "isolated"
-                                                      for n in p.network):
-        return None
-    return host.qemu_user
+    by path after start-up (`stays_root` says which)."""
+    return None if not host.qemu_user or stays_root(p) else host.qemu_user
+
+
+def stays_root(p: Profile) -> str | None:
+    """Why QEMU of a root kvmrun keeps root for this profile, or None: virtio-9p shares
+    and a user network's TFTP directory (QEMU reads root's files by path while the guest
+    runs), isolated networks (QEMU sends each frame to the hub socket, by path, in root's
+    0700 run directory) and helper daemons (virtiofsd, swtpm: root's sockets; kept to root
+    until a reconnect as another user is tested)."""
+    if any(s.type != "virtiofs" for s in p.shares):
+        return "9p shares are read by path as root"
+    if p.shares:
+        return "virtiofsd's socket is root's"
+    if p.tpm:
+        return "swtpm's socket is root's"
+    if any(n.tftp for n in p.network):
+        return "the TFTP directory is read by path as root"
+    if any(n.type == "isolated" for n in p.network):
+        return "an isolated network's hub is reached by path"
+    return None
 
 
 SANDBOX = {"obsolete": "deny", "elevateprivileges": "deny", "spawn": "deny",

@@ -37,8 +37,11 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
         pair = uefi_secure_pair(a.name)
         if pair:
             secure[a.name] = pair[0]
+    user = qemu_user()
+    binary = shutil.which(archmod.get(archmod.host_arch()).qemu) if user else None
     return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
-                     uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=qemu_user(),
+                     uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=user,
+                     run_with=bool(binary) and qemu_run_with(binary),
                      virtiofsd=virtiofsd_binary(), swtpm=shutil.which("swtpm"))
 
 
@@ -52,22 +55,69 @@ def virtiofsd_binary() -> str | None:
     return found or shutil.which("virtiofsd")
 
 
+DEFAULT_QEMU_USER = "kvmrun"
+
+
 def qemu_user() -> str | None:
-    """The user QEMU drops to when kvmrun runs as root: KVMRUN_QEMU_USER (an existing
-    user; opt-in for now, see the README). None when not root or not set."""
-    name = os.environ.get("KVMRUN_QEMU_USER") or None
-    if name is None or os.geteuid() != 0:
+    """The user QEMU drops to when kvmrun runs as root: KVMRUN_QEMU_USER, else the
+    `kvmrun` system user (made at the first start, `ensure_qemu_user`). None when kvmrun is
+    not root (QEMU runs as the caller) or when KVMRUN_QEMU_USER=root keeps QEMU root."""
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("KVMRUN_QEMU_USER") or DEFAULT_QEMU_USER
+    if name == "root":
         return None
     import pwd
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
+        if name == DEFAULT_QEMU_USER:
+            return name                          # made on demand when a guest starts
         raise HostError(f"KVMRUN_QEMU_USER={name!r}: no such user",
                         hint="create it (useradd --system --no-create-home --shell "
                              "/usr/sbin/nologin kvmrun) or unset the variable") from None
     if entry.pw_uid == 0:
-        raise HostError(f"KVMRUN_QEMU_USER={name!r} is root: nothing would be dropped")
+        raise HostError(f"KVMRUN_QEMU_USER={name!r} is root (uid 0)",
+                        hint="KVMRUN_QEMU_USER=root keeps QEMU root on purpose")
     return name
+
+
+def ensure_qemu_user(name: str, note=lambda message: None) -> None:
+    """Make the default `kvmrun` system user when it does not exist yet (no home, no
+    login shell), saying so."""
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+            "--comment", "QEMU guests of kvmrun", name]
+    import shlex
+    note(f"kvmrun: creating the system user {name!r} QEMU runs as: {shlex.join(argv)} "
+         f"(KVMRUN_QEMU_USER names another user; KVMRUN_QEMU_USER=root keeps QEMU root)")
+    done = run(argv, check=False, timeout=60)
+    if done.returncode != 0 and name not in {e.pw_name for e in pwd.getpwall()}:
+        raise HostError(f"cannot create the user {name!r} QEMU should run as: "
+                        f"{(done.stderr or done.stdout).strip() or 'useradd failed'}",
+                        hint="create it yourself, name another with KVMRUN_QEMU_USER, "
+                             "or keep QEMU root with KVMRUN_QEMU_USER=root")
+
+
+def user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def qemu_run_with(binary: str) -> bool:
+    """Whether QEMU drops privileges with `-run-with user=` (9.1 deprecated `-runas` for
+    it; 7.2 has only `-runas`): asked from its -help."""
+    def compute():
+        return bool(re.search(r"-run-with[^\n]*user=", _ask_qemu(binary, "-help")))
+    return bool(_cached(binary, "run-with", compute))
 
 
 def uefi_vars_template(arch_name: str, secure_boot: bool = False) -> str | None:

@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from kvmrun import proc
-from kvmrun.errors import HostError, KvmrunError, StorageError, shown
+from kvmrun.errors import BadSize, HostError, KvmrunError, StorageError, shown
 from kvmrun.storage import nfsclient, overlays
 from kvmrun.storage.nfsclient import is_url
 
@@ -81,18 +81,18 @@ def parse_disk_size(text: str, relative: bool = False) -> tuple[str, int]:
     A bare number is bytes (as with qemu-img); units are binary (K = 1024)."""
     m = _DISK_SIZE_RE.fullmatch(str(text).strip())
     if m and len(m.group(2)) > 24:          # exact arithmetic below; 24 digits is exabytes
-        raise StorageError(f"{shown(text)} is larger than qcow2 images can be (64 PiB)")
+        raise BadSize(f"{shown(text)} is larger than qcow2 images can be (64 PiB)")
     if not m or (m.group(1) and not relative):
-        raise StorageError(f"{shown(text)} is not a disk size",
-                           hint="write a size with a unit: 512M, 20G, 1.5T"
-                           + (" (or +5G / -1G to grow or shrink)" if relative else ""))
+        raise BadSize(f"{shown(text)} is not a disk size",
+                      hint="write a size with a unit: 512M, 20G, 1.5T"
+                      + (" (or +5G / -1G to grow or shrink)" if relative else ""))
     value = Fraction(m.group(2)) * _UNIT[m.group(3).upper()]     # exact: no float infinity
     if value != int(value):
-        raise StorageError(f"{shown(text)} is not a whole number of bytes")
+        raise BadSize(f"{shown(text)} is not a whole number of bytes")
     if value <= 0:
-        raise StorageError(f"{shown(text)}: a disk size must be more than 0")
+        raise BadSize(f"{shown(text)}: a disk size must be more than 0")
     if value > 64 * _UNIT["T"] * 1024:
-        raise StorageError(f"{shown(text)} is larger than qcow2 images can be (64 PiB)")
+        raise BadSize(f"{shown(text)} is larger than qcow2 images can be (64 PiB)")
     return m.group(1), int(value)
 
 

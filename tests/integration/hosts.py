@@ -131,7 +131,10 @@ class Hosts:
         host.env = env = {"PATH": path, "KVMRUN_RUN_DIR": host.run_dir,
                "KVMRUN_CONFIG_DIR": host.config_dir, "KVMRUN_DATA_DIR": host.root / "data",
                "KVMRUN_CACHE_DIR": host.root / "cache", "KVMRUN_ACCEL": "tcg",
-               "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN}
+               "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN,
+               # --copy-storage mirrors through a socket by path, which a QEMU dropped to
+               # the kvmrun user cannot reach (kvmrun refuses that; test_migrate checks it)
+               "KVMRUN_QEMU_USER": "root"}
         config = host.root / "sshd_config"
         config.write_text("\n".join([
             f"ListenAddress {host.address}:22", f"HostKey {self.base / 'host_key'}",

@@ -266,3 +266,28 @@ def test_two_starts_with_one_disk(kr, tiny_guest):
     loser = "b" if winner == "a" else "a"
     assert kr.status(winner)["pid"] and not (kr.guest_dir(loser) / "qemu.pid").exists()
     kr.ok("kill", winner)
+
+
+def test_a_guest_that_powers_off_while_its_supervisor_is_dead_is_not_crashed(kr, tiny_guest):
+    """Bug 13's last clause: nobody records how QEMU ended when its supervisor died, and
+    status called every such end "crashed". QEMU removes its own pidfile when it exits
+    normally (and cannot when it crashes or is killed), so a clean power-off from inside
+    reads as stopped; a SIGKILL'd QEMU still reads as crashed."""
+    kr.start(kr.profile("g", tiny_guest))
+    info = kr.status("g")
+    kr.kill9(info["supervisor_pid"])
+    wait_for(lambda: not pid_alive(info["supervisor_pid"]), 30, "the supervisor to die")
+    kr.ok("qmp", "g", "system_powerdown")           # the guest's acpid powers it off
+    info = kr.wait_state("g", lambda i: i["state"] != "running")
+    assert info["state"] == "stopped", info
+    assert info["ended"]["reason"] == "guest-shutdown", info["ended"]
+    assert "supervisor was not running" in info["ended"]["note"]
+    assert "crashed" not in kr.ok("status", "g").out
+
+    kr.start(kr.profile("g", tiny_guest))
+    info = kr.status("g")
+    kr.kill9(info["supervisor_pid"])
+    wait_for(lambda: not pid_alive(info["supervisor_pid"]), 30, "the supervisor to die")
+    signal_ours(kr, info["pid"], signal.SIGKILL)
+    info = kr.wait_state("g", lambda i: i["state"] != "running")
+    assert info["state"] == "crashed", info

@@ -267,6 +267,15 @@ def test_state_file_pointing_at_an_unrelated_process(kr, tiny_guest):
                     info = kr.status("g")
                     assert info["pid"] is None
                     if says_running:
+                        # QEMU logged how it ended (the stop's QMP quit or power-off):
+                        # that, not "crashed", is what status says with nobody's record
+                        assert info["state"] == "stopped", info
+                        assert "QEMU's log" in info["ended"]["note"]
+                        qemu_log = kr.guest_dir("g") / "qemu.log"
+                        logged = qemu_log.read_bytes()
+                        qemu_log.write_bytes(b"")        # no word from QEMU either
+                        info = kr.status("g")
+                        qemu_log.write_bytes(logged)
                         assert info["state"] == "crashed"
                         assert info["ended"]["reason"] == "unknown"
                     else:
@@ -478,7 +487,7 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
         data = json.loads(path.read_text())
         assert data.pop("version") == {"launch.json": 4, "state.json": 1}[record]
         # the fields kvmrun added after 0.1
-        for newer in ("run_id", "serial_log_max", "machine_type", "helpers"):
+        for newer in ("run_id", "serial_log_max", "machine_type", "helpers", "cgroup"):
             data.pop(newer, None)
         path.write_text(json.dumps(data, indent=1))       # as kvmrun 0.1 wrote it
     info = kr.status("old")

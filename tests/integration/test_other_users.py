@@ -191,3 +191,53 @@ def test_qemu_user_must_exist(kr, tmp_path):
     (kr.base / "v.yaml").write_text("name: v\nmemory: 64\naccel: tcg\nnetwork: []\n")
     code, out, err = kr.run("start", kr.base / "v.yaml")
     assert code == 3 and "KVMRUN_QEMU_USER='no-such-user-krt': no such user" in err
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_root_qemu_runs_as_the_kvmrun_user_by_default(kr, tiny_guest):
+    """No KVMRUN_QEMU_USER: a root kvmrun's QEMU runs as the `kvmrun` system user (made
+    at the first start if missing); what a running guest opens later through QMP works
+    as that user (a savevm snapshot, a live resize); status names the user."""
+    kr.env = {k: v for k, v in kr.env.items() if k != "KVMRUN_QEMU_USER"}
+    disk = kr.base / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    kr.start(kr.profile("g", tiny_guest, disks=[{"path": str(disk)}]))
+    user = pwd.getpwnam("kvmrun")
+    assert user.pw_shell == "/usr/sbin/nologin" and user.pw_uid < 1000     # --system
+    info = kr.status("g")
+    assert info["qemu_user"] == "kvmrun" and info["qemu_user_why"] is None
+    assert proc_status(info["pid"])["Uid"].split() == [str(user.pw_uid)] * 4
+    assert "  runs as  kvmrun\n" in kr.ok("status", "g").out
+    kr.ok("snapshot", "create", "g", "s1")
+    kr.ok("disk", "resize", disk, "+16M", "--live", "g")
+    assert kr.status("g")["qemu_status"] == "running"
+    assert kr.ok("stop", "g").code == 0
+    ended = kr.wait_state("g", lambda i: i["state"] != "running")["ended"]
+    assert ended["reason"] == "stopped", ended
+
+
+def test_root_can_keep_qemu_root_on_purpose(kr):
+    """KVMRUN_QEMU_USER=root: no -runas; the default adds it."""
+    (kr.base / "v.yaml").write_text("name: v\nmemory: 64\naccel: tcg\nnetwork: []\n")
+    default = kr.ok("cmdline", kr.base / "v.yaml").out
+    assert "-runas kvmrun" in default
+    kr.env = {**kr.env, "KVMRUN_QEMU_USER": "root"}
+    assert "-runas" not in kr.ok("cmdline", kr.base / "v.yaml").out
+
+
+def test_the_qemu_user_is_made_on_demand():
+    """ensure_qemu_user makes a missing system user (no home, no login shell)."""
+    from kvmrun.qemu.host import ensure_qemu_user
+    name = f"krt{uuid.uuid4().hex[:8]}"
+    said = []
+    try:
+        ensure_qemu_user(name, said.append)
+        made = pwd.getpwnam(name)
+        assert made.pw_shell == "/usr/sbin/nologin" and made.pw_uid < 1000
+        assert not os.path.exists(made.pw_dir)
+        assert said and "useradd --system --no-create-home" in said[0]
+        ensure_qemu_user(name, said.append)         # there: nothing more to do or say
+        assert len(said) == 1
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)

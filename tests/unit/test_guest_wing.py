@@ -31,7 +31,7 @@ def test_launch_record_round_trip_and_version(tmp_path):
                           summary={"forwards": ["tcp:127.0.0.1:2222-:22"]})
     record.write(tmp_path / "launch.json")
     data = json.loads((tmp_path / "launch.json").read_text())
-    assert data["version"] == VERSION == 4
+    assert data["version"] == VERSION == 5
     back = LaunchRecord.read(tmp_path / "launch.json")
     assert back.to_json() == record.to_json()
     assert back.forwards == ["tcp:127.0.0.1:2222-:22"] and back.ephemeral_disks == [0]

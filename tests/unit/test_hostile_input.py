@@ -118,7 +118,7 @@ def test_cmdline_numbers_are_located_errors(capsys, args, message):
 ])
 def test_disk_sizes_and_long_names_are_plain_errors(capsys, args, message):
     code, out, err = kvmrun(capsys, *args)
-    assert code != 0 and message in err, err
+    assert code == (1 if "File name" in message else 2) and message in err, err
     assert "internal error" not in err and len(err) < 600
 
 
@@ -201,7 +201,7 @@ def test_sandbox_off_warns(capsys):
 
 def test_runas_only_where_no_feature_needs_root_paths():
     from kvmrun.arch import HostFacts
-    from kvmrun.qemu.compile import runas_user, sandbox_option
+    from kvmrun.qemu.compile import runas_user, sandbox_option, stays_root
     host = HostFacts(machine="x86_64", qemu_user="kvmrun")
     plain = load("vm.yaml")
     assert runas_user(plain, host) == "kvmrun"
@@ -210,3 +210,76 @@ def test_runas_only_where_no_feature_needs_root_paths():
                                 "    name: lab\n")
     assert runas_user(load("iso.yaml"), host) is None
     assert runas_user(plain, HostFacts(machine="x86_64")) is None
+    assert stays_root(load("iso.yaml")) == "an isolated network's hub is reached by path"
+    assert stays_root(plain) is None
+    Path("pxe.yaml").write_text("name: pxe\narch: x86_64\nnetwork:\n  - tftp: .\n")
+    assert stays_root(load("pxe.yaml")) == "the TFTP directory is read by path as root"
+
+
+def test_runas_spelling_follows_the_qemu_version():
+    """QEMU 7.2 has -runas; 9.1 deprecated it for -run-with user= (HostFacts.run_with,
+    probed from `qemu -help`)."""
+    from kvmrun.arch import HostFacts
+    from kvmrun.paths import RunPaths
+    from kvmrun.qemu.compile import build
+    paths = RunPaths(Path("/run/kvmrun/vm"))
+    old = build(load("vm.yaml"), HostFacts(machine="x86_64", qemu_user="kvmrun"), paths)
+    new = build(load("vm.yaml"), HostFacts(machine="x86_64", qemu_user="kvmrun",
+                                           run_with=True), paths)
+    assert old.argv[old.argv.index("-runas") + 1] == "kvmrun" and "-run-with" not in old.argv
+    assert new.argv[new.argv.index("-run-with") + 1] == "user=kvmrun"
+    assert "-runas" not in new.argv and new.qemu_user == old.qemu_user == "kvmrun"
+
+
+def test_qemu_user_defaults_to_kvmrun_as_root(monkeypatch):
+    from kvmrun.errors import HostError
+    from kvmrun.qemu import host
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    monkeypatch.delenv("KVMRUN_QEMU_USER", raising=False)
+    assert host.qemu_user() == "kvmrun"            # made on demand at the first start
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "root")
+    assert host.qemu_user() is None
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "nobody")
+    assert host.qemu_user() == "nobody"
+    monkeypatch.setenv("KVMRUN_QEMU_USER", "sync-to-root-0")
+    with pytest.raises(HostError, match="no such user"):
+        host.qemu_user()
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    assert host.qemu_user() is None                # not root: QEMU runs as the caller
+
+
+def test_status_says_why_root_qemu_keeps_root(monkeypatch):
+    from kvmrun.arch import HostFacts
+    from kvmrun.ops import launch
+    from kvmrun.paths import RunPaths
+    from kvmrun.qemu.compile import build
+    monkeypatch.setattr(launch.os, "geteuid", lambda: 0)
+    paths = RunPaths(Path("/run/kvmrun/vm"))
+    plain = load("vm.yaml")
+    dropped = build(plain, HostFacts(machine="x86_64", qemu_user="kvmrun"), paths)
+    assert launch._qemu_user(plain, dropped) == {"qemu_user": "kvmrun", "qemu_user_why": None}
+    kept = build(plain, HostFacts(machine="x86_64"), paths)          # KVMRUN_QEMU_USER=root
+    assert launch._qemu_user(plain, kept) == {"qemu_user": "root",
+                                              "qemu_user_why": "KVMRUN_QEMU_USER=root"}
+    Path("iso.yaml").write_text("name: iso\narch: x86_64\nnetwork:\n  - type: isolated\n"
+                                "    name: lab\n")
+    iso = load("iso.yaml")
+    why = launch._qemu_user(iso, build(iso, HostFacts(machine="x86_64", qemu_user="kvmrun"),
+                                       paths))["qemu_user_why"]
+    assert why == "an isolated network's hub is reached by path"
+
+
+def test_copy_storage_of_a_guest_whose_qemu_dropped_root_is_refused(monkeypatch):
+    """--copy-storage mirrors through a socket path a QEMU running as kvmrun cannot reach:
+    refused with a hint, not a failure halfway."""
+    from kvmrun.errors import MigrationError
+    from kvmrun.guest.launch import LaunchRecord
+    from kvmrun.ops import migrate
+    monkeypatch.setattr(migrate.os, "geteuid", lambda: 0)
+    confined = LaunchRecord(argv=["qemu"], summary={"qemu_user": "kvmrun"})
+    with pytest.raises(MigrationError, match="runs as kvmrun, which cannot reach") as err:
+        migrate._check_qemu_user("web", confined, copy_storage=True)
+    assert "--shared-storage" in err.value.hint
+    migrate._check_qemu_user("web", confined, copy_storage=False)
+    migrate._check_qemu_user("web", LaunchRecord(argv=["qemu"], summary={"qemu_user": "root"}),
+                             copy_storage=True)

@@ -100,3 +100,4 @@ def test_launch_record_v1_reads_with_no_machine_type(tmp_path: Path):
     assert old.machine_type is None and old.version == 1
     new = LaunchRecord(argv=["qemu"], machine_type="pc-i440fx-7.2")
     assert LaunchRecord.from_json(new.to_json()).machine_type == "pc-i440fx-7.2"
+    assert old.cgroup is None                  # v4's cgroup: none in older records

@@ -144,3 +144,16 @@ def test_a_supervisor_touches_only_its_own_run(run):
     sup.save(state="stopped")
     assert guest.paths.state.read_text() == before
     assert sup.owns_run() is False and guest.paths.qmp.exists()
+
+
+def test_a_shutdown_cause_from_qemus_log():
+    """What status reads when no supervisor saw QEMU end (bug 13): the cause QEMU traced
+    (-trace qemu_system_shutdown_request), its own line for a handled signal, else none."""
+    from kvmrun.guest.exits import logged_cause
+    assert logged_cause(b"qemu_system_shutdown_request reason=6\n") == "guest-shutdown"
+    assert logged_cause(b"qemu_system_shutdown_request reason=2\n") == "host-qmp-quit"
+    assert logged_cause(b"x\nqemu_system_shutdown_request reason=8\n") == "guest-panic"
+    assert logged_cause(b"qemu-system-x86_64: terminating on signal 15 from pid 9 (kill)\n") \
+        == "host-signal"
+    assert logged_cause(b"") is None and logged_cause(b"some warning\n") is None
+    assert logged_cause(b"qemu_system_shutdown_request reason=77\n") == "cause 77"

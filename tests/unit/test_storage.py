@@ -96,17 +96,20 @@ def test_create_never_overwrites(tmp_path, capsys):
     assert (tmp_path / "x.qcow2").read_text() == "precious"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--size", "20Q"], "'20Q' is not a disk size"),
-    (["--size", "0"], "a disk size must be more than 0"),
-    ([], "give a size (--size 20G) or a backing image (--backing)"),
-    (["--backing", "missing.qcow2"], "backing image"),
-    (["--size", "1G", "-f", "vmdk"], "format 'vmdk' is not supported"),
+@pytest.mark.parametrize("args,message,code", [
+    (["--size", "20Q"], "'20Q' is not a disk size", 2),
+    (["--size", "0"], "a disk size must be more than 0", 2),
+    (["--size", "+1G"], "'+1G' is not a disk size", 2),
+    (["--size", "1.5B"], "is not a whole number of bytes", 2),
+    ([], "give a size (--size 20G) or a backing image (--backing)", None),
+    (["--backing", "missing.qcow2"], "backing image", None),
+    (["--size", "1G", "-f", "vmdk"], "format 'vmdk' is not supported", None),
 ])
-def test_create_errors_leave_no_file(tmp_path, capsys, monkeypatch, args, message):
+def test_create_errors_leave_no_file(tmp_path, capsys, monkeypatch, args, message, code):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "disk", "create", "new.qcow2", *args)
-    assert code != 0 and message in err, err
+    got, _, err = cli(capsys, "disk", "create", "new.qcow2", *args)
+    assert got != 0 and message in err, err
+    assert code is None or got == code, (got, err)
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -203,7 +206,9 @@ def test_resize_errors(tmp_path, capsys):
     assert code == 1 and "no such disk image" in err
     images.create(tmp_path / "a.qcow2", GiB)
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "a.qcow2", "+1Q")
-    assert code == 1 and "is not a disk size" in err
+    assert code == 2 and "is not a disk size" in err          # a usage error, as in profiles
+    code, _, err = cli(capsys, "disk", "resize", tmp_path / "none.qcow2", "1Q")
+    assert code == 2 and "is not a disk size" in err          # before looking at the disk
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "a.qcow2", "-2G", "--shrink")
     assert code == 1 and "the new size would be" in err
     code, _, err = cli(capsys, "disk", "resize", tmp_path / "a.qcow2", "+1G", "--live", "nope")
