@@ -65,6 +65,8 @@ def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
     from kvmrun.ops.defined import is_running
     if copy_storage and shared_storage:
         raise UsageError("--copy-storage and --shared-storage exclude each other")
+    if downtime <= 0 or (cap is not None and cap < downtime):
+        raise UsageError("--downtime must be positive and --max-downtime not below it")
     running = is_running(name)
     if offline or not running:
         if offline is False:
@@ -126,11 +128,13 @@ def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
             f.seek(max(0, paths.serial_log.stat().st_size - SERIAL_TAIL))
             serial = f.read()
             plan.serial_offset = f.tell()
+    from kvmrun.guest import netrecord
+    networks = netrecord.read(paths).get("nics", [])
     run_files = {leaf: base64.b64encode((paths.dir / leaf).read_bytes()).decode()
                  for leaf in ("cidata.iso",) if (paths.dir / leaf).exists()}
     return {"name": plan.name, "binary": launch.argv[0], "qemu_version":
             f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
-            "disks": plan.disks, "ports": ports, "launch": launch.to_json(),
+            "disks": plan.disks, "ports": ports, "networks": networks, "launch": launch.to_json(),
             "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
             "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
             "serial": base64.b64encode(serial).decode(), "run_files": run_files}
@@ -147,13 +151,12 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
                  bandwidth, keep_source, note) -> dict:
     guest = Guest(name)
     launch = guest.read_launch()
-    if launch.ephemeral_disks:
-        raise MigrationError(f"{name} has ephemeral disks; their overlays cannot move yet")
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
         plan.disks = mq.disks(qmp, launch, copy_storage, target_dir)
-        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks]
+        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks
+                    and not d.get("ephemeral")]
         if writable and not (copy_storage or shared_storage):
             raise UsageError(f"{name} has writable disks: say --copy-storage (mirror them "
                              "over) or --shared-storage (the target sees the same files)")
@@ -191,7 +194,8 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     if exports:
         _record(plan, "copying disks")
         mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,
-                  lambda: _tunnel_alive(plan), note)
+                  lambda: _tunnel_alive(plan), note,
+                  top=frozenset(d["drive"] for d in plan.disks if d.get("ephemeral")))
     _record(plan, "migrating")
     stats = mq.stream(qmp, plan.guest.paths.migrate_out, downtime, cap, bandwidth,
                       lambda: _tunnel_alive(plan), note,
@@ -298,7 +302,8 @@ def _profile_there(plan: Plan) -> str | None:
 
     from kvmrun.ops import defined
     data = defined.export_dict(defined.load(defined.defined_path(plan.name)))
-    copied = {d["source"]: d["target"] for d in plan.disks if d["copy"]}
+    copied = {d["source"]: d["target"] for d in plan.disks
+              if d["copy"] and not d.get("ephemeral")}
     for disk in data.get("disks", []):
         if disk.get("path") in copied:
             disk["path"] = copied[disk["path"]]

@@ -64,7 +64,11 @@ def preflight(req: dict) -> dict:
         problems.append(f"a guest named {req['name']} already runs here")
     for disk in req["disks"]:
         exists = os.path.lexists(disk["target"])
-        if disk["copy"] and exists:
+        if disk.get("ephemeral"):
+            if not exists:
+                problems.append(f"{disk['target']}, the base of an ephemeral disk, is not "
+                                "visible here (its overlay is copied, the base is not)")
+        elif disk["copy"] and exists:
             problems.append(f"{disk['target']} already exists here (--target-dir puts the "
                             "copies elsewhere)")
         elif not disk["copy"] and not exists:
@@ -75,10 +79,33 @@ def preflight(req: dict) -> dict:
                 s.bind((addr or "0.0.0.0", port))
             except OSError as err:
                 problems.append(f"port {port} (a forward) is taken here: {err.strerror}")
+    missing = missing_networks(req.get("networks", []))
+    if missing:
+        problems.append("networks missing here: " + ", ".join(missing))
     nvram = paths.nvram_path(req["name"])
     if req.get("nvram") and nvram.exists():
         problems.append(f"{nvram} already exists here")
     return {"problems": problems, "qemu_version": version}
+
+
+def missing_networks(nics: list[dict]) -> list[str]:
+    """The source's NICs (its network.json) whose network this host lacks, said plainly."""
+    from kvmrun.net import defs, links
+    from kvmrun.net.names import NAT_DEFAULT_NAME
+    missing = []
+    for nic in nics:
+        kind, where = nic.get("type"), f"(NIC {nic.get('index')})"
+        if kind == "bridge" and not os.path.exists(f"/sys/class/net/{nic.get('bridge')}"):
+            missing.append(f"bridge {nic.get('bridge')} {where}")
+        elif kind == "isolated" and defs.load_definition(nic.get("network", "")) is None:
+            missing.append(f"isolated network {nic.get('network')} {where}")
+        elif kind == "nat":
+            if nic.get("network") != NAT_DEFAULT_NAME and \
+                    defs.load_definition(nic.get("network", "")) is None:
+                missing.append(f"NAT network {nic.get('network')} {where}")
+            elif not links.is_root():
+                missing.append(f"NAT network {nic.get('network')} {where} (needs root)")
+    return missing
 
 
 def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
@@ -89,7 +116,7 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
     if req.get("source_nvram"):
         swaps.append((req["source_nvram"], str(guest.paths.nvram)))
     for disk in req["disks"]:
-        if disk["copy"]:
+        if disk["copy"] and not disk.get("ephemeral"):
             esc = lambda p: p.replace(",", ",,")
             swaps.append((f"file={esc(disk['source'])},", f"file={esc(disk['target'])},"))
     out = []
@@ -113,7 +140,12 @@ def prepare(req: dict) -> dict:
     files.mkdirs(guest.paths.dir)
     files.write_json(guest.paths.migration, {"role": "target", "made": made})
     for disk in req["disks"]:
-        if disk["copy"]:
+        if disk.get("ephemeral"):               # a fresh overlay on the same base
+            overlay = guest.paths.overlay(int(disk["drive"].removeprefix("drive-disk")))
+            images.create_overlay(overlay, disk["target"], disk["base_format"])
+            made["disks"].append(str(overlay))
+            files.write_json(guest.paths.migration, {"role": "target", "made": made})
+        elif disk["copy"]:
             made["dirs"] += _mkdirs(Path(disk["target"]).parent)
             images.create(disk["target"], disk["size"], disk["format"])
             made["disks"].append(disk["target"])
@@ -131,6 +163,9 @@ def prepare(req: dict) -> dict:
     record["disks"] = [d["target"] for d in req["disks"]] or record.get("disks", [])
     record["machine_type"] = req.get("machine")
     LaunchRecord.from_json(record).write(guest.paths.launch)
+    if req.get("networks"):
+        from kvmrun.net.nics import attach
+        attach(req["networks"], req["name"], guest.paths)      # in network.json
     _spawn(guest)
     incoming({"name": req["name"], "exports": req.get("exports", [])})
     return {"run_dir": str(guest.paths.dir), "migrate_sock": str(guest.paths.migrate_sock),
@@ -248,6 +283,8 @@ def _remove(guest: Guest, record: dict) -> dict:
             except (OSError, GuestError):
                 pass
     _wait_gone(guest)
+    from kvmrun.guest import netrecord
+    netrecord.teardown(guest.paths)           # the taps and hub ports prepare made
     made = record.get("made", {})
     removed = []
     for path in made.get("disks", []) + ([made["nvram"]] if made.get("nvram") else []):

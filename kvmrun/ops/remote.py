@@ -42,6 +42,7 @@ SSH_LINE = re.compile(r"^(ssh: |kex_exchange_identification|Connection (closed|r
                       r"ssh_exchange_identification|Bad owner or permissions|"
                       r"Could not resolve|no such identity|Load key )")
 NOT_FOUND = re.compile(r"(command not found|: not found|No such file or directory)")
+PID_LINE = "KVMRUN-REMOTE-PID "     # the first stderr line of `call` without a TTY
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,16 @@ class Relay(threading.Thread):
         self.stream, self.relay = stream, relay
         self.held: list[str] = []
         self.lines: list[str] = []
+        self.pid: int | None = None        # the remote command's, when it said (PID_LINE)
 
     def run(self) -> None:
         import sys
         for raw in iter(self.stream.readline, b""):
             line = raw.decode(errors="replace")
+            said = line.removeprefix(PID_LINE).strip()
+            if self.pid is None and line.startswith(PID_LINE) and said.isdigit():
+                self.pid = int(said)
+                continue
             self.lines.append(line)
             if SSH_LINE.match(line) or NOT_FOUND.search(line):
                 self.held.append(line)
@@ -184,14 +190,23 @@ def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
 
 
 def finish(host: Host, proc: subprocess.Popen, relay: Relay, what: str) -> int:
-    """Wait for `proc`; its exit code, or RemoteError for ssh's own failures."""
+    """Wait for `proc`; its exit code, or RemoteError for ssh's own failures. Ctrl-C
+    (SIGINT) while it runs is sent on to the remote command when it said its PID (see
+    `call`), and its own exit code (130 after rolling back) comes back; otherwise ssh ends."""
     import sys
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
-        raise
+        if relay.pid is None or not _interrupt_there(host, relay.pid):
+            proc.terminate()
+            proc.wait()
+            raise
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:            # a second Ctrl-C: do not wait for it
+            proc.terminate()
+            proc.wait()
+            raise
     relay.join(5)
     failure = failure_of(host, code, relay, what)
     if failure:
@@ -201,10 +216,33 @@ def finish(host: Host, proc: subprocess.Popen, relay: Relay, what: str) -> int:
     return code
 
 
+def _interrupt_there(host: Host, pid: int) -> bool:
+    """SIGINT to process `pid` on `host`, through a second ssh: without a TTY, ssh relays no
+    signal, and sshd ends a session's command only when it next writes to a closed pipe."""
+    try:
+        code, _, _ = capture(host, shell=f"kill -INT {int(pid)}", what="kill")
+    except RemoteError:
+        return False
+    return code == 0
+
+
+def _ignore_sigint() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # ssh then keeps it ignored
+
+
 def call(host: Host, argv: Sequence[str], *, tty: bool = False, stdin=None) -> int:
-    """`kvmrun ARGV` on `host` with our stdin (or `stdin`) and stdout; its exit code."""
+    """`kvmrun ARGV` on `host` with our stdin (or `stdin`) and stdout; its exit code.
+    With a TTY (ssh -t), Ctrl-C reaches the remote command through it. Without one, ssh
+    ignores SIGINT and the remote shell says its PID first (PID_LINE on stderr, then
+    `exec`), so `finish` can interrupt that very process."""
     words = kvmrun_words(argv)
-    proc = _spawn(ssh_argv(host, words, tty=tty), stdin=stdin, stderr=subprocess.PIPE)
+    if tty:
+        proc = _spawn(ssh_argv(host, words, tty=True), stdin=stdin, stderr=subprocess.PIPE)
+    else:
+        command = f"echo {PID_LINE}$$ >&2; exec {shlex.join(words)}"
+        proc = _spawn(ssh_argv(host, shell=command), stdin=stdin, stderr=subprocess.PIPE,
+                      preexec_fn=_ignore_sigint)
     relay = Relay(proc.stderr)
     relay.start()
     return finish(host, proc, relay, shlex.join(remote_command()))
