@@ -6,12 +6,15 @@ Offline (a stopped, defined VM): its archive with disks (kvmrun.ops.archive) str
 Live (a running guest), driving QEMU's own migration and NBD mirror, never a daemon:
   1. preflight there (kvmrun.ops.migrate_target): QEMU present and not older, the versioned
      machine type the guest really runs (QOM /machine's type, pinned in the launch record),
-     forwards' host ports free, disks visible (--shared-storage) or absent (--copy-storage);
+     forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
+     nfs:// URLs too) or absent (--copy-storage);
   2. the target supervisor starts from this guest's launch record with -incoming defer -S;
   3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock;
   4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
-     every job is READY;
-  5. `migrate`, its downtime limit raised step by step up to a cap if it does not converge;
+     every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
+     base there, its top only);
+  5. `migrate`, its downtime limit doubled every few seconds up to a cap (--max-downtime)
+     while it does not converge, then given up (the parameters it had are set back);
   6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
      defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
      undefined here unless --keep-source-definition.
@@ -55,6 +58,7 @@ class Plan:
     serial_offset: int = 0          # how much of the serial log the target has
     watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
     uncertain: bool = False         # `finish` was sent, and its answer lost
+    params: dict = field(default_factory=dict)   # the migration parameters it had before
 
 
 def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
@@ -134,7 +138,8 @@ def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
                  for leaf in ("cidata.iso",) if (paths.dir / leaf).exists()}
     return {"name": plan.name, "binary": launch.argv[0], "qemu_version":
             f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
-            "disks": plan.disks, "ports": ports, "networks": networks, "launch": launch.to_json(),
+            "disks": plan.disks, "ports": ports, "networks": networks,
+            "launch": launch.to_json(),
             "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
             "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
             "serial": base64.b64encode(serial).decode(), "run_files": run_files}
@@ -155,6 +160,7 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
         plan.disks = mq.disks(qmp, launch, copy_storage, target_dir)
+        _pool_volumes(name, plan.disks)
         writable = [d for d in plan.disks if d["source"] not in launch.shared_disks
                     and not d.get("ephemeral")]
         if writable and not (copy_storage or shared_storage):
@@ -184,6 +190,19 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     return result
 
 
+def _pool_volumes(name: str, disks: list[dict]) -> None:
+    """Mark the disks that stay where they are and are a pool's volume in the definition:
+    the target must have that pool, with the volume at the same path (or nfs:// URL)."""
+    from kvmrun.paths import is_defined
+    if not is_defined(name):
+        return
+    from kvmrun.ops import defined
+    profile = defined.load(defined.defined_path(name))
+    for mine, disk in zip(disks, profile.disks):
+        if disk.pool and not mine["copy"] and disk.path == mine["source"]:
+            mine["pool"], mine["volume"] = disk.pool, disk.volume
+
+
 def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
     note(f"starting the target on {plan.host}")
     _start_watch(plan)
@@ -197,6 +216,8 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
                   lambda: _tunnel_alive(plan), note,
                   top=frozenset(d["drive"] for d in plan.disks if d.get("ephemeral")))
     _record(plan, "migrating")
+    now = qmp.execute("query-migrate-parameters")
+    plan.params = {k: now[k] for k in ("downtime-limit", "max-bandwidth") if k in now}
     stats = mq.stream(qmp, plan.guest.paths.migrate_out, downtime, cap, bandwidth,
                       lambda: _tunnel_alive(plan), note,
                       lambda **figures: _record(plan, "migrating", **figures))
@@ -221,6 +242,7 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     plan.prepared = False                       # it runs there now: no rollback
     _end_watch(plan, done=True)
     stats["defined_there"] = done.get("defined")
+    stats["mirrored"] = exports
     return stats
 
 
@@ -308,6 +330,9 @@ def _profile_there(plan: Plan) -> str | None:
         if disk.get("path") in copied:
             disk["path"] = copied[disk["path"]]
             disk.pop("backing", None)       # the mirror flattened the chain into one image
+        elif disk.get("pool"):              # shared: the same pool there (preflight saw it)
+            disk.pop("path", None)
+            continue
         disk.pop("pool", None)
         disk.pop("volume", None)
     return yaml.safe_dump(data, sort_keys=False)
@@ -326,6 +351,11 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
     if plan.jobs:
         try:
             mq.wait_jobs_gone(qmp, plan.jobs, timeout=30)
+        except (QMPError, KvmrunError):
+            pass
+    if plan.params:                     # the guest runs on here as it was
+        try:
+            qmp.execute("migrate-set-parameters", plan.params)
         except (QMPError, KvmrunError):
             pass
     _close_tunnel(plan)

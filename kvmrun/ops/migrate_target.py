@@ -2,10 +2,13 @@
 source) asks of this host through `ssh HOST kvmrun migrate-target STEP` (JSON on stdin and
 stdout).
 
-    preflight   QEMU here and not older, the machine type, forwards' ports free, disk paths
-                (present under shared storage, absent when they are to be copied)
+    preflight   QEMU here and not older, the machine type, forwards' ports free, the NICs'
+                networks (bridge, isolated, NAT) present, disk paths (present under shared
+                storage, nfs:// URLs too; absent when they are to be copied; an ephemeral
+                disk's base present)
     prepare     the run directory from the source's launch record (paths rewritten, the
-                pinned machine type, -incoming defer -S), the disks to copy created, the
+                pinned machine type, -incoming defer -S), the disks to copy created (an
+                ephemeral disk's overlay on its base), the NICs' taps and hub ports, the
                 serial log so far, a supervisor started with --incoming; then incoming:
     incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
     finish      NBD stopped, `cont`, the VM defined here
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 
 from kvmrun import files, paths
-from kvmrun.errors import GuestError, MigrationError
+from kvmrun.errors import GuestError, KvmrunError, MigrationError
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, prepare_run_dir
@@ -62,8 +65,13 @@ def preflight(req: dict) -> dict:
     state = guest.read_state()
     if isinstance(state, dict) and (guest.qemu_pid(state) or guest.supervisor_pid(state)):
         problems.append(f"a guest named {req['name']} already runs here")
+    from kvmrun.storage import images
     for disk in req["disks"]:
-        exists = os.path.lexists(disk["target"])
+        try:
+            exists = images.exists(disk["target"])
+        except KvmrunError as err:
+            problems.append(f"cannot look at {disk['target']} here: {err.message}")
+            continue
         if disk.get("ephemeral"):
             if not exists:
                 problems.append(f"{disk['target']}, the base of an ephemeral disk, is not "
@@ -73,6 +81,8 @@ def preflight(req: dict) -> dict:
                             "copies elsewhere)")
         elif not disk["copy"] and not exists:
             problems.append(f"{disk['target']} is not visible here (shared storage?)")
+        if disk.get("pool"):
+            problems += _pool_problems(disk)
     for addr, port in req.get("ports", []):
         with socket.socket() as s:
             try:
@@ -86,6 +96,21 @@ def preflight(req: dict) -> dict:
     if req.get("nvram") and nvram.exists():
         problems.append(f"{nvram} already exists here")
     return {"problems": problems, "qemu_version": version}
+
+
+def _pool_problems(disk: dict) -> list[str]:
+    """A shared disk that is a pool's volume: the same pool here, the volume at the same
+    path (the VM defined here names the pool)."""
+    from kvmrun.errors import PoolError
+    from kvmrun.storage import pools
+    try:
+        there = pools.volume_path(disk["pool"], disk["volume"])
+    except PoolError as err:
+        return [f"pool {disk['pool']} (of {disk['target']}): {err.message}"]
+    if there != disk["target"]:
+        return [f"volume {disk['volume']} of pool {disk['pool']} is {there} here, not "
+                f"{disk['target']}"]
+    return []
 
 
 def missing_networks(nics: list[dict]) -> list[str]:

@@ -317,7 +317,7 @@ def local_profile(ref: str) -> Path | None:
 def missing_there(host: Host, profile) -> list[ProfileError]:
     """The files the profile refers to that do not exist on `host`."""
     from kvmrun.profile import referenced_files
-    refs = list(referenced_files(profile))
+    refs = [ref for ref in referenced_files(profile) if ref[2]]   # pool volumes: resolved there
     if not refs:
         return []
     listing = "".join(f"{path}\n" for _, _, path in refs)

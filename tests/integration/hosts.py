@@ -75,6 +75,7 @@ class Hosts:
                           f"{tag}{name}0")
             for i, name in enumerate("ab")}
         self.ssh = f"ssh -F {self.ssh_config}"
+        self.joined: list[str] = []          # veths of namespaces put on the bridge
 
     def __getitem__(self, name: str) -> SshHost:
         return self.hosts[name]
@@ -112,6 +113,19 @@ class Hosts:
         _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
+
+    def join(self, pid: int, index: int = 10) -> str:
+        """Put the network namespace of process `pid` (e.g. the NFS server's) on the hosts'
+        bridge: a veth whose far end is its eth0 at address .INDEX; that address."""
+        address = f"{self.gateway.rsplit('.', 1)[0]}.{index}"
+        veth = f"{self.tag}j{index}"
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(pid))
+        _ip("link", "set", veth, "master", self.bridge, "up")
+        self.joined.append(veth)
+        inside = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "ip"]
+        subprocess.run([*inside, "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+        subprocess.run([*inside, "link", "set", "eth0", "up"], check=True)
+        return address
 
     def kill_sshd(self, name: str) -> None:
         """End host `name`'s sshd listener (sessions already open go on, as with a real
@@ -201,6 +215,8 @@ class Hosts:
         for host in self.hosts.values():
             _ip("netns", "del", host.netns, check=False)
             _ip("link", "del", host.veth, check=False)
+        for veth in self.joined:
+            _ip("link", "del", veth, check=False)
         _ip("link", "del", self.bridge, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 
