@@ -127,6 +127,12 @@ class Hosts:
         subprocess.run([*inside, "link", "set", "eth0", "up"], check=True)
         return address
 
+    def in_mounts(self, name: str) -> list[str]:
+        """A command prefix that runs in host `name`'s mount namespace (its sshd's: `ip netns
+        exec` makes one, and / is not a shared mount here, so a mount made outside it is
+        not seen there)."""
+        return ["nsenter", "-t", str(self[name].sshd.pid), "-m", "--"]
+
     def kill_sshd(self, name: str) -> None:
         """End host `name`'s sshd listener (sessions already open go on, as with a real
         sshd restarted), waiting for it."""

@@ -163,18 +163,24 @@ def test_live_migration_there_and_back(kr, hosts, web):
     qemu_img_check(target / "web.qcow2")
 
     # the target's disk fills up mid-copy: refused cleanly, the guest runs on here
+    # (mounted where host b's sshd and its sessions see it: `ip netns exec` gave them a
+    # mount namespace of their own, and / is not a shared mount here)
     full = hosts["b"].root / "full"
     full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)], check=True)
+    on_b = hosts.in_mounts("b")
+    subprocess.run([*on_b, "mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)],
+                   check=True)
     try:
         code, _, err = kr.run("-H", "hosta", "migrate", "web", "--to", "hostb",
                               "--copy-storage", "--target-dir", full)
         assert code == 1 and "kvmrun: error:" in err, err
+        assert "No space left on device" in err, err
         assert err.count("\n") <= 2, err
-        assert list(full.iterdir()) == []
+        assert subprocess.run([*on_b, "ls", "-A", str(full)], capture_output=True,
+                              text=True, check=True).stdout == ""
         assert left_on(hosts, "b") == []
     finally:
-        subprocess.run(["umount", str(full)], check=True)
+        subprocess.run([*on_b, "umount", str(full)], check=True)
     info = status(kr, "hosta")
     assert info["state"] == "running" and not info["migration"]
     qemu_img_check(target / "web.qcow2")
