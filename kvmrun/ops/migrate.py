@@ -4,12 +4,13 @@ Offline (a stopped, defined VM): its archive with disks (kvmrun.ops.archive) str
 `kvmrun import -` there, then undefined here.
 
 Live (a running guest), driving QEMU's own migration and NBD mirror, never a daemon:
-  1. preflight there (kvmrun.ops.migrate_target): QEMU present and not older, the versioned
-     machine type the guest really runs (QOM /machine's type, pinned in the launch record),
-     forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
+  1. preflight there, the first thing its prepare does (kvmrun.ops.migrate_target): QEMU
+     present and not older, the versioned machine type the guest really runs (QOM
+     /machine's type, pinned in the launch record), forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
      nfs:// URLs too) or absent (--copy-storage);
   2. the target supervisor starts from this guest's launch record with -incoming defer -S;
-  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock;
+  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock
+     (the steps there share one other ssh connection, remote.one_connection);
   4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
      every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
      base there, its top only);
@@ -168,16 +169,13 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
                              "over) or --shared-storage (the target sees the same files)")
         request = _request(plan, qmp, launch, guest.read_state() or {})
         _record(plan, "preflight")
-        try:
-            answer = step(host, "preflight", request)
-            if answer["problems"]:
-                raise MigrationError(f"{host} cannot take {name}: "
-                                     + "; ".join(answer["problems"]))
-            result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
-        except BaseException:
-            _rollback(plan, qmp, note)
-            files.unlink(guest.paths.migration)
-            raise
+        with remote.one_connection(host):        # one ssh handshake for every step
+            try:
+                result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
+            except BaseException:
+                _rollback(plan, qmp, note)
+                files.unlink(guest.paths.migration)
+                raise
     _finish_source(plan, note)
     result.update(name=name, to=str(host), mode="live",
                   total_seconds=round(time.monotonic() - started, 2))
@@ -204,11 +202,15 @@ def _pool_volumes(name: str, disks: list[dict]) -> None:
 
 
 def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
-    note(f"starting the target on {plan.host}")
+    note(f"checking and starting the target on {plan.host}")
     _start_watch(plan)
     plan.prepared = True
     exports = [d["drive"] for d in plan.disks if d["copy"]]
     there = step(plan.host, "prepare", {**request, "exports": exports})    # and incoming
+    if there.get("problems"):                 # its preflight: nothing was made there
+        plan.prepared = False
+        raise MigrationError(f"{plan.host} cannot take {plan.name}: "
+                             + "; ".join(there["problems"]))
     plan.tunnel = _tunnel(plan, there, bool(exports))
     if exports:
         _record(plan, "copying disks")

@@ -6,7 +6,8 @@ stdout).
                 networks (bridge, isolated, NAT) present, disk paths (present under shared
                 storage, nfs:// URLs too; absent when they are to be copied; an ephemeral
                 disk's base present)
-    prepare     the run directory from the source's launch record (paths rewritten, the
+    prepare     preflight first (its problems answered, nothing made), then
+                the run directory from the source's launch record (paths rewritten, the
                 pinned machine type, -incoming defer -S), the disks to copy created (an
                 ephemeral disk's overlay on its base), the NICs' taps and hub ports, the
                 serial log so far, a supervisor started with --incoming; then incoming:
@@ -155,8 +156,12 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
 
 
 def prepare(req: dict) -> dict:
-    """Make the target guest and start its supervisor (QEMU waiting, paused)."""
+    """The preflight, then (when it found no problem) make the target guest and start its
+    supervisor (QEMU waiting, paused): one step, one ssh session and one kvmrun start."""
     from kvmrun.storage import images
+    checked = preflight(req)
+    if checked["problems"]:
+        return checked
     guest = Guest(req["name"])
     prepare_run_dir()
     if guest.paths.dir.exists() and guest.qemu_pid() is not None:

@@ -11,6 +11,8 @@ would), and the program run there is `$KVMRUN_REMOTE_COMMAND` (default `kvmrun`)
     capture(host, argv, …)     the same, output captured: (code, stdout, stderr)
     script(host, text, …)      a short POSIX shell script there, output captured
     forward_sockets(host, …)   `ssh -N -L LOCAL:REMOTE` for unix sockets, up when it returns
+    one_connection(host)       a block whose ssh commands to `host` share one connection
+                               (an OpenSSH ControlMaster): one handshake, not one each
     send_profile(host, path)   a local profile, `extends` resolved, into a remote temp dir
 
 ssh itself exits 255 when it cannot connect or log in, and a shell exits 127 for a command it
@@ -20,6 +22,7 @@ Any other line on stderr is the remote kvmrun's and is relayed unchanged, as it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -27,7 +30,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from kvmrun.errors import ProfileError, ProfileErrors, RemoteError, UsageError
 from kvmrun.proc import log_argv
@@ -115,10 +118,18 @@ def remote_command() -> list[str]:
     return words or ["kvmrun"]
 
 
+_MASTERS: dict[Host, str] = {}      # host -> the ControlPath of one_connection's master
+
+
 def ssh_argv(host: Host, words: Sequence[str] | None = None, *, tty: bool = False,
-             options: Sequence[str] = (), shell: str | None = None) -> list[str]:
+             options: Sequence[str] = (), shell: str | None = None,
+             shared: bool = True) -> list[str]:
     """ssh to `host` running `words` (quoted into one shell string) or the shell text
-    `shell`; `options` go to ssh itself (e.g. -L forwards)."""
+    `shell`; `options` go to ssh itself (e.g. -L forwards). Inside `one_connection(host)`
+    (and `shared`), through its master connection."""
+    if shared and host in _MASTERS:
+        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={_MASTERS[host]}",
+                   *options]
     argv = [*ssh_command(), "-t" if tty else "-T", *options]
     if host.port:
         argv += ["-p", str(host.port)]
@@ -287,7 +298,7 @@ def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
     for local, _ in pairs:
         Path(local).unlink(missing_ok=True)
     forwards = [arg for local, there in pairs for arg in ("-L", f"{local}:{there}")]
-    argv = ssh_argv(host, shell="", options=[
+    argv = ssh_argv(host, shell="", shared=False, options=[
         "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
     tunnel = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -301,6 +312,43 @@ def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
                               or f"no forward after {timeout:g}s")
         time.sleep(0.05)
     return tunnel
+
+
+@contextlib.contextmanager
+def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
+    """Every ssh to `host` inside the block (but forward_sockets': a stream of its own)
+    goes through one connection: an OpenSSH master (`-M -N`, its ControlPath in a private
+    temporary directory), ended when the block ends. Its keep-alives end it, and so every
+    session in it, when the link is cut. Should it not come up, each ssh connects by
+    itself, as without it (and says why it cannot, if that is the problem)."""
+    import shutil
+    import tempfile
+    import time
+    directory = tempfile.mkdtemp(prefix="kvmrun-ssh-")
+    path = os.path.join(directory, "master")
+    argv = ssh_argv(host, shell="", shared=False, options=[
+        "-M", "-N", "-o", f"ControlPath={path}", "-o", "ControlPersist=no",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])[:-1]
+    master = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path) and master.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        if os.path.exists(path):
+            _MASTERS[host] = path
+        yield
+    finally:
+        _MASTERS.pop(host, None)
+        if master.poll() is None:
+            master.terminate()
+            try:
+                master.wait(10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- local profiles

@@ -41,6 +41,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
+def _sshd_children(pid: int) -> list[int]:
+    """The sshd processes below sshd `pid` (per connection: the monitor and its child)."""
+    found = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for kid in map(int, kids):
+        try:
+            if Path(f"/proc/{kid}/comm").read_text().strip() == "sshd":
+                found += [kid, *_sshd_children(kid)]
+        except OSError:
+            pass
+    return found
+
+
 @dataclass
 class SshHost:
     alias: str
@@ -133,10 +149,17 @@ class Hosts:
         not seen there)."""
         return ["nsenter", "-t", str(self[name].sshd.pid), "-m", "--"]
 
-    def kill_sshd(self, name: str) -> None:
-        """End host `name`'s sshd listener (sessions already open go on, as with a real
-        sshd restarted), waiting for it."""
+    def kill_sshd(self, name: str, sessions: bool = False) -> None:
+        """End host `name`'s sshd listener, waiting for it: sessions already open go on, as
+        with a real sshd restarted; with `sessions`, the sshd processes of every open
+        connection are killed first (SIGKILL: sshd crashed, with all it served)."""
         sshd = self[name].sshd
+        if sessions:
+            for pid in _sshd_children(sshd.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         sshd.terminate()
         sshd.wait(10)
 

@@ -187,8 +187,8 @@ def test_live_migration_there_and_back(kr, hosts, web):
     n = len(ticks(a_log))
     wait_for(lambda: len(ticks(a_log)) > n, "the guest still ticking on host a")
 
-    # faults mid-stream: the target's sshd ends (open sessions go on, new ones are
-    # refused), or the link is cut; the guest runs on here, the target cleans up itself
+    # faults mid-stream: the target's sshd dies with the connections it served (the steps
+    # share one), or the link is cut; the guest runs on here, the target cleans up itself
     for fault in ("sshd", "link"):
         copies = hosts["b"].root / f"after-{fault}"
         slow = hosts.popen_on("a", kr.argv("migrate", "web", "--to", "hostb",
@@ -199,7 +199,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
             text=True).stdout).get("migration") or {}).get("status") == "migrating",
             f"the migration to stream ({fault})")
         if fault == "sshd":
-            hosts.kill_sshd("b")
+            hosts.kill_sshd("b", sessions=True)
         else:
             hosts.link("b", up=False)
         try:

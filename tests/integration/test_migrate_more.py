@@ -227,6 +227,11 @@ def test_uefi_guest_with_ephemeral_disk_live(kr, hosts):
                                        "disks": [{"path": str(base), "ephemeral": True}]}))
     kr.ok("-H", "hosta", "define", profile)
     kr.ok("-H", "hosta", "start", "fw")
+    # OVMF writes variables while it boots; once its shell waits, it writes none, so
+    # the store there can be compared with the source's
+    serial = hosts["a"].run_dir / "fw" / "serial.log"
+    wait_for(lambda: "Shell> " in serial.read_text(errors="replace"), "the UEFI shell",
+             timeout=300)
     # a write that lands in the overlay only (QEMU's own block layer, through HMP)
     hmp(kr, "hosta", "fw", 'qemu-io drive-disk0 "write -P 0x5a 1M 64k"')
     hmp(kr, "hosta", "fw", 'qemu-io drive-disk0 "flush"')
@@ -260,6 +265,9 @@ def test_uefi_guest_with_ephemeral_disk_live(kr, hosts):
     source = json.loads(kr.ok("-H", "hosta", "status", "fw", "--json").out)
     assert source["state"] == "stopped"
     assert b_nvram.read_bytes() == a_nvram.read_bytes()
+    template = next(p for p in ("/usr/share/OVMF/OVMF_VARS_4M.fd",
+                                "/usr/share/OVMF/OVMF_VARS.fd") if os.path.exists(p))
+    assert b_nvram.read_bytes() != Path(template).read_bytes()     # what OVMF wrote
     names = [v["name"] for v in json.loads(kr.ok("-H", "hostb", "defined", "--json").out)]
     assert names == ["fw"]
     kr.ok("-H", "hostb", "kill", "fw")
