@@ -9,8 +9,8 @@ Live (a running guest), driving QEMU's own migration and NBD mirror, never a dae
      /machine's type, pinned in the launch record), forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
      nfs:// URLs too) or absent (--copy-storage);
   2. the target supervisor starts from this guest's launch record with -incoming defer -S;
-  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock
-     (the steps there share one other ssh connection, remote.one_connection);
+  3. `ssh -L` forwards unix sockets here to the target's migrate.sock and nbd.sock (they
+     and every step there share one ssh connection, remote.one_connection);
   4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
      every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
      base there, its top only);
@@ -54,7 +54,7 @@ class Plan:
     copy: bool
     disks: list[dict] = field(default_factory=list)   # source, target, copy, drive, format, size
     jobs: list[str] = field(default_factory=list)
-    tunnel: subprocess.Popen | None = None
+    tunnel: object | None = None    # remote.forward_sockets': poll, terminate, wait
     prepared: bool = False
     serial_offset: int = 0          # how much of the serial log the target has
     watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
@@ -299,7 +299,7 @@ def _serial_rest(plan: Plan) -> str:
         return ""
 
 
-def _tunnel(plan: Plan, there: dict, nbd: bool) -> subprocess.Popen:
+def _tunnel(plan: Plan, there: dict, nbd: bool):
     paths = plan.guest.paths
     pairs = [(paths.migrate_out, there["migrate_sock"])]
     if nbd:

@@ -10,7 +10,7 @@ would), and the program run there is `$KVMRUN_REMOTE_COMMAND` (default `kvmrun`)
     call(host, argv, …)        run `kvmrun ARGV` there with our stdin/stdout: its exit code
     capture(host, argv, …)     the same, output captured: (code, stdout, stderr)
     script(host, text, …)      a short POSIX shell script there, output captured
-    forward_sockets(host, …)   `ssh -N -L LOCAL:REMOTE` for unix sockets, up when it returns
+    forward_sockets(host, …)   `-L LOCAL:REMOTE` for unix sockets, up when it returns
     one_connection(host)       a block whose ssh commands to `host` share one connection
                                (an OpenSSH ControlMaster): one handshake, not one each
     send_profile(host, path)   a local profile, `extends` resolved, into a remote temp dir
@@ -118,7 +118,8 @@ def remote_command() -> list[str]:
     return words or ["kvmrun"]
 
 
-_MASTERS: dict[Host, str] = {}      # host -> the ControlPath of one_connection's master
+# host -> one_connection's master: (its ControlPath, its process)
+_MASTERS: dict[Host, tuple[str, subprocess.Popen]] = {}
 
 
 def ssh_argv(host: Host, words: Sequence[str] | None = None, *, tty: bool = False,
@@ -128,7 +129,7 @@ def ssh_argv(host: Host, words: Sequence[str] | None = None, *, tty: bool = Fals
     `shell`; `options` go to ssh itself (e.g. -L forwards). Inside `one_connection(host)`
     (and `shared`), through its master connection."""
     if shared and host in _MASTERS:
-        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={_MASTERS[host]}",
+        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={_MASTERS[host][0]}",
                    *options]
     argv = [*ssh_command(), "-t" if tty else "-T", *options]
     if host.port:
@@ -289,15 +290,49 @@ def script(host: Host, text: str, input: bytes | None = None) -> str:
     return out
 
 
-def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
-    """One `ssh -N` forwarding each local unix socket path to a remote one (`-L L:R`;
-    unix sockets rather than TCP ports, as Proxmox does: no port to pick or to leak). Returns
-    once every local socket exists; the caller ends it (terminate, wait). Keep-alives end it
+class MasterForward:
+    """Forwards that one_connection's master carries (`ssh -O forward`), handled like the
+    process of a `ssh -N -L` of their own: alive while the master is, ended by
+    `ssh -O cancel`."""
+
+    def __init__(self, host: Host, master: subprocess.Popen, forwards: list[str]):
+        import io
+        self.host, self.master, self.forwards = host, master, forwards
+        self.stderr = io.BytesIO(b"the ssh connection ended")
+
+    def poll(self) -> int | None:
+        return self.master.poll()
+
+    def terminate(self) -> None:
+        if self.master.poll() is None and self.host in _MASTERS:
+            subprocess.run(ssh_argv(self.host, shell="", options=["-O", "cancel",
+                                                                  *self.forwards])[:-1],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.poll()
+
+    kill = terminate
+
+
+def forward_sockets(host: Host, pairs, timeout: float = 30):
+    """Forward each local unix socket path to a remote one (`-L L:R`; unix sockets rather
+    than TCP ports, as Proxmox does: no port to pick or to leak): in one_connection's
+    master when there is one (MasterForward), else one `ssh -N` of their own. Returns once
+    every local socket exists; the caller ends it (terminate, wait). Keep-alives end it
     when the link is cut."""
     import time
     for local, _ in pairs:
         Path(local).unlink(missing_ok=True)
     forwards = [arg for local, there in pairs for arg in ("-L", f"{local}:{there}")]
+    if host in _MASTERS:
+        done = subprocess.run(ssh_argv(host, shell="", options=["-O", "forward",
+                                                                *forwards])[:-1],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        if done.returncode == 0 and all(Path(local).exists() for local, _ in pairs):
+            return MasterForward(host, _MASTERS[host][1], forwards)
+        raise RemoteError(done.stderr.decode(errors="replace").strip()
+                          or "the forward did not come up")
     argv = ssh_argv(host, shell="", shared=False, options=[
         "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
@@ -316,8 +351,8 @@ def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
-    """Every ssh to `host` inside the block (but forward_sockets': a stream of its own)
-    goes through one connection: an OpenSSH master (`-M -N`, its ControlPath in a private
+    """Every ssh to `host` inside the block, and forward_sockets' forwards, go through one
+    connection: an OpenSSH master (`-M -N`, its ControlPath in a private
     temporary directory), ended when the block ends. Its keep-alives end it, and so every
     session in it, when the link is cut. Should it not come up, each ssh connects by
     itself, as without it (and says why it cannot, if that is the problem)."""
@@ -328,6 +363,7 @@ def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
     path = os.path.join(directory, "master")
     argv = ssh_argv(host, shell="", shared=False, options=[
         "-M", "-N", "-o", f"ControlPath={path}", "-o", "ControlPersist=no",
+        "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])[:-1]
     master = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
@@ -337,7 +373,7 @@ def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
                 time.monotonic() < deadline:
             time.sleep(0.01)
         if os.path.exists(path):
-            _MASTERS[host] = path
+            _MASTERS[host] = (path, master)
         yield
     finally:
         _MASTERS.pop(host, None)

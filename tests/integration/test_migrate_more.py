@@ -269,7 +269,7 @@ def test_uefi_guest_with_ephemeral_disk_live(kr, hosts):
                                 "/usr/share/OVMF/OVMF_VARS.fd") if os.path.exists(p))
     assert b_nvram.read_bytes() != Path(template).read_bytes()     # what OVMF wrote
     names = [v["name"] for v in json.loads(kr.ok("-H", "hostb", "defined", "--json").out)]
-    assert names == ["fw"]
+    assert "fw" in names        # (the module's hosts may hold the other test's VM too)
     kr.ok("-H", "hostb", "kill", "fw")
     wait_for(lambda: not overlay.exists(), "the target's overlay removed at the end")
     qemu_img_check(base)
