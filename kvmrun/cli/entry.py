@@ -122,7 +122,10 @@ def run(argv: list[str]) -> int:
     hosts, argv = split_hosts(argv)
     if hosts:
         from kvmrun.cli import hosts as remote_cli
-        return remote_cli.dispatch(hosts, argv, _verb(argv), build_command)
+        code = remote_cli.dispatch(hosts, argv, _verb(argv), build_command)
+        global _interrupted
+        _interrupted = False       # an interrupted remote command said so itself
+        return code
     command = build_command(argv)
     result = command.main(args=argv, prog_name="kvmrun", standalone_mode=False)
     return result if isinstance(result, int) else 0

@@ -45,8 +45,12 @@ def migrate(
                                              help="Copied disks go to DIR there (default: "
                                                   "the same paths)."),
     downtime: int = typer.Option(100, "--downtime", metavar="MS",
-                                 help="Downtime limit to start from; raised step by step "
-                                      "(up to 20x, at least 2 s) while it does not converge."),
+                                 help="Downtime limit to start from; doubled every few "
+                                      "seconds while it does not converge, up to "
+                                      "--max-downtime, then the migration gives up."),
+    max_downtime: Optional[int] = typer.Option(None, "--max-downtime", metavar="MS",
+                                               help="The cap of those steps (default 20x "
+                                                    "--downtime, at least 2000)."),
     bandwidth: Optional[int] = typer.Option(None, "--bandwidth", metavar="MIB",
                                             help="Cap the migration stream, MiB/s."),
     keep_source: bool = typer.Option(False, "--keep-source-definition",
@@ -64,7 +68,8 @@ def migrate(
     from kvmrun.ops.remote import parse_host
     result = migration.migrate(name, parse_host(to), offline=offline,
                                copy_storage=copy_storage, shared_storage=shared_storage,
-                               target_dir=target_dir, downtime=downtime, bandwidth=bandwidth,
+                               target_dir=target_dir, downtime=downtime, cap=max_downtime,
+                               bandwidth=bandwidth,
                                keep_source=keep_source, note=_note())
     if sys.stderr.isatty():
         sys.stderr.write("\n")

@@ -4,6 +4,7 @@
     setup(profile, paths)   under the guest's lock: taps on bridges, the hub port of an
                             isolated network, a NAT network started on first use; recorded
                             in <run dir>/network.json (kvmrun.guest.netrecord)
+    attach(nics, guest, paths)  the same from `describe`'s list (a migration target's)
     teardown(paths)         removes what setup made (kvmrun.guest.netrecord.teardown: the
                             supervisor calls it when its guest ends); safe to call twice
 
@@ -50,21 +51,27 @@ def describe(profile: Profile) -> list[dict]:
 
 def setup(profile: Profile, paths: RunPaths) -> dict:
     """Make what the profile's NICs need; all or nothing. Recorded in network.json."""
+    return attach(describe(profile), profile.name, paths)
+
+
+def attach(nics: list[dict], guest: str, paths: RunPaths) -> dict:
+    """Make what the NICs `describe` gave need (a migration target gets the source's list);
+    all or nothing. Recorded in network.json."""
     teardown(paths)                         # leftovers of a guest that ended uncleanly
-    record: dict = {"nics": describe(profile), "taps": [], "ports": [], "sockets": []}
+    record: dict = {"nics": nics, "taps": [], "ports": [], "sockets": []}
     try:
-        for i, net in enumerate(profile.network):
-            if net.type == "isolated":
-                defs.require(net.name, "isolated")
-                link = attach_port(paths, net.name, profile.name, i)
+        for nic in nics:
+            i, kind = nic["index"], nic["type"]
+            if kind == "isolated":
+                defs.require(nic["network"], "isolated")
+                link = attach_port(paths, nic["network"], guest, i)
                 record["ports"].append(str(link))
                 record["sockets"].append(str(port_socket(paths, i)))
-            elif net.type == "bridge" and links.is_root():
-                record["taps"].append(links.make_tap(tap_name(profile.name, i), net.bridge))
-            elif net.type == "nat":
-                name = net.name or NAT_DEFAULT_NAME
-                state = nat_start(name, quiet=True)
-                record["taps"].append(links.make_tap(tap_name(profile.name, i), state["bridge"]))
+            elif kind == "bridge" and links.is_root():
+                record["taps"].append(links.make_tap(tap_name(guest, i), nic["bridge"]))
+            elif kind == "nat":
+                state = nat_start(nic.get("network") or NAT_DEFAULT_NAME, quiet=True)
+                record["taps"].append(links.make_tap(tap_name(guest, i), state["bridge"]))
             netrecord.write(paths, record)
     except BaseException:
         netrecord.undo(record)
@@ -74,4 +81,4 @@ def setup(profile: Profile, paths: RunPaths) -> dict:
     return record
 
 
-__all__ = ["describe", "setup", "teardown"]   # teardown: kvmrun.guest.netrecord's
+__all__ = ["attach", "describe", "setup", "teardown"]   # teardown: kvmrun.guest.netrecord's

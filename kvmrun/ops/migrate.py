@@ -4,14 +4,18 @@ Offline (a stopped, defined VM): its archive with disks (kvmrun.ops.archive) str
 `kvmrun import -` there, then undefined here.
 
 Live (a running guest), driving QEMU's own migration and NBD mirror, never a daemon:
-  1. preflight there (kvmrun.ops.migrate_target): QEMU present and not older, the versioned
-     machine type the guest really runs (QOM /machine's type, pinned in the launch record),
-     forwards' host ports free, disks visible (--shared-storage) or absent (--copy-storage);
+  1. preflight there, the first thing its prepare does (kvmrun.ops.migrate_target): QEMU
+     present and not older, the versioned machine type the guest really runs (QOM
+     /machine's type, pinned in the launch record), forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
+     nfs:// URLs too) or absent (--copy-storage);
   2. the target supervisor starts from this guest's launch record with -incoming defer -S;
-  3. one `ssh -N -L` forwards unix sockets here to the target's migrate.sock and nbd.sock;
+  3. `ssh -L` forwards unix sockets here to the target's migrate.sock and nbd.sock (they
+     and every step there share one ssh connection, remote.one_connection);
   4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
-     every job is READY;
-  5. `migrate`, its downtime limit raised step by step up to a cap if it does not converge;
+     every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
+     base there, its top only);
+  5. `migrate`, its downtime limit doubled every few seconds up to a cap (--max-downtime)
+     while it does not converge, then given up (the parameters it had are set back);
   6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
      defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
      undefined here unless --keep-source-definition.
@@ -50,11 +54,12 @@ class Plan:
     copy: bool
     disks: list[dict] = field(default_factory=list)   # source, target, copy, drive, format, size
     jobs: list[str] = field(default_factory=list)
-    tunnel: subprocess.Popen | None = None
+    tunnel: object | None = None    # remote.forward_sockets': poll, terminate, wait
     prepared: bool = False
     serial_offset: int = 0          # how much of the serial log the target has
     watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
     uncertain: bool = False         # `finish` was sent, and its answer lost
+    params: dict = field(default_factory=dict)   # the migration parameters it had before
 
 
 def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
@@ -65,6 +70,8 @@ def migrate(name: str, host: remote.Host, *, offline: bool | None = None,
     from kvmrun.ops.defined import is_running
     if copy_storage and shared_storage:
         raise UsageError("--copy-storage and --shared-storage exclude each other")
+    if downtime <= 0 or (cap is not None and cap < downtime):
+        raise UsageError("--downtime must be positive and --max-downtime not below it")
     running = is_running(name)
     if offline or not running:
         if offline is False:
@@ -126,11 +133,14 @@ def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
             f.seek(max(0, paths.serial_log.stat().st_size - SERIAL_TAIL))
             serial = f.read()
             plan.serial_offset = f.tell()
+    from kvmrun.guest import netrecord
+    networks = netrecord.read(paths).get("nics", [])
     run_files = {leaf: base64.b64encode((paths.dir / leaf).read_bytes()).decode()
                  for leaf in ("cidata.iso",) if (paths.dir / leaf).exists()}
     return {"name": plan.name, "binary": launch.argv[0], "qemu_version":
             f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
-            "disks": plan.disks, "ports": ports, "launch": launch.to_json(),
+            "disks": plan.disks, "ports": ports, "networks": networks,
+            "launch": launch.to_json(),
             "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
             "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
             "serial": base64.b64encode(serial).decode(), "run_files": run_files}
@@ -161,8 +171,6 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
                  bandwidth, keep_source, note) -> dict:
     guest = Guest(name)
     launch = guest.read_launch()
-    if launch.ephemeral_disks:
-        raise MigrationError(f"{name} has ephemeral disks; their overlays cannot move yet")
     if launch.helpers:          # the target would need its own virtiofsd/swtpm first
         raise MigrationError(f"{name} runs helper daemons ("
                              + ", ".join(h["name"] for h in launch.helpers)
@@ -175,22 +183,21 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
         plan.disks = mq.disks(qmp, launch, copy_storage, target_dir)
-        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks]
+        _pool_volumes(name, plan.disks)
+        writable = [d for d in plan.disks if d["source"] not in launch.shared_disks
+                    and not d.get("ephemeral")]
         if writable and not (copy_storage or shared_storage):
             raise UsageError(f"{name} has writable disks: say --copy-storage (mirror them "
                              "over) or --shared-storage (the target sees the same files)")
         request = _request(plan, qmp, launch, guest.read_state() or {})
         _record(plan, "preflight")
-        try:
-            answer = step(host, "preflight", request)
-            if answer["problems"]:
-                raise MigrationError(f"{host} cannot take {name}: "
-                                     + "; ".join(answer["problems"]))
-            result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
-        except BaseException:
-            _rollback(plan, qmp, note)
-            files.unlink(guest.paths.migration)
-            raise
+        with remote.one_connection(host):        # one ssh handshake for every step
+            try:
+                result = _run(plan, qmp, request, downtime, cap, bandwidth, note)
+            except BaseException:
+                _rollback(plan, qmp, note)
+                files.unlink(guest.paths.migration)
+                raise
     _finish_source(plan, note)
     result.update(name=name, to=str(host), mode="live",
                   total_seconds=round(time.monotonic() - started, 2))
@@ -203,18 +210,38 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     return result
 
 
+def _pool_volumes(name: str, disks: list[dict]) -> None:
+    """Mark the disks that stay where they are and are a pool's volume in the definition:
+    the target must have that pool, with the volume at the same path (or nfs:// URL)."""
+    from kvmrun.paths import is_defined
+    if not is_defined(name):
+        return
+    from kvmrun.ops import defined
+    profile = defined.load(defined.defined_path(name))
+    for mine, disk in zip(disks, profile.disks):
+        if disk.pool and not mine["copy"] and disk.path == mine["source"]:
+            mine["pool"], mine["volume"] = disk.pool, disk.volume
+
+
 def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
-    note(f"starting the target on {plan.host}")
+    note(f"checking and starting the target on {plan.host}")
     _start_watch(plan)
     plan.prepared = True
     exports = [d["drive"] for d in plan.disks if d["copy"]]
     there = step(plan.host, "prepare", {**request, "exports": exports})    # and incoming
+    if there.get("problems"):                 # its preflight: nothing was made there
+        plan.prepared = False
+        raise MigrationError(f"{plan.host} cannot take {plan.name}: "
+                             + "; ".join(there["problems"]))
     plan.tunnel = _tunnel(plan, there, bool(exports))
     if exports:
         _record(plan, "copying disks")
         mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,
-                  lambda: _tunnel_alive(plan), note)
+                  lambda: _tunnel_alive(plan), note,
+                  top=frozenset(d["drive"] for d in plan.disks if d.get("ephemeral")))
     _record(plan, "migrating")
+    now = qmp.execute("query-migrate-parameters")
+    plan.params = {k: now[k] for k in ("downtime-limit", "max-bandwidth") if k in now}
     stats = mq.stream(qmp, plan.guest.paths.migrate_out, downtime, cap, bandwidth,
                       lambda: _tunnel_alive(plan), note,
                       lambda **figures: _record(plan, "migrating", **figures))
@@ -239,6 +266,7 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     plan.prepared = False                       # it runs there now: no rollback
     _end_watch(plan, done=True)
     stats["defined_there"] = done.get("defined")
+    stats["mirrored"] = exports
     return stats
 
 
@@ -293,7 +321,7 @@ def _serial_rest(plan: Plan) -> str:
         return ""
 
 
-def _tunnel(plan: Plan, there: dict, nbd: bool) -> subprocess.Popen:
+def _tunnel(plan: Plan, there: dict, nbd: bool):
     paths = plan.guest.paths
     pairs = [(paths.migrate_out, there["migrate_sock"])]
     if nbd:
@@ -320,11 +348,15 @@ def _profile_there(plan: Plan) -> str | None:
 
     from kvmrun.ops import defined
     data = defined.portable_dict(defined.load(defined.defined_path(plan.name)))
-    copied = {d["source"]: d["target"] for d in plan.disks if d["copy"]}
+    copied = {d["source"]: d["target"] for d in plan.disks
+              if d["copy"] and not d.get("ephemeral")}
     for disk in data.get("disks", []):
         if disk.get("path") in copied:
             disk["path"] = copied[disk["path"]]
             disk.pop("backing", None)       # the mirror flattened the chain into one image
+        elif disk.get("pool"):              # shared: the same pool there (preflight saw it)
+            disk.pop("path", None)
+            continue
         disk.pop("pool", None)
         disk.pop("volume", None)
     return yaml.safe_dump(data, sort_keys=False)
@@ -343,6 +375,11 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
     if plan.jobs:
         try:
             mq.wait_jobs_gone(qmp, plan.jobs, timeout=30)
+        except (QMPError, KvmrunError):
+            pass
+    if plan.params:                     # the guest runs on here as it was
+        try:
+            qmp.execute("migrate-set-parameters", plan.params)
         except (QMPError, KvmrunError):
             pass
     _close_tunnel(plan)

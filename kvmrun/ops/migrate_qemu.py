@@ -17,11 +17,22 @@ STEP_WAIT = 4.0              # seconds without convergence before the limit is r
 
 
 def disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[dict]:
+    """The guest's disks as QEMU has them: what is copied where. An ephemeral disk's
+    throwaway overlay (in the run directory, so never shared) is always copied: the target
+    makes a fresh overlay on the same base (which it must see) and only the overlay's own
+    clusters are mirrored (sync "top"); its base stays where it is."""
     blocks = {b["device"]: b for b in qmp.execute("query-block") if b.get("inserted")}
+    ephemeral = set(launch.ephemeral_disks)
     disks = []
     for i, path in enumerate(launch.disks):
         drive = f"drive-disk{i}"
         image = blocks.get(drive, {}).get("inserted", {})
+        if i in ephemeral:
+            base = image.get("image", {}).get("backing-image", {}).get("format")
+            disks.append({"source": path, "target": path, "copy": True, "ephemeral": True,
+                          "drive": drive, "format": "qcow2", "base_format": base or "raw",
+                          "size": image.get("image", {}).get("virtual-size")})
+            continue
         writable = path not in launch.shared_disks and not image.get("ro")
         moved = copy and writable
         target = os.path.join(target_dir, os.path.basename(path)) if moved and target_dir \
@@ -34,13 +45,15 @@ def disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[di
 
 
 def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
-           check: Callable[[], None], note: Callable[[str], None]) -> None:
+           check: Callable[[], None], note: Callable[[str], None],
+           top: frozenset[str] = frozenset()) -> None:
     """drive-mirror each drive in `exports` to its NBD export behind `sock` (job ids go to
-    `jobs_made` as they start) and wait until every job is READY; `check` raises when the
-    tunnel is gone."""
+    `jobs_made` as they start; the drives in `top` only their top image) and wait until
+    every job is READY; `check` raises when the tunnel is gone."""
     for drive in exports:
         job = f"mirror-{drive}"
-        qmp.execute("drive-mirror", {"device": drive, "job-id": job, "sync": "full",
+        qmp.execute("drive-mirror", {"device": drive, "job-id": job,
+                                     "sync": "top" if drive in top else "full",
                                      "mode": "existing", "format": "raw",
                                      "target": f"nbd+unix:///{drive}?socket={sock}"})
         jobs_made.append(job)
@@ -95,7 +108,7 @@ def stream(qmp: QMPClient, sock, downtime: int, cap: int, bandwidth: int | None,
         params["max-bandwidth"] = bandwidth << 20
     qmp.execute("migrate-set-parameters", params)
     qmp.execute("migrate", {"uri": "fd:" + pass_connection(qmp, sock, "migrate")})
-    limit, last_step = downtime, time.monotonic()
+    limit, last_step, steps = downtime, time.monotonic(), [downtime]
     while True:
         info = qmp.execute("query-migrate")
         status = info.get("status")
@@ -103,20 +116,26 @@ def stream(qmp: QMPClient, sock, downtime: int, cap: int, bandwidth: int | None,
         if status == "completed":
             return {"downtime_ms": info.get("downtime"), "ram_bytes": ram.get("transferred"),
                     "setup_ms": info.get("setup-time"), "migration_ms": info.get("total-time"),
-                    "downtime_limit_ms": limit}
+                    "downtime_limit_ms": limit, "downtime_steps_ms": steps}
         if status in ("failed", "cancelled"):
             raise MigrationError(f"the migration {status}: "
                                  f"{info.get('error-desc', 'QEMU gave no reason')}")
         note(f"RAM: {ram.get('transferred', 0) >> 20} / {ram.get('total', 0) >> 20} MiB, "
              f"{ram.get('mbps', 0):.0f} Mbit/s, expected downtime "
              f"{info.get('expected-downtime', '?')} ms (limit {limit} ms)")
-        record(ram=ram.get("transferred"), limit_ms=limit)
+        record(ram=ram.get("transferred"), limit_ms=limit, steps_ms=steps)
         if time.monotonic() - last_step > STEP_WAIT and status == "active":
             if limit >= cap:
-                raise MigrationError(f"the migration does not converge within a downtime "
-                                     f"of {cap} ms; given up (the guest runs on here)")
+                raise MigrationError(
+                    f"the migration does not converge within a downtime of {cap} ms "
+                    f"(limits tried: {', '.join(map(str, steps))} ms; expected downtime "
+                    f"{info.get('expected-downtime', '?')} ms); given up, the guest runs on "
+                    "here", hint="let it dirty less memory, give it more --bandwidth, or "
+                                 "allow more with --max-downtime")
             limit = min(cap, limit * 2)
             qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
+            steps.append(limit)
+            note(f"warning: not converging: downtime limit raised to {limit} ms")
             last_step = time.monotonic()
         check()
         time.sleep(0.1)

@@ -2,10 +2,14 @@
 source) asks of this host through `ssh HOST kvmrun migrate-target STEP` (JSON on stdin and
 stdout).
 
-    preflight   QEMU here and not older, the machine type, forwards' ports free, disk paths
-                (present under shared storage, absent when they are to be copied)
-    prepare     the run directory from the source's launch record (paths rewritten, the
-                pinned machine type, -incoming defer -S), the disks to copy created, the
+    preflight   QEMU here and not older, the machine type, forwards' ports free, the NICs'
+                networks (bridge, isolated, NAT) present, disk paths (present under shared
+                storage, nfs:// URLs too; absent when they are to be copied; an ephemeral
+                disk's base present)
+    prepare     preflight first (its problems answered, nothing made), then
+                the run directory from the source's launch record (paths rewritten, the
+                pinned machine type, -incoming defer -S), the disks to copy created (an
+                ephemeral disk's overlay on its base), the NICs' taps and hub ports, the
                 serial log so far, a supervisor started with --incoming; then incoming:
     incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
     finish      NBD stopped, `cont`, the VM defined here
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 from kvmrun import files, paths
-from kvmrun.errors import GuestError, MigrationError
+from kvmrun.errors import GuestError, KvmrunError, MigrationError
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, prepare_run_dir
@@ -62,23 +66,72 @@ def preflight(req: dict) -> dict:
     state = guest.read_state()
     if isinstance(state, dict) and (guest.qemu_pid(state) or guest.supervisor_pid(state)):
         problems.append(f"a guest named {req['name']} already runs here")
+    from kvmrun.storage import images
     for disk in req["disks"]:
-        exists = os.path.lexists(disk["target"])
-        if disk["copy"] and exists:
+        try:
+            exists = images.exists(disk["target"])
+        except KvmrunError as err:
+            problems.append(f"cannot look at {disk['target']} here: {err.message}")
+            continue
+        if disk.get("ephemeral"):
+            if not exists:
+                problems.append(f"{disk['target']}, the base of an ephemeral disk, is not "
+                                "visible here (its overlay is copied, the base is not)")
+        elif disk["copy"] and exists:
             problems.append(f"{disk['target']} already exists here (--target-dir puts the "
                             "copies elsewhere)")
         elif not disk["copy"] and not exists:
             problems.append(f"{disk['target']} is not visible here (shared storage?)")
+        if disk.get("pool"):
+            problems += _pool_problems(disk)
     for addr, port in req.get("ports", []):
         with socket.socket() as s:
             try:
                 s.bind((addr or "0.0.0.0", port))
             except OSError as err:
                 problems.append(f"port {port} (a forward) is taken here: {err.strerror}")
+    missing = missing_networks(req.get("networks", []))
+    if missing:
+        problems.append("networks missing here: " + ", ".join(missing))
     nvram = paths.nvram_path(req["name"])
     if req.get("nvram") and nvram.exists():
         problems.append(f"{nvram} already exists here")
     return {"problems": problems, "qemu_version": version}
+
+
+def _pool_problems(disk: dict) -> list[str]:
+    """A shared disk that is a pool's volume: the same pool here, the volume at the same
+    path (the VM defined here names the pool)."""
+    from kvmrun.errors import PoolError
+    from kvmrun.storage import pools
+    try:
+        there = pools.volume_path(disk["pool"], disk["volume"])
+    except PoolError as err:
+        return [f"pool {disk['pool']} (of {disk['target']}): {err.message}"]
+    if there != disk["target"]:
+        return [f"volume {disk['volume']} of pool {disk['pool']} is {there} here, not "
+                f"{disk['target']}"]
+    return []
+
+
+def missing_networks(nics: list[dict]) -> list[str]:
+    """The source's NICs (its network.json) whose network this host lacks, said plainly."""
+    from kvmrun.net import defs, links
+    from kvmrun.net.names import NAT_DEFAULT_NAME
+    missing = []
+    for nic in nics:
+        kind, where = nic.get("type"), f"(NIC {nic.get('index')})"
+        if kind == "bridge" and not os.path.exists(f"/sys/class/net/{nic.get('bridge')}"):
+            missing.append(f"bridge {nic.get('bridge')} {where}")
+        elif kind == "isolated" and defs.load_definition(nic.get("network", "")) is None:
+            missing.append(f"isolated network {nic.get('network')} {where}")
+        elif kind == "nat":
+            if nic.get("network") != NAT_DEFAULT_NAME and \
+                    defs.load_definition(nic.get("network", "")) is None:
+                missing.append(f"NAT network {nic.get('network')} {where}")
+            elif not links.is_root():
+                missing.append(f"NAT network {nic.get('network')} {where} (needs root)")
+    return missing
 
 
 def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
@@ -89,7 +142,7 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
     if req.get("source_nvram"):
         swaps.append((req["source_nvram"], str(guest.paths.nvram)))
     for disk in req["disks"]:
-        if disk["copy"]:
+        if disk["copy"] and not disk.get("ephemeral"):
             esc = lambda p: p.replace(",", ",,")
             swaps.append((f"file={esc(disk['source'])},", f"file={esc(disk['target'])},"))
     out = []
@@ -121,8 +174,12 @@ def without_runas(argv: list[str]) -> list[str]:
 
 
 def prepare(req: dict) -> dict:
-    """Make the target guest and start its supervisor (QEMU waiting, paused)."""
+    """The preflight, then (when it found no problem) make the target guest and start its
+    supervisor (QEMU waiting, paused): one step, one ssh session and one kvmrun start."""
     from kvmrun.storage import images
+    checked = preflight(req)
+    if checked["problems"]:
+        return checked
     guest = Guest(req["name"])
     prepare_run_dir()
     if guest.paths.dir.exists() and guest.qemu_pid() is not None:
@@ -131,7 +188,12 @@ def prepare(req: dict) -> dict:
     files.mkdirs(guest.paths.dir)
     files.write_json(guest.paths.migration, {"role": "target", "made": made})
     for disk in req["disks"]:
-        if disk["copy"]:
+        if disk.get("ephemeral"):               # a fresh overlay on the same base
+            overlay = guest.paths.overlay(int(disk["drive"].removeprefix("drive-disk")))
+            images.create_overlay(overlay, disk["target"], disk["base_format"])
+            made["disks"].append(str(overlay))
+            files.write_json(guest.paths.migration, {"role": "target", "made": made})
+        elif disk["copy"]:
             made["dirs"] += _mkdirs(Path(disk["target"]).parent)
             images.create(disk["target"], disk["size"], disk["format"])
             made["disks"].append(disk["target"])
@@ -154,6 +216,9 @@ def prepare(req: dict) -> dict:
                              "qemu_user_why": "an incoming migration listens by path"
                              if os.geteuid() == 0 else None}
     LaunchRecord.from_json(record).write(guest.paths.launch)
+    if req.get("networks"):
+        from kvmrun.net.nics import attach
+        attach(req["networks"], req["name"], guest.paths)      # in network.json
     _spawn(guest)
     incoming({"name": req["name"], "exports": req.get("exports", [])})
     return {"run_dir": str(guest.paths.dir), "migrate_sock": str(guest.paths.migrate_sock),
@@ -271,6 +336,8 @@ def _remove(guest: Guest, record: dict) -> dict:
             except (OSError, GuestError):
                 pass
     _wait_gone(guest)
+    from kvmrun.guest import netrecord
+    netrecord.teardown(guest.paths)           # the taps and hub ports prepare made
     made = record.get("made", {})
     removed = []
     for path in made.get("disks", []) + ([made["nvram"]] if made.get("nvram") else []):

@@ -10,7 +10,9 @@ would), and the program run there is `$KVMRUN_REMOTE_COMMAND` (default `kvmrun`)
     call(host, argv, …)        run `kvmrun ARGV` there with our stdin/stdout: its exit code
     capture(host, argv, …)     the same, output captured: (code, stdout, stderr)
     script(host, text, …)      a short POSIX shell script there, output captured
-    forward_sockets(host, …)   `ssh -N -L LOCAL:REMOTE` for unix sockets, up when it returns
+    forward_sockets(host, …)   `-L LOCAL:REMOTE` for unix sockets, up when it returns
+    one_connection(host)       a block whose ssh commands to `host` share one connection
+                               (an OpenSSH ControlMaster): one handshake, not one each
     send_profile(host, path)   a local profile, `extends` resolved, into a remote temp dir
 
 ssh itself exits 255 when it cannot connect or log in, and a shell exits 127 for a command it
@@ -20,6 +22,7 @@ Any other line on stderr is the remote kvmrun's and is relayed unchanged, as it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -27,7 +30,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from kvmrun.errors import ProfileError, ProfileErrors, RemoteError, UsageError
 from kvmrun.proc import log_argv
@@ -42,6 +45,7 @@ SSH_LINE = re.compile(r"^(ssh: |kex_exchange_identification|Connection (closed|r
                       r"ssh_exchange_identification|Bad owner or permissions|"
                       r"Could not resolve|no such identity|Load key )")
 NOT_FOUND = re.compile(r"(command not found|: not found|No such file or directory)")
+PID_LINE = "KVMRUN-REMOTE-PID "     # the first stderr line of `call` without a TTY
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,19 @@ def remote_command() -> list[str]:
     return words or ["kvmrun"]
 
 
+# host -> one_connection's master: (its ControlPath, its process)
+_MASTERS: dict[Host, tuple[str, subprocess.Popen]] = {}
+
+
 def ssh_argv(host: Host, words: Sequence[str] | None = None, *, tty: bool = False,
-             options: Sequence[str] = (), shell: str | None = None) -> list[str]:
+             options: Sequence[str] = (), shell: str | None = None,
+             shared: bool = True) -> list[str]:
     """ssh to `host` running `words` (quoted into one shell string) or the shell text
-    `shell`; `options` go to ssh itself (e.g. -L forwards)."""
+    `shell`; `options` go to ssh itself (e.g. -L forwards). Inside `one_connection(host)`
+    (and `shared`), through its master connection."""
+    if shared and host in _MASTERS:
+        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={_MASTERS[host][0]}",
+                   *options]
     argv = [*ssh_command(), "-t" if tty else "-T", *options]
     if host.port:
         argv += ["-p", str(host.port)]
@@ -140,11 +153,16 @@ class Relay(threading.Thread):
         self.stream, self.relay = stream, relay
         self.held: list[str] = []
         self.lines: list[str] = []
+        self.pid: int | None = None        # the remote command's, when it said (PID_LINE)
 
     def run(self) -> None:
         import sys
         for raw in iter(self.stream.readline, b""):
             line = raw.decode(errors="replace")
+            said = line.removeprefix(PID_LINE).strip()
+            if self.pid is None and line.startswith(PID_LINE) and said.isdigit():
+                self.pid = int(said)
+                continue
             self.lines.append(line)
             if SSH_LINE.match(line) or NOT_FOUND.search(line):
                 self.held.append(line)
@@ -184,14 +202,23 @@ def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
 
 
 def finish(host: Host, proc: subprocess.Popen, relay: Relay, what: str) -> int:
-    """Wait for `proc`; its exit code, or RemoteError for ssh's own failures."""
+    """Wait for `proc`; its exit code, or RemoteError for ssh's own failures. Ctrl-C
+    (SIGINT) while it runs is sent on to the remote command when it said its PID (see
+    `call`), and its own exit code (130 after rolling back) comes back; otherwise ssh ends."""
     import sys
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
-        raise
+        if relay.pid is None or not _interrupt_there(host, relay.pid):
+            proc.terminate()
+            proc.wait()
+            raise
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:            # a second Ctrl-C: do not wait for it
+            proc.terminate()
+            proc.wait()
+            raise
     relay.join(5)
     failure = failure_of(host, code, relay, what)
     if failure:
@@ -201,10 +228,33 @@ def finish(host: Host, proc: subprocess.Popen, relay: Relay, what: str) -> int:
     return code
 
 
+def _interrupt_there(host: Host, pid: int) -> bool:
+    """SIGINT to process `pid` on `host`, through a second ssh: without a TTY, ssh relays no
+    signal, and sshd ends a session's command only when it next writes to a closed pipe."""
+    try:
+        code, _, _ = capture(host, shell=f"kill -INT {int(pid)}", what="kill")
+    except RemoteError:
+        return False
+    return code == 0
+
+
+def _ignore_sigint() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # ssh then keeps it ignored
+
+
 def call(host: Host, argv: Sequence[str], *, tty: bool = False, stdin=None) -> int:
-    """`kvmrun ARGV` on `host` with our stdin (or `stdin`) and stdout; its exit code."""
+    """`kvmrun ARGV` on `host` with our stdin (or `stdin`) and stdout; its exit code.
+    With a TTY (ssh -t), Ctrl-C reaches the remote command through it. Without one, ssh
+    ignores SIGINT and the remote shell says its PID first (PID_LINE on stderr, then
+    `exec`), so `finish` can interrupt that very process."""
     words = kvmrun_words(argv)
-    proc = _spawn(ssh_argv(host, words, tty=tty), stdin=stdin, stderr=subprocess.PIPE)
+    if tty:
+        proc = _spawn(ssh_argv(host, words, tty=True), stdin=stdin, stderr=subprocess.PIPE)
+    else:
+        command = f"echo {PID_LINE}$$ >&2; exec {shlex.join(words)}"
+        proc = _spawn(ssh_argv(host, shell=command), stdin=stdin, stderr=subprocess.PIPE,
+                      preexec_fn=_ignore_sigint)
     relay = Relay(proc.stderr)
     relay.start()
     return finish(host, proc, relay, shlex.join(remote_command()))
@@ -240,16 +290,50 @@ def script(host: Host, text: str, input: bytes | None = None) -> str:
     return out
 
 
-def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
-    """One `ssh -N` forwarding each local unix socket path to a remote one (`-L L:R`;
-    unix sockets rather than TCP ports, as Proxmox does: no port to pick or to leak). Returns
-    once every local socket exists; the caller ends it (terminate, wait). Keep-alives end it
+class MasterForward:
+    """Forwards that one_connection's master carries (`ssh -O forward`), handled like the
+    process of a `ssh -N -L` of their own: alive while the master is, ended by
+    `ssh -O cancel`."""
+
+    def __init__(self, host: Host, master: subprocess.Popen, forwards: list[str]):
+        import io
+        self.host, self.master, self.forwards = host, master, forwards
+        self.stderr = io.BytesIO(b"the ssh connection ended")
+
+    def poll(self) -> int | None:
+        return self.master.poll()
+
+    def terminate(self) -> None:
+        if self.master.poll() is None and self.host in _MASTERS:
+            subprocess.run(ssh_argv(self.host, shell="", options=["-O", "cancel",
+                                                                  *self.forwards])[:-1],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.poll()
+
+    kill = terminate
+
+
+def forward_sockets(host: Host, pairs, timeout: float = 30):
+    """Forward each local unix socket path to a remote one (`-L L:R`; unix sockets rather
+    than TCP ports, as Proxmox does: no port to pick or to leak): in one_connection's
+    master when there is one (MasterForward), else one `ssh -N` of their own. Returns once
+    every local socket exists; the caller ends it (terminate, wait). Keep-alives end it
     when the link is cut."""
     import time
     for local, _ in pairs:
         Path(local).unlink(missing_ok=True)
     forwards = [arg for local, there in pairs for arg in ("-L", f"{local}:{there}")]
-    argv = ssh_argv(host, shell="", options=[
+    if host in _MASTERS:
+        done = subprocess.run(ssh_argv(host, shell="", options=["-O", "forward",
+                                                                *forwards])[:-1],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        if done.returncode == 0 and all(Path(local).exists() for local, _ in pairs):
+            return MasterForward(host, _MASTERS[host][1], forwards)
+        raise RemoteError(done.stderr.decode(errors="replace").strip()
+                          or "the forward did not come up")
+    argv = ssh_argv(host, shell="", shared=False, options=[
         "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
     tunnel = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -263,6 +347,44 @@ def forward_sockets(host: Host, pairs, timeout: float = 30) -> subprocess.Popen:
                               or f"no forward after {timeout:g}s")
         time.sleep(0.05)
     return tunnel
+
+
+@contextlib.contextmanager
+def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
+    """Every ssh to `host` inside the block, and forward_sockets' forwards, go through one
+    connection: an OpenSSH master (`-M -N`, its ControlPath in a private
+    temporary directory), ended when the block ends. Its keep-alives end it, and so every
+    session in it, when the link is cut. Should it not come up, each ssh connects by
+    itself, as without it (and says why it cannot, if that is the problem)."""
+    import shutil
+    import tempfile
+    import time
+    directory = tempfile.mkdtemp(prefix="kvmrun-ssh-")
+    path = os.path.join(directory, "master")
+    argv = ssh_argv(host, shell="", shared=False, options=[
+        "-M", "-N", "-o", f"ControlPath={path}", "-o", "ControlPersist=no",
+        "-o", "StreamLocalBindUnlink=yes",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])[:-1]
+    master = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path) and master.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        if os.path.exists(path):
+            _MASTERS[host] = (path, master)
+        yield
+    finally:
+        _MASTERS.pop(host, None)
+        if master.poll() is None:
+            master.terminate()
+            try:
+                master.wait(10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- local profiles
@@ -279,7 +401,7 @@ def local_profile(ref: str) -> Path | None:
 def missing_there(host: Host, profile) -> list[ProfileError]:
     """The files the profile refers to that do not exist on `host`."""
     from kvmrun.profile import referenced_files
-    refs = list(referenced_files(profile))
+    refs = [ref for ref in referenced_files(profile) if ref[2]]   # pool volumes: resolved there
     if not refs:
         return []
     listing = "".join(f"{path}\n" for _, _, path in refs)

@@ -41,6 +41,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
+def _sshd_children(pid: int) -> list[int]:
+    """The sshd processes below sshd `pid` (per connection: the monitor and its child)."""
+    found = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for kid in map(int, kids):
+        try:
+            if Path(f"/proc/{kid}/comm").read_text().strip() == "sshd":
+                found += [kid, *_sshd_children(kid)]
+        except OSError:
+            pass
+    return found
+
+
 @dataclass
 class SshHost:
     alias: str
@@ -75,6 +91,7 @@ class Hosts:
                           f"{tag}{name}0")
             for i, name in enumerate("ab")}
         self.ssh = f"ssh -F {self.ssh_config}"
+        self.joined: list[str] = []          # veths of namespaces put on the bridge
 
     def __getitem__(self, name: str) -> SshHost:
         return self.hosts[name]
@@ -113,10 +130,36 @@ class Hosts:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
 
-    def kill_sshd(self, name: str) -> None:
-        """End host `name`'s sshd listener (sessions already open go on, as with a real
-        sshd restarted), waiting for it."""
+    def join(self, pid: int, index: int = 10) -> str:
+        """Put the network namespace of process `pid` (e.g. the NFS server's) on the hosts'
+        bridge: a veth whose far end is its eth0 at address .INDEX; that address."""
+        address = f"{self.gateway.rsplit('.', 1)[0]}.{index}"
+        veth = f"{self.tag}j{index}"
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(pid))
+        _ip("link", "set", veth, "master", self.bridge, "up")
+        self.joined.append(veth)
+        inside = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "ip"]
+        subprocess.run([*inside, "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+        subprocess.run([*inside, "link", "set", "eth0", "up"], check=True)
+        return address
+
+    def in_mounts(self, name: str) -> list[str]:
+        """A command prefix that runs in host `name`'s mount namespace (its sshd's: `ip netns
+        exec` makes one, and / is not a shared mount here, so a mount made outside it is
+        not seen there)."""
+        return ["nsenter", "-t", str(self[name].sshd.pid), "-m", "--"]
+
+    def kill_sshd(self, name: str, sessions: bool = False) -> None:
+        """End host `name`'s sshd listener, waiting for it: sessions already open go on, as
+        with a real sshd restarted; with `sessions`, the sshd processes of every open
+        connection are killed first (SIGKILL: sshd crashed, with all it served)."""
         sshd = self[name].sshd
+        if sessions:
+            for pid in _sshd_children(sshd.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         sshd.terminate()
         sshd.wait(10)
 
@@ -204,6 +247,8 @@ class Hosts:
         for host in self.hosts.values():
             _ip("netns", "del", host.netns, check=False)
             _ip("link", "del", host.veth, check=False)
+        for veth in self.joined:
+            _ip("link", "del", veth, check=False)
         _ip("link", "del", self.bridge, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 

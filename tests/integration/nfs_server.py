@@ -63,14 +63,22 @@ class NfsServer:
         self.squash = squash
         self.holder: subprocess.Popen | None = None
         self.ganesha_pid: int | None = None
+        self.address = "127.0.0.1"     # where clients reach it (see `holder_pid`)
 
     @property
     def source(self) -> str:
-        return f"127.0.0.1:{EXPORT}"
+        return f"{self.address}:{EXPORT}"
 
     @property
     def url(self) -> str:
-        return f"nfs://127.0.0.1{EXPORT}"
+        return f"nfs://{self.address}{EXPORT}"
+
+    @property
+    def holder_pid(self) -> int:
+        """A process in the server's network namespace: give it an interface (and set
+        `address`) to serve clients in other namespaces; rpcbind and ganesha bind every
+        address, so one added later serves too."""
+        return self.holder.pid
 
     def start(self) -> "NfsServer":
         self.export_dir.mkdir(parents=True, exist_ok=True)

@@ -163,26 +163,32 @@ def test_live_migration_there_and_back(kr, hosts, web):
     qemu_img_check(target / "web.qcow2")
 
     # the target's disk fills up mid-copy: refused cleanly, the guest runs on here
+    # (mounted where host b's sshd and its sessions see it: `ip netns exec` gave them a
+    # mount namespace of their own, and / is not a shared mount here)
     full = hosts["b"].root / "full"
     full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)], check=True)
+    on_b = hosts.in_mounts("b")
+    subprocess.run([*on_b, "mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)],
+                   check=True)
     try:
         code, _, err = kr.run("-H", "hosta", "migrate", "web", "--to", "hostb",
                               "--copy-storage", "--target-dir", full)
         assert code == 1 and "kvmrun: error:" in err, err
+        assert "No space left on device" in err, err
         assert err.count("\n") <= 2, err
-        assert list(full.iterdir()) == []
+        assert subprocess.run([*on_b, "ls", "-A", str(full)], capture_output=True,
+                              text=True, check=True).stdout == ""
         assert left_on(hosts, "b") == []
     finally:
-        subprocess.run(["umount", str(full)], check=True)
+        subprocess.run([*on_b, "umount", str(full)], check=True)
     info = status(kr, "hosta")
     assert info["state"] == "running" and not info["migration"]
     qemu_img_check(target / "web.qcow2")
     n = len(ticks(a_log))
     wait_for(lambda: len(ticks(a_log)) > n, "the guest still ticking on host a")
 
-    # faults mid-stream: the target's sshd ends (open sessions go on, new ones are
-    # refused), or the link is cut; the guest runs on here, the target cleans up itself
+    # faults mid-stream: the target's sshd dies with the connections it served (the steps
+    # share one), or the link is cut; the guest runs on here, the target cleans up itself
     for fault in ("sshd", "link"):
         copies = hosts["b"].root / f"after-{fault}"
         slow = hosts.popen_on("a", kr.argv("migrate", "web", "--to", "hostb",
@@ -193,7 +199,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
             text=True).stdout).get("migration") or {}).get("status") == "migrating",
             f"the migration to stream ({fault})")
         if fault == "sshd":
-            hosts.kill_sshd("b")
+            hosts.kill_sshd("b", sessions=True)
         else:
             hosts.link("b", up=False)
         try:
