@@ -170,6 +170,11 @@ NameOrProfile = typer.Argument(..., metavar="NAME", help="A guest, defined VM or
 def snapshot_create(name: str = NameOrProfile,
                     snap: Optional[str] = typer.Argument(None, metavar="[SNAP]",
                                                          help="Default: snap-DATE-TIME."),
+                    disk_only: bool = typer.Option(False, "--disk-only",
+                                                   help="Running guest: the disks only, "
+                                                        "without the VM state (what a "
+                                                        "guest with a virtiofs share can "
+                                                        "take)."),
                     as_json: bool = typer.Option(False, "--json")) -> None:
     """Take a snapshot: with the VM state while the guest runs (savevm), of the disks with
     qemu-img while it is stopped.
@@ -177,13 +182,19 @@ def snapshot_create(name: str = NameOrProfile,
     A running guest's file systems are frozen for it through its guest agent
     (guest-fsfreeze-freeze, then -thaw, also on failure), so its disks are consistent. When
     the agent does not answer (within 5 s) the snapshot is taken anyway, crash-consistent,
-    with a note; --json says "frozen": true or false."""
-    result = snapops.run(name, "create", snap, note=err)
+    with a note; --json says "frozen": true or false.
+
+    --disk-only (running guest): the disks' snapshots, all at once (a QMP transaction),
+    frozen the same way, without the VM state: a guest with a device QEMU cannot save
+    (a virtiofs share) can take only these. Revert one with the VM stopped; it boots from
+    the disks."""
+    result = snapops.run(name, "create", snap, disk_only=disk_only, note=err)
     if as_json:
         emit_json(result)
         return
+    what = "disks only" if disk_only else "with VM state"
     out(f"created snapshot {result['snapshot']} of {name}"
-        + (" (running: with VM state" + (", file systems frozen)" if result["frozen"] else ")")
+        + (f" (running: {what}" + (", file systems frozen)" if result["frozen"] else ")")
            if result["live"] else ""))
 
 

@@ -10,6 +10,11 @@ them afresh is as safe as after a clean unmount. Without an agent that answers, 
 is crash-consistent (`frozen: false`, with a one-line note). The saved RAM state has the file
 systems frozen, so every loadvm of it is followed by a thaw when the agent says "frozen".
 
+A guest with a device whose state QEMU cannot save (a virtiofs share) cannot savevm: a
+disk-only live snapshot (`disk_only`: the disks' internal snapshots in one QMP transaction,
+inside the same freeze and thaw) is what it can take. It has no RAM state: reverting it
+needs the VM stopped, and the next start boots from its disks.
+
 Reverting a snapshot that has RAM state while the VM is stopped reverts its disks at once
 (qemu-img snapshot -a) and, unless `disk_only`, makes the next start load that RAM state
 (`-loadvm SNAP`): the guest goes on from the moment of the snapshot instead of booting. It is
@@ -96,8 +101,10 @@ def run(name: str, action: str, snap: str | None = None, *, disk_only: bool = Fa
         note=lambda m: None) -> dict:
     """`kvmrun snapshot create|list|revert|delete NAME [SNAP]` (create without SNAP:
     snap-DATE-TIME): savevm/loadvm/delvm while the guest runs, qemu-img while it is stopped.
-    Returns {"snapshot", "live", "frozen" (create), "note", "resume" (revert: the next start
-    loads the RAM state), "snapshots" (all of them afterwards)}."""
+    `disk_only`: create, running: the disks without the VM state; revert, stopped: do not
+    load the RAM state at the next start. Returns {"snapshot", "live", "frozen" and
+    "disk_only" (create), "note", "resume" (revert: the next start loads the RAM state),
+    "snapshots" (all of them afterwards)}."""
     if action == "create" and not snap:
         snap = default_name()
     disks, guest, prof = _target(name)
@@ -105,15 +112,15 @@ def run(name: str, action: str, snap: str | None = None, *, disk_only: bool = Fa
     if action == "create" and guest is not None:
         snapshots.snapshot_disks(disks)           # refuse raw disks before freezing
         with agent.frozen(guest, note) as quiesce:
-            rows = snapshots.snapshot(action, disks, snap, guest)
-        result.update(frozen=quiesce.frozen, note=quiesce.note)
+            rows = snapshots.snapshot(action, disks, snap, guest, disk_only=disk_only)
+        result.update(frozen=quiesce.frozen, note=quiesce.note, disk_only=disk_only)
     elif action == "revert" and guest is None:
         rows = snapshots.snapshot(action, disks, snap, None)
         result["resume"] = _after_offline_revert(name, prof, snap, rows, disk_only, result)
     else:
         rows = snapshots.snapshot(action, disks, snap, guest)
-        if action == "create":
-            result["frozen"] = None               # a stopped VM: nothing to freeze
+        if action == "create":                    # a stopped VM: nothing to freeze
+            result.update(frozen=None, disk_only=True)
         if action == "revert" and agent.thaw_if_frozen(guest):
             result["note"] = "the file systems were frozen in the snapshot's RAM state: thawed"
     if action == "delete" and prof is not None:

@@ -83,6 +83,20 @@ def test_ephemeral_disk_never_writes_its_base(kr, tiny_guest):
     kr.ok("snapshot", "delete", "eph", "s1")
     assert json.loads(kr.ok("snapshot", "list", "eph", "--json").out) == []
 
+    # --disk-only: both disks in one QMP transaction, no VM state; a live revert is refused
+    assert kr.ok("snapshot", "create", "eph", "d1", "--disk-only").out == \
+        "created snapshot d1 of eph (running: disks only)\n"
+    rows = json.loads(kr.ok("snapshot", "list", "eph", "--json").out)
+    assert [(r["name"], r["vm_state_size"]) for r in rows] == [("d1", 0)]
+    assert sorted(rows[0]["disks"]) == sorted([str(data), str(kr.guest_dir("eph") /
+                                                               "overlay-disk0.qcow2")])
+    refused = kr.run("snapshot", "revert", "eph", "d1")
+    assert refused.code == 4, refused
+    assert "d1 is a disk-only snapshot (no RAM state): it cannot be reverted while eph " \
+        "runs" in refused.err and "kvmrun stop eph" in refused.err
+    kr.ok("snapshot", "delete", "eph", "d1")
+    assert json.loads(kr.ok("snapshot", "list", "eph", "--json").out) == []
+
     kr.ok("stop", "eph")
     assert overlays(kr, "eph") == []
     assert sha256(base) == before
