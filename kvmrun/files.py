@@ -24,11 +24,8 @@ from kvmrun.errors import NotPrivate
 
 try:            # CPython's own SHA-256: hashlib's loads OpenSSL (libcrypto), ~5-50 ms of a
     from _sha256 import sha256     # quick start on a loaded host; same digests
-except ImportError:                # another Python (3.12 renamed it _sha2)
-    try:
-        from _sha2 import sha256
-    except ImportError:
-        from hashlib import sha256
+except ImportError:                # Python 3.12 renamed it: hashlib's, slower to import
+    from hashlib import sha256
 
 
 def mkdirs(directory: Path, mode: int = 0o700) -> None:
