@@ -16,10 +16,10 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvmrun.errors import GuestError, HostError
 
+TYPE_CHECKING = False                # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     import subprocess
 
