@@ -144,7 +144,9 @@ class Bench:
                 "network": [], "ready": {"console": MARKER.decode(), "timeout": 900},
                 "shutdown": {"timeout": 180}}
         path = self.base / f"{name}.yaml"
-        path.write_text(json.dumps(data, indent=1))    # JSON is YAML
+        text = json.dumps(data, indent=1)               # JSON is YAML
+        if not path.exists() or path.read_text() != text:   # rewriting it would change its
+            path.write_text(text)                           # stamp: no quick start then
         return path
 
     def raw_argv(self, name: str, memory: str = "256M") -> list[str]:
