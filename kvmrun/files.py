@@ -18,9 +18,14 @@ import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator  # not typing: ~1 MiB in every supervisor
 
 from kvmrun.errors import NotPrivate
+
+try:            # CPython's own SHA-256: hashlib's loads OpenSSL (libcrypto), ~5-50 ms of a
+    from _sha256 import sha256     # quick start on a loaded host; same digests
+except ImportError:                # Python 3.12 renamed it: hashlib's, slower to import
+    from hashlib import sha256
 
 
 def mkdirs(directory: Path, mode: int = 0o700) -> None:
@@ -119,7 +124,7 @@ def write_reserved(path: Path, data: str) -> None:
         os.close(fd)
 
 
-def read_reserved(path: Path) -> Any:
+def read_reserved(path: Path) -> object:
     """The JSON of a reserved record (None when missing, blank or unreadable)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -159,11 +164,11 @@ def open_private(path: Path, mode: str = "ab"):
     return os.fdopen(os.open(path, flags, 0o600), mode)
 
 
-def write_json(path: Path, value: Any, mode: int = 0o600, **kw) -> None:
+def write_json(path: Path, value: object, mode: int = 0o600, **kw) -> None:
     atomic_write(path, json.dumps(value, indent=1), mode, **kw)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+def read_json(path: Path, default: object = None) -> object:
     """The JSON in `path`, or `default` when it is missing or does not parse."""
     try:
         return json.loads(Path(path).read_text())

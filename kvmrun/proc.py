@@ -14,22 +14,31 @@ import os
 import select
 import shlex
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from kvmrun.errors import GuestError, HostError
+
+TYPE_CHECKING = False                # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import subprocess
 
 PACKAGES = {"ip": "iproute2", "nft": "nftables", "dnsmasq": "dnsmasq-base",
             "qemu-img": "qemu-utils", "genisoimage": "genisoimage",
             "swtpm_setup": "swtpm-tools"}
 
 
+_BOOT_ID: list[str] = []
+
+
 def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    """This boot of the host (read once per process: it cannot change under us)."""
+    if not _BOOT_ID:
+        try:
+            _BOOT_ID.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        except OSError:
+            return ""
+    return _BOOT_ID[0]
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -144,6 +153,7 @@ def run(argv: list[str], *, check: bool = True, input: str | None = None,
         what: str | None = None) -> subprocess.CompletedProcess:
     """Run a short command: stdin /dev/null (or `input`), text output captured, a timeout.
     A missing binary or a timeout is a HostError; so is a failure when `check`."""
+    import subprocess        # not at the top: status, list and the quick start never run one
     log_argv(argv)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, input=input,

@@ -12,7 +12,6 @@ import typer
 
 from kvmrun.cli.app import NameArg, app, emit_json, err, guest, json_object, out
 from kvmrun.errors import GuestError
-from kvmrun.guest import console as con
 from kvmrun.guest.rundir import require_running
 from kvmrun.ops import power, systemd
 
@@ -102,6 +101,7 @@ app.command("destroy", help="Alias of kill.")(kill_cmd)
 @app.command()
 def console(name: str = NameArg) -> None:
     """Attach to a guest's serial console. Ctrl-] detaches."""
+    from kvmrun.guest import console as con      # termios, tty: only this verb needs them
     target = guest(name)
     require_running(target)
     err(f"connected to {name}'s console; Ctrl-] detaches")

@@ -4,11 +4,34 @@ since its last start is served here, before typer, yaml or the compiler are impo
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """As the console script (no `argv`), the process ends with os._exit once its output is
+    flushed: the interpreter's tear-down (freeing every module and object) cost `kvmrun
+    stop` and `status` ~30 ms of CPU after their work was done. Nothing of kvmrun's needs
+    it: files are written with `with`, and nothing registers atexit handlers."""
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        _main(sys.argv[1:])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):          # a closed or broken pipe: nothing more to say
+        pass
+    os._exit(code or 0)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "start" and not argv[1].startswith("-"):
         code = _quick_start(argv[1])
         if code is not None:

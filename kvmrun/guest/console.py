@@ -12,7 +12,7 @@ import termios
 import tty
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvmrun.errors import GuestError
 

@@ -7,7 +7,6 @@ supervisor calls `teardown` when its guest ends (kvmrun.net.nics writes the reco
 from __future__ import annotations
 
 import os
-import subprocess
 
 from kvmrun import files
 from kvmrun.paths import RunPaths
@@ -26,6 +25,7 @@ def write(paths: RunPaths, record: dict) -> None:
 
 def undo(record: dict) -> None:
     """Remove what a record says was made. Never raises."""
+    import subprocess            # only for taps (not at the top: the quick start loads this)
     for tap in record.get("taps", []):
         if os.path.exists(f"/sys/class/net/{tap}"):
             try:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import enum
 import fcntl
-import hashlib
 import errno
 import json
 import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator  # not typing: ~1 MiB in every supervisor
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, GuestTimeout, NotPrivate
@@ -369,7 +368,7 @@ def lock_disks(writable: list[str], held: ExitStack) -> None:
     locks = trusted(prepare_run_dir() / ".disks")
     for disk in writable:
         real = os.path.realpath(disk)
-        path = locks / (hashlib.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
+        path = locks / (files.sha256(os.fsencode(real)).hexdigest()[:24] + ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         held.callback(os.close, fd)
         try:

@@ -39,16 +39,20 @@ def _cli_qmp(guest: Guest) -> Callable[[str], None]:
     return send
 
 
-def _wait_supervisor(guest: Guest, state: dict, timeout: float = 10.0) -> None:
-    """Give a live supervisor the moment it needs to record the end."""
+def _wait_supervisor(guest: Guest, state: dict, timeout: float = 10.0) -> bool:
+    """Give a live supervisor the moment it needs to record the end (its exit comes right
+    after its state write); False when there was none."""
     pid = guest.supervisor_pid(state)
-    if pid is not None:
-        wait_pid(pid, timeout)
+    if pid is None:
+        return False
+    wait_pid(pid, timeout)
+    return True
 
 
-def _record_end_without_supervisor(guest: Guest, state: dict, ended: dict) -> None:
-    """The end of a guest whose supervisor is gone, recorded by the command that saw it."""
-    if guest.supervisor_pid(state) is not None:
+def _after_exit(guest: Guest, state: dict, ended: dict) -> None:
+    """QEMU has exited: wait for its supervisor to record the end, or record it here when
+    the supervisor is gone."""
+    if _wait_supervisor(guest, state):
         return
     final = guest.read_state() or state
     if final.get("ended"):
@@ -87,10 +91,8 @@ def stop(guest: Guest, timeout: float | None = None, force: bool = False,
             raise
     finally:
         os.close(pidfd)
-    _wait_supervisor(guest, state)
-    _record_end_without_supervisor(guest, state, {"reason": "stopped", "by": "kvmrun stop",
-                                                  "stage": stage,
-                                                  "detail": f"stopped by kvmrun stop ({stage})"})
+    _after_exit(guest, state, {"reason": "stopped", "by": "kvmrun stop", "stage": stage,
+                               "detail": f"stopped by kvmrun stop ({stage})"})
     final, recorded = guest.live_state()
     if final is State.CRASHED:          # the supervisor saw how QEMU really exited
         ended = recorded.get("ended") or {}
@@ -117,9 +119,8 @@ def kill(guest: Guest) -> dict:
             wait_pidfd(pidfd, 30)
     finally:
         os.close(pidfd)
-    _wait_supervisor(guest, state)
-    _record_end_without_supervisor(guest, state, {"reason": "killed", "by": "kvmrun kill",
-                                                  "detail": "powered off hard by kvmrun kill"})
+    _after_exit(guest, state, {"reason": "killed", "by": "kvmrun kill",
+                               "detail": "powered off hard by kvmrun kill"})
     return {"name": guest.name, "stage": stage}
 
 

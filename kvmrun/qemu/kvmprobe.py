@@ -7,13 +7,8 @@ panic=-1) within seconds. The verdict is cached per host boot, and `accel: auto`
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +38,8 @@ def kvm_verdict() -> dict | None:
 
 def probe_kernel() -> str | None:
     """A Linux kernel to boot for the probe: the host's, else a cached test-guest kernel."""
+    import glob
+    import platform
     candidates = [f"/boot/vmlinuz-{platform.release()}", *sorted(glob.glob("/boot/vmlinuz-*"))]
     cache = os.environ.get("KVMRUN_GUEST_CACHE") or str(Path.home() / ".cache/kvmrun/guest")
     candidates += sorted(glob.glob(f"{cache}/x86_64-*/vmlinuz"))
@@ -51,6 +48,9 @@ def probe_kernel() -> str | None:
 
 def kvm_boot_probe(kernel: str | None = None) -> dict:
     """Boot `kernel` under KVM with no root fs; record whether it got far enough."""
+    import shutil            # the probe's imports stay here: the quick start reads only
+    import subprocess        # kvm_accessible and the verdict file's stamp
+    import tempfile
     kernel = kernel or probe_kernel()
     verdict = {"boot_id": boot_id(), "at": time.time(), "kernel": kernel}
     if kernel is None:

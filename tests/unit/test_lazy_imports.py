@@ -1,8 +1,11 @@
 """The quick verbs import only what they use (no timings here: bench/run.py measures those).
 
-`status` and `list` run on the run directory and QMP alone: no YAML, no profile model, no
-psutil; and no verb pulls in pydantic through typer's parameter coercion (kvmrun.cli.nopydantic). A
-typer upgrade that brings pydantic back into every call fails here.
+Each verb's set of kvmrun modules, and of the heavy third-party ones (typer, click, rich,
+pydantic, yaml, psutil), is pinned exactly: a new import on one of these paths fails here
+until it is added on purpose. `status` and `list` run on the run directory and QMP alone (no
+YAML, no profile model, no psutil); no verb pulls in pydantic through typer's parameter
+coercion (kvmrun.cli.nopydantic); the quick start imports no typer at all. A typer upgrade
+that brings pydantic back into every call fails here too.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import sys
 
 import pytest
 
+# The console script's own entry (kvmrun.cli.quick) with an argv: it returns (or raises
+# SystemExit) instead of ending the process, so the probe can list what was imported.
 PROBE = """
 import json, sys
-from kvmrun.cli import main
+from kvmrun.cli.quick import main
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -23,27 +28,89 @@ except SystemExit:
 loaded = [n for n, m in sys.modules.items() if type(m).__name__ != "_LazyModule"]
 sys.stdout.write("\\nMODULES " + json.dumps(sorted(loaded)) + "\\n")
 """
+THIRD_PARTY = ("typer", "click", "rich", "pydantic", "yaml", "psutil", "aiohttp")
+
+
+def imported_by(args, env: dict, timeout: float = 60) -> tuple[set[str], str]:
+    """(modules imported by `kvmrun ARGS`, its stdout before the list)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    out, line = proc.stdout.rsplit("\nMODULES ", 1)
+    return set(json.loads(line)), out
+
+
+def ours(modules: set[str]) -> set[str]:
+    return {m for m in modules if m == "kvmrun" or m.startswith("kvmrun.")}
+
+
+def heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in THIRD_PARTY and "." not in m}
+
+
+def env_for(tmp_path) -> dict:
+    return {"KVMRUN_RUN_DIR": str(tmp_path / "run"), "KVMRUN_CONFIG_DIR": str(tmp_path / "cfg"),
+            "KVMRUN_CACHE_DIR": str(tmp_path / "cache"), "KVMRUN_DATA_DIR": str(tmp_path / "d"),
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def modules_after(tmp_path, *args) -> set[str]:
-    env = {"KVMRUN_RUN_DIR": str(tmp_path / "run"), "KVMRUN_CONFIG_DIR": str(tmp_path / "cfg"),
-           "KVMRUN_CACHE_DIR": str(tmp_path / "cache"), "KVMRUN_DATA_DIR": str(tmp_path / "d"),
-           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-    line = proc.stdout.rsplit("\nMODULES ", 1)[1]
-    return set(json.loads(line))
+    return imported_by(args, env_for(tmp_path))[0]
 
 
 HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.qemu.compile",
          "kvmrun.ops.defined", "kvmrun.net.nics", "kvmrun.storage.disks",
          "aiohttp", "kvmrun.ui.server", "xml.etree.ElementTree"}   # aiohttp: `kvmrun ui` only
 
+# What every typer verb needs: the entry, the shared app, the run directory, remote split.
+CLI = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.entry", "kvmrun.cli.app",
+       "kvmrun.cli.nopydantic", "kvmrun.errors", "kvmrun.files", "kvmrun.paths",
+       "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir", "kvmrun.guest.launch",
+       "kvmrun.ops", "kvmrun.ops.remote"}
+INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
+                 "kvmrun.guest.agent",             # agent.has_port: status shows the socket
+                 "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
+                 "kvmrun.net.names"}              # the NICs' addresses from the leases
+STOP = CLI | {"kvmrun.cli.power", "kvmrun.ops.power", "kvmrun.guest.qmp",
+              "kvmrun.guest.shutdown", "kvmrun.guest.ending", "kvmrun.guest.netrecord"}
+# The quick start, up to the fork of the supervisor (the supervisor's own imports happen in
+# the child); no typer, no profile model, no compiler.
+QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvmrun.files",
+               "kvmrun.paths", "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir",
+               "kvmrun.guest.launch", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
+               "kvmrun.guest.shutdown", "kvmrun.net", "kvmrun.net.ports", "kvmrun.ops",
+               "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe"}
+# ... and once it started a guest, the lines it prints
+QUICK_STARTED = QUICK_START | {"kvmrun.cli.text"}
 
-@pytest.mark.parametrize("args", [["list", "--json"], ["list"], ["status", "web1", "--json"],
-                                  ["status", "web1"]])
-def test_status_and_list_stay_light(tmp_path, args):
-    assert not HEAVY & modules_after(tmp_path, *args)
+
+@pytest.mark.parametrize("args, expected", [
+    (["list", "--json"], INSPECT), (["list"], INSPECT),
+    (["status", "web1", "--json"], INSPECT), (["status", "web1"], INSPECT),
+    (["stop", "web1"], STOP)])
+def test_each_quick_verb_imports_exactly_what_it_uses(tmp_path, args, expected):
+    loaded = modules_after(tmp_path, *args)
+    assert ours(loaded) == expected
+    assert heavy(loaded) == {"typer"}             # typer 0.29 vendors click; no rich
+    assert not HEAVY & loaded
+
+
+def test_the_quick_start_imports_no_typer(tmp_path):
+    """A profile with no cached launch: the quick path looks, finds nothing and hands over
+    to the full CLI (which then loads the profile machinery, as it must)."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\naccel: tcg\nmemory: 64M\nnetwork: []\n")
+    code = ("import json, sys\nfrom kvmrun.cli import quick\n"
+            "print(quick._quick_start(sys.argv[1]))\n"
+            "print(json.dumps(sorted(sys.modules)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(profile)], env=env_for(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    answer, modules = proc.stdout.splitlines()
+    assert answer == "None"                       # nothing cached: the full path runs
+    loaded = set(json.loads(modules))
+    assert ours(loaded) == QUICK_START
+    assert not heavy(loaded)
+    assert not {"hashlib", "uuid", "subprocess", "shutil", "tempfile"} & loaded
 
 
 def test_help_imports_no_profile_machinery(tmp_path):
