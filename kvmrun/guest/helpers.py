@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import stat
-import subprocess
 from pathlib import Path
 
 from kvmrun import files, proc
@@ -74,7 +73,7 @@ class Helper:
         self.socket = Path(socket)
         self.log = Path(log)
         self.wait = wait
-        self.proc: subprocess.Popen | None = None
+        self.proc = None                          # a subprocess.Popen once started
 
     @property
     def what(self) -> str:
@@ -90,6 +89,7 @@ class Helper:
     def __enter__(self) -> "Helper":
         files.unlink(self.socket)                 # a stale socket must not count as up
         proc.log_argv(self.argv)
+        import subprocess                         # here: a command ending a guest needs none
         try:
             with files.open_private(self.log, "wb") as out:
                 self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -133,6 +133,7 @@ class Helper:
         """End the helper (SIGTERM, then SIGKILL); its exit status, None if never started."""
         if self.proc is None:
             return None
+        import subprocess                         # loaded already: it started the helper
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

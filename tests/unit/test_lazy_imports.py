@@ -70,16 +70,22 @@ CLI = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.entry", "kvmrun.c
 INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
                  "kvmrun.guest.agent",             # agent.has_port: status shows the socket
                  "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
-                 "kvmrun.net.names"}              # the NICs' addresses from the leases
+                 "kvmrun.net.names",              # the NICs' addresses from the leases
+                 "kvmrun.guest.cgroup",           # the limits' cgroup of a running guest
+                 "kvmrun.guest.exits",            # a dead supervisor's guest: how QEMU ended
+                 "kvmrun.guest.shutdown"}         # (its stages name the hard ends)
 STOP = CLI | {"kvmrun.cli.power", "kvmrun.ops.power", "kvmrun.guest.qmp",
-              "kvmrun.guest.shutdown", "kvmrun.guest.ending", "kvmrun.guest.netrecord"}
+              "kvmrun.guest.shutdown", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
+              "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # the end
+              "kvmrun.ops.systemd", "kvmrun.guest.notify"}    # through kvmrun@NAME if enabled
 # The quick start, up to the fork of the supervisor (the supervisor's own imports happen in
 # the child); no typer, no profile model, no compiler.
 QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvmrun.files",
                "kvmrun.paths", "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir",
                "kvmrun.guest.launch", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
                "kvmrun.guest.shutdown", "kvmrun.net", "kvmrun.net.ports", "kvmrun.ops",
-               "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe"}
+               "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe",
+               "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers"}  # ending
 # ... and once it started a guest, the lines it prints
 QUICK_STARTED = QUICK_START | {"kvmrun.cli.text"}
 
