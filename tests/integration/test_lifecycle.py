@@ -486,7 +486,7 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
     for record in ("launch.json", "state.json"):
         path = kr.guest_dir("old") / record
         data = json.loads(path.read_text())
-        assert data.pop("version") == {"launch.json": 4, "state.json": 1}[record]
+        assert data.pop("version") == {"launch.json": 5, "state.json": 1}[record]
         # the fields kvmrun added after 0.1
         for newer in ("run_id", "serial_log_max", "machine_type", "helpers", "cgroup"):
             data.pop(newer, None)
