@@ -153,18 +153,20 @@ def _record(plan: Plan, status: str, **extra) -> None:
         "starttime": starttime(me), "at": time.time(), **extra})
 
 
-def _check_qemu_user(name: str, launch, copy_storage: bool) -> None:
-    """The disk mirror's QEMU connects to the tunnel's NBD socket by path, in the run
-    directory; a QEMU that dropped to another user cannot (the migration stream is handed
-    over as a file descriptor and needs no path)."""
+def _check_qemu_user(name: str, launch) -> None:
+    """A QEMU that dropped to another user (root's default: `kvmrun`) does not migrate
+    live here: at the switch-over QEMU 7.2 reopens its images by path to hand them over
+    (bdrv_inactivate_all), which that user may not do, and the migration fails with no
+    reason given; the disk mirror also reaches the tunnel's NBD socket by path in root's
+    run directory. Refused before anything starts, with the ways that work."""
     from kvmrun.qemu.host import user_name
     user = launch.summary.get("qemu_user")
-    if copy_storage and user and user != user_name(os.geteuid()):
+    if user and user != user_name(os.geteuid()):
         raise MigrationError(
-            f"{name}'s QEMU runs as {user}, which cannot reach the tunnel's NBD socket "
-            "that --copy-storage mirrors the disks through",
-            hint="use --shared-storage, or migrate it offline; guests started with "
-                 "KVMRUN_QEMU_USER=root can be migrated with --copy-storage")
+            f"{name}'s QEMU runs as {user}: a guest whose QEMU dropped its privileges "
+            "cannot be migrated live yet (QEMU reopens its disks by path at the switch-over)",
+            hint="migrate it offline (stop it first: kvmrun migrate NAME --to HOST "
+                 "--offline), or start it with KVMRUN_QEMU_USER=root to migrate it live")
 
 
 def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime, cap,
@@ -178,7 +180,7 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
                                "supported yet",
                              hint=f"stop it and move it with `kvmrun export {name} "
                                   "--with-disks` (the TPM state goes along)")
-    _check_qemu_user(name, launch, copy_storage)
+    _check_qemu_user(name, launch)
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
