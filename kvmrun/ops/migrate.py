@@ -155,16 +155,16 @@ def _record(plan: Plan, status: str, **extra) -> None:
 
 def _check_qemu_user(name: str, launch) -> None:
     """A QEMU that dropped to another user (root's default: `kvmrun`) does not migrate
-    live here: at the switch-over QEMU 7.2 reopens its images by path to hand them over
-    (bdrv_inactivate_all), which that user may not do, and the migration fails with no
-    reason given; the disk mirror also reaches the tunnel's NBD socket by path in root's
-    run directory. Refused before anything starts, with the ways that work."""
+    live yet: its switch-over failed (QEMU gave no reason; once it logged
+    bdrv_inactivate_all() failed, where it hands its disks over — the cause is not pinned
+    down), and the disk mirror reaches the tunnel's NBD socket by path in root's run
+    directory. Refused before anything starts, with the ways that work."""
     from kvmrun.qemu.host import user_name
     user = launch.summary.get("qemu_user")
     if user and user != user_name(os.geteuid()):
         raise MigrationError(
             f"{name}'s QEMU runs as {user}: a guest whose QEMU dropped its privileges "
-            "cannot be migrated live yet (QEMU reopens its disks by path at the switch-over)",
+            "cannot be migrated live yet (its switch-over fails)",
             hint="migrate it offline (stop it first: kvmrun migrate NAME --to HOST "
                  "--offline), or start it with KVMRUN_QEMU_USER=root to migrate it live")
 

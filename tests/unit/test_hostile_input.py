@@ -270,10 +270,9 @@ def test_status_says_why_root_qemu_keeps_root(monkeypatch):
 
 
 def test_live_migration_of_a_guest_whose_qemu_dropped_root_is_refused(monkeypatch):
-    """At the switch-over QEMU 7.2 reopens its images by path (bdrv_inactivate_all), which a
-    QEMU running as kvmrun may not do: the migration failed with "QEMU gave no reason"
-    (seen with --copy-storage and with --shared-storage on NFS). Refused before anything
-    starts, with the ways that work; a QEMU that kept root migrates."""
+    """Run as kvmrun, the migration failed at the switch-over ("QEMU gave no reason", with
+    --copy-storage and with --shared-storage on NFS). Refused before anything starts, with
+    the ways that work; a QEMU that kept root migrates."""
     from kvmrun.errors import MigrationError
     from kvmrun.guest.launch import LaunchRecord
     from kvmrun.ops import migrate
