@@ -16,7 +16,8 @@ def doctor(
     reprobe: bool = typer.Option(False, "--reprobe", help="Ignore the cached KVM verdict."),
 ) -> None:
     """Check this host: QEMU binaries, /dev/kvm (and whether guests really boot under it),
-    firmware, qemu-img, directories, socket path headroom. Exit 3 if something is broken."""
+    firmware, qemu-img, the helper daemons (virtiofsd, swtpm), directories, socket path
+    headroom. Exit 3 if something is broken."""
     results = findings(probe=probe, force_probe=reprobe)
     if as_json:
         emit_json(results)

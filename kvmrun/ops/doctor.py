@@ -65,6 +65,12 @@ def findings(probe: bool = True, force_probe: bool = False) -> list[dict]:
         out.append(_finding(f"firmware {label}", True if there else None,
                             path if there else "not installed",
                             None if there else f"apt-get install {package}"))
+    virtiofsd, swtpm = host.virtiofsd_binary(), shutil.which("swtpm")
+    out.append(_finding("virtiofsd (virtiofs shares)", True if virtiofsd else None,
+                        virtiofsd or "not installed",
+                        None if virtiofsd else "apt-get install qemu-system-common"))
+    out.append(_finding("swtpm (tpm: true)", True if swtpm else None, swtpm or "not installed",
+                        None if swtpm else "apt-get install swtpm swtpm-tools"))
     for label, directory in (("run dir", paths.run_dir()), ("config dir", paths.config_dir())):
         probe_dir = directory
         while not probe_dir.exists() and probe_dir != probe_dir.parent:
