@@ -14,7 +14,7 @@ from kvmrun.cli.app import app, emit_json, err, guest, lazy, out
 from kvmrun.errors import KvmrunError
 from kvmrun.guest.rundir import guest_using
 from kvmrun.ops import ssh as sshcmd
-from kvmrun.storage import images, lvm, pools, snapshots
+from kvmrun.storage import images, lvm, pools
 from kvmrun.storage.images import human
 
 disks = lazy("kvmrun.storage.disks")
@@ -159,7 +159,8 @@ def _snapshot_rows(rows: list[dict], as_json: bool) -> None:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["date"])) if r[
             "date"] else "-"
-        out(f"{r['name']:<24} {when:<19} {human(r['vm_state_size']) if r['vm_state_size'] else '-':>9}"
+        label = r["name"] + (" *" if r.get("next_start") else "")
+        out(f"{label:<24} {when:<19} {human(r['vm_state_size']) if r['vm_state_size'] else '-':>9}"
             f"  {', '.join(os.path.basename(d) for d in r['disks'])}")
 
 
@@ -201,9 +202,9 @@ def snapshot_create(name: str = NameOrProfile,
 @snapshot_app.command("list")
 def snapshot_list(name: str = NameOrProfile, as_json: bool = typer.Option(False, "--json")
                   ) -> None:
-    """The snapshots of a VM's disks."""
-    disks, guest = snapops.target(name)
-    _snapshot_rows(snapshots.snapshot("list", disks, None, guest), as_json)
+    """The snapshots of a VM's disks; `*` marks the one whose RAM state the next start
+    loads (after an offline revert; "next_start" in --json)."""
+    _snapshot_rows(snapops.listing(name), as_json)
 
 
 @snapshot_app.command("revert")

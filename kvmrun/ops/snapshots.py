@@ -52,7 +52,10 @@ def _running_disks(guest: Guest) -> Disks:
 
 
 def _target(name: str):
-    """(disks, the running guest or None, the profile or None) for `name`."""
+    """(disks, the running guest or None, the profile or None) for a guest name, a defined
+    VM or a profile. A running guest: the disks it was launched with. Else the defined VM
+    or profile file `name` (its guest, if that one runs under the profile's name); else the
+    disks of the guest's last run."""
     guest = Guest(name) if valid_name(name) else None
     if guest is not None and guest.qemu_pid() is not None:
         return _running_disks(guest), guest, None
@@ -81,16 +84,6 @@ def _last_profile(name: str, source: str | None):
     except KvmrunError:
         return None
     return prof if prof.name == name else None
-
-
-def target(name: str) -> tuple[Disks, Guest | None]:
-    """(disks, the running guest or None) for a guest name, a defined VM or a profile.
-
-    A running guest: the disks it was launched with. Else the defined VM or profile file
-    `name` (its guest, if that one runs under the profile's name); else the disks of the
-    guest's last run."""
-    disks, guest, _ = _target(name)
-    return disks, guest
 
 
 def default_name() -> str:
@@ -127,6 +120,20 @@ def run(name: str, action: str, snap: str | None = None, *, disk_only: bool = Fa
         _forget_resume(prof.name, snap)
     result["snapshots"] = rows
     return result
+
+
+def listing(name: str) -> list[dict]:
+    """`kvmrun snapshot list NAME`: the snapshots of its disks, each with "next_start":
+    True for the one whose RAM state the VM's next start loads (an offline revert's)."""
+    disks, guest, prof = _target(name)
+    rows = snapshots.snapshot("list", disks, None, guest)
+    pending = None
+    if guest is None and prof is not None:
+        data = files.read_json(paths.resume_path(prof.name), None)
+        pending = data.get("snapshot") if isinstance(data, dict) else None
+    for row in rows:
+        row["next_start"] = row["name"] == pending
+    return rows
 
 
 def snapshot(name: str, action: str, snap: str | None = None) -> list[dict]:

@@ -56,6 +56,9 @@ def test_offline_revert_of_a_ram_snapshot_resumes_once(kr, tiny_guest):
 
     reverted = json.loads(kr.ok("snapshot", "revert", "tick", "s1", "--json").out)
     assert reverted["resume"] is True and "-loadvm" in reverted["note"]
+    listed = json.loads(kr.ok("snapshot", "list", "tick", "--json").out)
+    assert [(r["name"], r["next_start"]) for r in listed] == [("s1", True)], listed
+    assert "s1 *" in kr.ok("snapshot", "list", "tick").out
     started = json.loads(kr.ok("start", "tick", "--json").out)
     assert "-loadvm" in _cmdline(started["pid"]) and \
         _cmdline(started["pid"])[_cmdline(started["pid"]).index("-loadvm") + 1] == "s1"
@@ -78,3 +81,5 @@ def test_offline_revert_of_a_ram_snapshot_resumes_once(kr, tiny_guest):
     text = kr.ok("snapshot", "revert", "tick", "s1", "--disk-only").out
     assert "has RAM state, not loaded (--disk-only): the next start boots" in text
     assert not (kr.base / "data" / "resume" / "tick.json").exists()
+    assert [r["next_start"] for r in
+            json.loads(kr.ok("snapshot", "list", "tick", "--json").out)] == [False]
