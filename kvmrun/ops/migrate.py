@@ -8,7 +8,10 @@ Live (a running guest), driving QEMU's own migration and NBD mirror, never a dae
      present and not older, the versioned machine type the guest really runs (QOM
      /machine's type, pinned in the launch record), forwards' host ports free, the NICs' networks present, disks visible (--shared-storage,
      nfs:// URLs too) or absent (--copy-storage);
-  2. the target supervisor starts from this guest's launch record with -incoming defer -S;
+  2. the target supervisor starts from this guest's launch record with -incoming defer -S
+     (a TPM: its own swtpm first, on an empty state directory there, which QEMU fills
+     from the stream: the tpm-emulator backend carries swtpm's state; a virtiofs share is
+     refused, QEMU cannot migrate vhost-user-fs);
   3. `ssh -L` forwards unix sockets here to the target's migrate.sock and nbd.sock (they
      and every step there share one ssh connection, remote.one_connection);
   4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
@@ -18,7 +21,8 @@ Live (a running guest), driving QEMU's own migration and NBD mirror, never a dae
      while it does not converge, then given up (the parameters it had are set back);
   6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
      defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
-     undefined here unless --keep-source-definition.
+     undefined here (its variable store and TPM state with it) unless
+     --keep-source-definition.
 Any failure before step 6 runs the target (Ctrl-C included) cancels the migration and the
 mirrors, removes what the target made, and leaves this guest running as it was.
 While it lasts, the guest's migration.json here says "migrating to HOST" (`kvmrun status`).
@@ -141,7 +145,9 @@ def _request(plan: Plan, qmp: QMPClient, launch, state: dict) -> dict:
             f"{version['major']}.{version['minor']}.{version['micro']}", "machine": machine,
             "disks": plan.disks, "ports": ports, "networks": networks,
             "launch": launch.to_json(),
-            "source_dir": str(paths.dir), "source_nvram": str(nvram) if nvram else None,
+            "source_dir": str(paths.dir),
+            "source_tpm": str(paths.tpm) if any(h["name"] == "swtpm" for h in launch.helpers)
+            else None, "source_nvram": str(nvram) if nvram else None,
             "nvram": base64.b64encode(nvram.read_bytes()).decode() if nvram else None,
             "serial": base64.b64encode(serial).decode(), "run_files": run_files}
 
@@ -169,17 +175,24 @@ def _check_qemu_user(name: str, launch) -> None:
                  "--offline), or start it with KVMRUN_QEMU_USER=root to migrate it live")
 
 
+def _check_helpers(name: str, launch) -> None:
+    """A TPM moves with the stream (QEMU's tpm-emulator carries swtpm's state blobs: the
+    target starts its own swtpm on an empty state directory); a virtiofs share cannot
+    (QEMU's vhost-user-fs device is not migratable)."""
+    shares = [s for s in launch.shares if s.get("type") == "virtiofs"]
+    if shares or any(h["name"].startswith("virtiofsd") for h in launch.helpers):
+        named = ", ".join(f"{s.get('tag')} ({s.get('path')})" for s in shares) or "virtiofsd"
+        raise MigrationError(f"{name} has a virtiofs share ({named}): QEMU cannot migrate "
+                             "a vhost-user-fs device live",
+                             hint=f"stop it, then `kvmrun migrate {name} --to HOST` moves it "
+                                  "offline; or use a 9p share")
+
+
 def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime, cap,
                  bandwidth, keep_source, note) -> dict:
     guest = Guest(name)
     launch = guest.read_launch()
-    if launch.helpers:          # the target would need its own virtiofsd/swtpm first
-        raise MigrationError(f"{name} runs helper daemons ("
-                             + ", ".join(h["name"] for h in launch.helpers)
-                             + "): live migration of virtiofs shares and TPMs is not "
-                               "supported yet",
-                             hint=f"stop it and move it with `kvmrun export {name} "
-                                  "--with-disks` (the TPM state goes along)")
+    _check_helpers(name, launch)
     _check_qemu_user(name, launch)
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()

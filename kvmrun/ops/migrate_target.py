@@ -8,12 +8,15 @@ stdout).
                 disk's base present)
     prepare     preflight first (its problems answered, nothing made), then
                 the run directory from the source's launch record (paths rewritten, the
-                pinned machine type, -incoming defer -S), the disks to copy created (an
-                ephemeral disk's overlay on its base), the NICs' taps and hub ports, the
-                serial log so far, a supervisor started with --incoming; then incoming:
+                pinned machine type, -incoming defer -S; a TPM's swtpm there on an empty
+                state directory, QEMU sets its state from the stream), the disks to copy
+                created (an ephemeral disk's overlay on its base), the NICs' taps and hub
+                ports, the serial log so far, a supervisor started with --incoming; then
+                incoming:
     incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
     finish      NBD stopped, `cont`, the VM defined here
-    abort       everything prepare made removed (the QEMU, run directory, disks, vars)
+    abort       everything prepare made removed (the QEMU and its helpers, run directory,
+                disks, vars, TPM state directory)
     watch       held open by the source for the whole migration, a line "alive" every
                 couple of seconds; "done" ends it, while EOF or silence for WATCH_SILENCE
                 seconds (the source died, was interrupted, the link was cut) runs abort here
@@ -96,6 +99,13 @@ def preflight(req: dict) -> dict:
     nvram = paths.nvram_path(req["name"])
     if req.get("nvram") and nvram.exists():
         problems.append(f"{nvram} already exists here")
+    tpm = paths.tpm_state_dir(req["name"])
+    if req.get("source_tpm") and tpm.exists():
+        problems.append(f"{tpm} (a TPM's state) already exists here")
+    for helper in req["launch"].get("helpers", []):
+        if not shutil.which(helper["argv"][0]):
+            problems.append(f"{helper['argv'][0]} (helper {helper['name']}) is not installed "
+                            "here")
     return {"problems": problems, "qemu_version": version}
 
 
@@ -156,6 +166,21 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
     return [*out, "-incoming", "defer", "-S"]
 
 
+def _rewrite_helpers(helpers: list[dict], req: dict, guest: Guest) -> list[dict]:
+    """The source's helpers for this host (swtpm: its socket in this run directory, its
+    state directory this host's, empty: QEMU sets the state from the stream)."""
+    swaps = [(req["source_dir"] + "/", str(guest.paths.dir) + "/")]
+    if req.get("source_tpm"):
+        swaps.append((f"dir={req['source_tpm']},", f"dir={guest.paths.tpm},"))
+
+    def swap(text: str) -> str:
+        for old, new in swaps:
+            text = text.replace(old, new)
+        return text
+    return [{**h, "argv": [swap(a) for a in h["argv"]], "socket": swap(h["socket"])}
+            for h in helpers]
+
+
 def without_runas(argv: list[str]) -> list[str]:
     """The argv without its drop to a user (`-runas U`, `-run-with user=U`): a target QEMU
     binds nbd.sock and migrate.sock by path after start-up, in root's run directory, so it
@@ -184,7 +209,8 @@ def prepare(req: dict) -> dict:
     prepare_run_dir()
     if guest.paths.dir.exists() and guest.qemu_pid() is not None:
         raise GuestError(f"{req['name']} already runs here")
-    made = {"disks": [], "nvram": None, "dir": not guest.paths.dir.exists(), "dirs": []}
+    made = {"disks": [], "nvram": None, "tpm": None, "dir": not guest.paths.dir.exists(),
+            "dirs": []}
     files.mkdirs(guest.paths.dir)
     files.write_json(guest.paths.migration, {"role": "target", "made": made})
     for disk in req["disks"]:
@@ -203,11 +229,16 @@ def prepare(req: dict) -> dict:
                            make_dirs=0o700)
         made["nvram"] = str(guest.paths.nvram)
         files.write_json(guest.paths.migration, {"role": "target", "made": made})
+    if req.get("source_tpm"):                 # swtpm's, empty until the stream fills it
+        made["tpm"] = str(guest.paths.tpm)
+        files.write_json(guest.paths.migration, {"role": "target", "made": made})
+        files.mkdirs(guest.paths.tpm)
     for leaf, data in req.get("run_files", {}).items():
         files.atomic_write(guest.paths.dir / leaf, base64.b64decode(data), 0o600)
     files.atomic_write(guest.paths.serial_log, base64.b64decode(req.get("serial", "")), 0o600)
     record = dict(req["launch"])
     record["argv"] = _rewrite(record["argv"], req, guest)
+    record["helpers"] = _rewrite_helpers(record.get("helpers", []), req, guest)
     record["disks"] = [d["target"] for d in req["disks"]] or record.get("disks", [])
     record["machine_type"] = req.get("machine")
     if isinstance(record.get("summary"), dict):
@@ -336,7 +367,9 @@ def _remove(guest: Guest, record: dict) -> dict:
             except (OSError, GuestError):
                 pass
     _wait_gone(guest)
-    from kvmrun.guest import netrecord
+    from kvmrun.guest import helpers, netrecord
+    # the supervisor was killed, not its helpers: swtpm ends here
+    helpers.end_recorded((guest.read_state() or state).get("helpers"))
     netrecord.teardown(guest.paths)           # the taps and hub ports prepare made
     made = record.get("made", {})
     removed = []
@@ -349,6 +382,9 @@ def _remove(guest: Guest, record: dict) -> dict:
             os.rmdir(directory)
         except OSError:
             pass                              # not empty: someone else's files too
+    if made.get("tpm"):
+        shutil.rmtree(made["tpm"], ignore_errors=True)
+        removed.append(made["tpm"])
     if made.get("dir"):
         shutil.rmtree(guest.paths.dir, ignore_errors=True)
     else:

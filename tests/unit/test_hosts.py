@@ -1,5 +1,6 @@
 """The pure parts of remote control and migration: --host parsing, taking -H out of a
-command line, the target's rewrite of a launch record's argv, the end "migrated to HOST",
+command line, the target's rewrite of a launch record's argv and helpers (swtpm), the
+refusal of a virtiofs share live, the end "migrated to HOST",
 and version-1 launch records read by version 2."""
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmrun.errors import RemoteError, UsageError
+from kvmrun.errors import MigrationError, RemoteError, UsageError
 from kvmrun.guest import ending
 from kvmrun.guest.launch import VERSION, LaunchRecord
 from kvmrun.guest.rundir import Guest
-from kvmrun.ops import migrate_target, remote
+from kvmrun.ops import migrate, migrate_target, remote
 
 
 @pytest.mark.parametrize("spec, dest, port", [
@@ -83,6 +84,34 @@ def test_target_argv_rewrite(tmp_path):
                                f"logfile={there}/serial.log,logappend=on",
                    "-drive", f"if=pflash,format=raw,unit=1,file={guest.paths.nvram}",
                    "-incoming", "defer", "-S"]
+
+
+def test_target_swtpm_gets_this_hosts_socket_and_state_dir(tmp_path):
+    guest = Guest("web", tmp_path / "b")
+    helpers = [{"name": "swtpm", "socket": "/ra/web/helper-swtpm.sock", "argv": [
+        "/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=/da/tpm/web,mode=0600",
+        "--ctrl", "type=unixio,path=/ra/web/helper-swtpm.sock,mode=0600"]}]
+    req = {"source_dir": "/ra/web", "source_tpm": "/da/tpm/web"}
+    [out] = migrate_target._rewrite_helpers(helpers, req, guest)
+    sock = str(guest.paths.helper_socket("swtpm"))
+    assert out == {"name": "swtpm", "socket": sock, "argv": [
+        "/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", f"dir={guest.paths.tpm},mode=0600",
+        "--ctrl", f"type=unixio,path={sock},mode=0600"]}
+
+
+def test_live_migration_refuses_a_virtiofs_share_by_name():
+    record = LaunchRecord.from_json({
+        "version": VERSION, "argv": ["qemu"], "summary": {},
+        "shares": [{"path": "/srv/data", "tag": "data", "readonly": False, "type": "virtiofs"}],
+        "helpers": [{"name": "virtiofsd0", "argv": ["virtiofsd"], "socket": "/r/v.sock"},
+                    {"name": "swtpm", "argv": ["swtpm"], "socket": "/r/s.sock"}]})
+    with pytest.raises(MigrationError, match=r"web has a virtiofs share \(data \(/srv/data\)\)"
+                       r": QEMU cannot migrate a vhost-user-fs device live"):
+        migrate._check_helpers("web", record)
+    tpm_only = LaunchRecord.from_json({
+        "version": VERSION, "argv": ["qemu"], "summary": {},
+        "helpers": [{"name": "swtpm", "argv": ["swtpm"], "socket": "/r/s.sock"}]})
+    migrate._check_helpers("web", tpm_only)         # a TPM moves along
 
 
 def test_migrated_is_a_clean_end():
