@@ -353,13 +353,20 @@ def check_profile(profile: Profile, workdir: Path) -> list[str]:
     if profile.cloud_init:                  # what start does: the seed in the run directory
         cloudinit.build_seed(profile, paths.cidata)
     compiled = build(profile, TCG_HOST, paths)
-    argv = compiled.argv
+    with launch_compiled(profile, compiled, paths, workdir) as qmp:
+        confirm(qmp, profile, paths, compiled.argv)
+    return compiled.argv
+
+
+@contextlib.contextmanager
+def launch_compiled(profile: Profile, compiled, paths, workdir: Path):
+    """`launch` of a compiled profile as the supervisor does it: its helper daemons
+    (virtiofsd, swtpm) first, ended after QEMU."""
     if profile.tpm:
-        paths.tpm.mkdir(mode=0o700)
-    with contextlib.ExitStack() as helpers:       # as the supervisor does: helpers first
+        paths.tpm.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.ExitStack() as helpers:
         for h in compiled.helpers:
             helpers.enter_context(Helper(h.name, h.argv, h.socket,
                                          paths.helper_log(h.name)))
-        with launch(argv, paths, workdir) as qmp:
-            confirm(qmp, profile, paths, argv)
-    return argv
+        with launch(compiled.argv, paths, workdir) as qmp:
+            yield qmp

@@ -30,7 +30,7 @@ import pytest
 import qemu_oracle as oracle
 from kvmrun import arch as archmod
 from kvmrun.storage import disks as storage
-from kvmrun.qemu.compile import compile
+from kvmrun.qemu.compile import build
 from kvmrun.errors import ProfileError
 from kvmrun.libvirt.domain import convert, machine_family
 
@@ -189,7 +189,7 @@ def test_qemu_builds_what_libvirt_asks(xml, tmp_path, monkeypatch):
     profile = oracle.with_free_ports(storage.with_formats(profile))
     paths = oracle.run_paths(tmp_path)
     oracle.make_nvram(profile, paths)
-    argv = compile(profile, oracle.TCG_HOST, paths)
+    compiled = build(profile, oracle.TCG_HOST, paths)
     lost = {f.path for f in conv.losses}
     disk_at, nic_at = xml_paths(xml)
 
@@ -203,11 +203,11 @@ def test_qemu_builds_what_libvirt_asks(xml, tmp_path, monkeypatch):
 
     if xml.name in QEMU_REFUSES:          # libvirt's own argv asks for it too (see -m)
         with pytest.raises(oracle.QemuRefused, match=QEMU_REFUSES[xml.name]):
-            with oracle.launch(argv, paths, tmp_path):
+            with oracle.launch_compiled(profile, compiled, paths, tmp_path):
                 pass
         assert _options(expected_argv(xml), "-m") == [f"size={profile.memory * 1024}k"]
         return
-    with oracle.launch(argv, paths, tmp_path) as qmp:
+    with oracle.launch_compiled(profile, compiled, paths, tmp_path) as qmp:
         assert qmp.cmd("query-memory-size-summary")["base-memory"] == want.memory, "memory"
         assert len(qmp.cmd("query-cpus-fast")) == want.cpus, "vCPUs"
         known = {n for m in qmp.cmd("query-machines") for n in (m["name"], m.get("alias"))}
