@@ -130,6 +130,23 @@ def qmp_command(guest: Guest, command: str, arguments: dict | None = None,
     return query(guest.paths.qmp_cli, command, arguments, timeout=timeout)
 
 
+def screendump(guest: Guest, path, fmt: str = "png", timeout: float = 30.0) -> None:
+    """QMP screendump into `path`, handed to QEMU as a descriptor (`add-fd`, then the file
+    name /dev/fdset/N): a QEMU that dropped to another user could not open a path of ours."""
+    from kvmrun.guest.qmp import QMPClient
+    require_running(guest)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with QMPClient(guest.paths.qmp_cli, timeout=timeout) as qmp:
+            fdset = qmp.execute("add-fd", {}, fds=[fd])["fdset-id"]
+            try:
+                qmp.execute("screendump", {"filename": f"/dev/fdset/{fdset}", "format": fmt})
+            finally:
+                qmp.execute("remove-fd", {"fdset-id": fdset})
+    finally:
+        os.close(fd)
+
+
 def pause(guest: Guest) -> None:
     qmp_command(guest, "stop")
 

@@ -137,8 +137,7 @@ async def screenshot(name: str) -> web.Response:
     with tempfile.TemporaryDirectory(prefix="kvmrun-ui-") as tmp:
         path = Path(tmp) / "screen.png"
         try:
-            await asyncio.to_thread(power.qmp_command, guest(name), "screendump",
-                                    {"filename": str(path), "format": "png"})
+            await asyncio.to_thread(power.screendump, guest(name), path)
             body = path.read_bytes()
         except KvmrunError as e:
             return web.json_response({"error": str(e)}, status=status_of(e))
