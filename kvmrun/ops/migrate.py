@@ -159,20 +159,22 @@ def _record(plan: Plan, status: str, **extra) -> None:
         "starttime": starttime(me), "at": time.time(), **extra})
 
 
-def _check_qemu_user(name: str, launch) -> None:
-    """A QEMU that dropped to another user (root's default: `kvmrun`) does not migrate
-    live yet: its switch-over failed (QEMU gave no reason; once it logged
-    bdrv_inactivate_all() failed, where it hands its disks over — the cause is not pinned
-    down), and the disk mirror reaches the tunnel's NBD socket by path in root's run
-    directory. Refused before anything starts, with the ways that work."""
+def _check_qemu_user(name: str, launch, copy_storage: bool) -> None:
+    """A QEMU that dropped to another user (root's default: `kvmrun`) migrates with
+    --shared-storage (it keeps the descriptors root opened: auto-read-only=off, see
+    kvmrun.qemu.compile); the disk mirror of --copy-storage and of ephemeral disks reaches
+    the tunnel's NBD socket by path in root's run directory, which that user cannot:
+    refused before anything starts, with the ways that work."""
     from kvmrun.qemu.host import user_name
     user = launch.summary.get("qemu_user")
-    if user and user != user_name(os.geteuid()):
+    mirrored = copy_storage or bool(launch.ephemeral_disks)
+    if mirrored and user and user != user_name(os.geteuid()):
         raise MigrationError(
-            f"{name}'s QEMU runs as {user}: a guest whose QEMU dropped its privileges "
-            "cannot be migrated live yet (its switch-over fails)",
-            hint="migrate it offline (stop it first: kvmrun migrate NAME --to HOST "
-                 "--offline), or start it with KVMRUN_QEMU_USER=root to migrate it live")
+            f"{name}'s QEMU runs as {user}, which cannot reach the tunnel's NBD socket "
+            "that " + ("--copy-storage" if copy_storage else "its ephemeral disks' copy")
+            + " mirrors the disks through",
+            hint="use --shared-storage, or migrate it offline (stopped: --offline); guests "
+                 "started with KVMRUN_QEMU_USER=root also migrate with --copy-storage")
 
 
 def _check_helpers(name: str, launch) -> None:
@@ -193,7 +195,7 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     guest = Guest(name)
     launch = guest.read_launch()
     _check_helpers(name, launch)
-    _check_qemu_user(name, launch)
+    _check_qemu_user(name, launch, copy_storage)
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:

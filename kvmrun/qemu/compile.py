@@ -90,14 +90,19 @@ def build(profile: Profile, host: HostFacts, paths: RunPaths) -> Compiled:
     a = archmod.for_machine(profile.arch, profile.machine)
     accel = resolve_accel(profile, host)
     argv = [a.qemu]
+    runas = runas_user(profile, host)
+    # a QEMU that drops privileges keeps the descriptors root opened: with auto-read-only
+    # on (-drive's default) it reopens a writable image by path whenever its writers
+    # change (a migration's switch-over, `cont` after one), which that user may not do
+    keep = False if runas else None
     for part in (_identity(profile), _machine(profile, a, accel),
-                 _display(profile, a, paths), _firmware(profile, a, host, paths),
-                 _kernel(profile), _storage(profile, a, paths), _shares(profile, a, paths),
+                 _display(profile, a, paths), _firmware(profile, a, host, paths, keep),
+                 _kernel(profile), _storage(profile, a, paths, keep),
+                 _shares(profile, a, paths),
                  _network(profile, a, host, paths),
                  _serial(profile, paths), _devices(profile, a, paths),
                  _control(profile, paths)):
         argv.extend(part)
-    runas = runas_user(profile, host)
     if runas:
         argv += ["-run-with", f"user={runas}"] if host.run_with else ["-runas", runas]
     sandbox = sandbox_option(profile, host)
@@ -242,7 +247,8 @@ def _display(p: Profile, a: Arch, paths: RunPaths) -> Args:
         yield from ("-display", p.display, "-device", _vga(a))
 
 
-def _firmware(p: Profile, a: Arch, host: HostFacts, paths: RunPaths) -> Args:
+def _firmware(p: Profile, a: Arch, host: HostFacts, paths: RunPaths,
+              keep: bool | None = None) -> Args:
     if p.firmware in (None, "bios"):
         return
     if p.firmware == "uefi":
@@ -258,7 +264,8 @@ def _firmware(p: Profile, a: Arch, host: HostFacts, paths: RunPaths) -> Args:
                                    file=qemu_escape(code)))
         if paths.nvram:
             yield from ("-drive", opts("if=pflash", format="raw", unit=1,
-                                       file=qemu_escape(paths.nvram)))
+                                       file=qemu_escape(paths.nvram),
+                                       auto_read_only=keep))
         return
     yield from ("-bios", p.firmware)
 
@@ -291,7 +298,7 @@ def _needs_ahci(p: Profile, a: Arch) -> bool:
                                      or _seed_bus(p) == "ide")
 
 
-def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
+def _storage(p: Profile, a: Arch, paths: RunPaths, keep: bool | None = None) -> Args:
     boot = boot_indexes(p)
     if _needs_scsi(p, a):
         yield from ("-device", opts(a.virtio_device("scsi"), id="scsi0"))
@@ -310,6 +317,7 @@ def _storage(p: Profile, a: Arch, paths: RunPaths) -> Args:
         yield from ("-drive", opts(file=qemu_escape(file), format=fmt,
                                    if_="none", id=drive, cache=disk.cache,
                                    readonly=disk.readonly or None,
+                                   auto_read_only=None if disk.readonly else keep,
                                    werror=disk.werror, rerror=disk.rerror))
         place: dict = {}
         if disk.interface == "scsi":

@@ -175,8 +175,9 @@ class Hosts:
                "KVMRUN_CONFIG_DIR": host.config_dir, "KVMRUN_DATA_DIR": host.root / "data",
                "KVMRUN_CACHE_DIR": host.root / "cache", "KVMRUN_ACCEL": "tcg",
                "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN,
-               # a QEMU dropped to the kvmrun user does not migrate live (kvmrun refuses
-               # it: tests/unit/test_hostile_input.py); these hosts keep QEMU root
+               # --copy-storage mirrors through a socket by path, which a QEMU dropped to
+               # the kvmrun user cannot reach (refused: tests/unit/test_hostile_input.py);
+               # these hosts keep QEMU root (test_migrate_more starts one guest without)
                "KVMRUN_QEMU_USER": "root"}
         config = host.root / "sshd_config"
         config.write_text("\n".join([
