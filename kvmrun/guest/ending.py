@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 
 from kvmrun.guest import cgroup, helpers, netrecord
-from kvmrun.guest.exits import (EXIT_CLEAN, EXIT_CRASHED, EXIT_ESCALATED,  # noqa: F401
-                                EXIT_KILLED, EXIT_LAUNCH, EXIT_PANICKED, classify)
 from kvmrun.guest.rundir import CRASH_REASONS, Guest, State
 
 

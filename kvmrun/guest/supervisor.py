@@ -390,7 +390,7 @@ class Supervisor:
         returncode = self.proc.wait()
         self.end_helpers()
         self.drain_events()
-        ended, code = ending.classify(returncode, self.shutdown_reason, self.panicked,
+        ended, code = exits.classify(returncode, self.shutdown_reason, self.panicked,
                                       self.guest.request() or {})
         ended["exit_status"] = returncode
         if ended["reason"] in ("crashed", "qemu-error"):
@@ -413,8 +413,8 @@ class Supervisor:
             if not self.start_qemu():
                 ending.record_end(self.guest, self.state, self.state.get("ended") or {
                     "reason": "failed-to-start", "detail": "QEMU failed to start"},
-                    ending.EXIT_LAUNCH)
-                return ending.EXIT_LAUNCH
+                    exits.EXIT_LAUNCH)
+                return exits.EXIT_LAUNCH
             self.loop()
             return self.finish()
         finally:

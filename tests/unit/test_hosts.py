@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmrun.errors import MigrationError, RemoteError, UsageError
-from kvmrun.guest import ending
+from kvmrun.guest import exits
 from kvmrun.guest.launch import VERSION, LaunchRecord
 from kvmrun.guest.rundir import Guest
 from kvmrun.ops import migrate, migrate_target, remote
@@ -115,11 +115,11 @@ def test_live_migration_refuses_a_virtiofs_share_by_name():
 
 
 def test_migrated_is_a_clean_end():
-    ended, code = ending.classify(0, "host-qmp-quit", False,
+    ended, code = exits.classify(0, "host-qmp-quit", False,
                                   {"action": "migrate", "by": "hostb"})
     assert (ended["reason"], ended["detail"], code) == ("migrated", "migrated to hostb",
-                                                        ending.EXIT_CLEAN)
-    ended, code = ending.classify(-9, None, False, {"action": "migrate", "by": "hostb"})
+                                                        exits.EXIT_CLEAN)
+    ended, code = exits.classify(-9, None, False, {"action": "migrate", "by": "hostb"})
     assert ended["reason"] == "crashed"             # a QEMU that died did not migrate
 
 

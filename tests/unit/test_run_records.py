@@ -15,7 +15,7 @@ import pytest
 from kvmrun import cli, files
 from kvmrun.cli.power import tail
 from kvmrun.errors import HostError
-from kvmrun.guest.ending import classify
+from kvmrun.guest.exits import classify
 from kvmrun.guest.rundir import Guest, State, trusted
 
 
