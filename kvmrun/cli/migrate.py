@@ -87,8 +87,10 @@ def migrate_target(step: str = typer.Argument(..., metavar="STEP")) -> None:
     """The target's half of `kvmrun migrate` (JSON on stdin and stdout); not for people."""
     from kvmrun.errors import UsageError
     from kvmrun.ops import migrate_target as target
-    if step not in target.STEPS:
+    if step not in target.STEPS and step != "session":
         raise UsageError(f"unknown step {step!r}")
     request, rest = target.read_request()
-    out(json.dumps(target.watch(request, rest) if step == "watch"
-                   else target.STEPS[step](request)))
+    if step == "session":
+        target.session(request, rest)
+    else:
+        out(json.dumps(target.STEPS[step](request)))

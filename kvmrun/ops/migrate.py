@@ -14,12 +14,13 @@ Live (a running guest), driving QEMU's own migration and NBD mirror, never a dae
      refused, QEMU cannot migrate vhost-user-fs);
   3. `ssh -L` forwards unix sockets here to the target's migrate.sock and nbd.sock (they
      and every step there share one ssh connection, remote.one_connection);
-  4. --copy-storage: drive-mirror of every writable disk to its NBD export there, until
-     every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
+  4. --copy-storage: blockdev-mirror of every writable disk to its NBD export there (an
+     NBD client node on a connection handed to QEMU with getfd: a QEMU that dropped to
+     the kvmrun user never reaches root's sockets by path), until every job is READY (an ephemeral disk's overlay always: a fresh overlay on the same
      base there, its top only);
   5. `migrate`, its downtime limit doubled every few seconds up to a cap (--max-downtime)
      while it does not converge, then given up (the parameters it had are set back);
-  6. block-job-cancel of the mirrors, then nbd-server-stop and `cont` there; the VM is
+  6. block-job-cancel of the mirrors and blockdev-del of their nodes, then nbd-server-stop and `cont` there; the VM is
      defined there; here the supervisor records "migrated to HOST" and QEMU quits; the VM is
      undefined here (its variable store and TPM state with it) unless
      --keep-source-definition.
@@ -43,6 +44,7 @@ from kvmrun.errors import GuestError, KvmrunError, MigrationError, QMPError, Usa
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest
 from kvmrun.ops import migrate_qemu as mq
+from kvmrun.ops.migrate_session import Lost, Session
 from kvmrun.ops import remote
 from kvmrun.proc import starttime
 
@@ -58,10 +60,11 @@ class Plan:
     copy: bool
     disks: list[dict] = field(default_factory=list)   # source, target, copy, drive, format, size
     jobs: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)   # the mirrors' NBD client nodes
     tunnel: object | None = None    # remote.forward_sockets': poll, terminate, wait
     prepared: bool = False
     serial_offset: int = 0          # how much of the serial log the target has
-    watch: tuple | None = None      # (ssh to `migrate-target watch`, its heartbeat's stop)
+    session: Session | None = None  # the one ssh session that carries every step there
     uncertain: bool = False         # `finish` was sent, and its answer lost
     params: dict = field(default_factory=dict)   # the migration parameters it had before
 
@@ -106,6 +109,8 @@ def migrate_offline(name, host, target_dir, keep_source, note) -> dict:
 # ---------------------------------------------------------------- steps there
 
 def step(host: remote.Host, what: str, request: dict) -> dict:
+    """One step there in an ssh session of its own (the live migration's steps share one:
+    kvmrun.ops.migrate_session)."""
     code, out, err = remote.capture(host, ["migrate-target", what],
                                     input=json.dumps(request).encode())
     if code != 0:
@@ -159,24 +164,6 @@ def _record(plan: Plan, status: str, **extra) -> None:
         "starttime": starttime(me), "at": time.time(), **extra})
 
 
-def _check_qemu_user(name: str, launch, copy_storage: bool) -> None:
-    """A QEMU that dropped to another user (root's default: `kvmrun`) migrates with
-    --shared-storage (it keeps the descriptors root opened: auto-read-only=off, see
-    kvmrun.qemu.compile); the disk mirror of --copy-storage and of ephemeral disks reaches
-    the tunnel's NBD socket by path in root's run directory, which that user cannot:
-    refused before anything starts, with the ways that work."""
-    from kvmrun.qemu.host import user_name
-    user = launch.summary.get("qemu_user")
-    mirrored = copy_storage or bool(launch.ephemeral_disks)
-    if mirrored and user and user != user_name(os.geteuid()):
-        raise MigrationError(
-            f"{name}'s QEMU runs as {user}, which cannot reach the tunnel's NBD socket "
-            "that " + ("--copy-storage" if copy_storage else "its ephemeral disks' copy")
-            + " mirrors the disks through",
-            hint="use --shared-storage, or migrate it offline (stopped: --offline); guests "
-                 "started with KVMRUN_QEMU_USER=root also migrate with --copy-storage")
-
-
 def _check_helpers(name: str, launch) -> None:
     """A TPM moves with the stream (QEMU's tpm-emulator carries swtpm's state blobs: the
     target starts its own swtpm on an empty state directory); a virtiofs share cannot
@@ -195,7 +182,6 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
     guest = Guest(name)
     launch = guest.read_launch()
     _check_helpers(name, launch)
-    _check_qemu_user(name, launch, copy_storage)
     plan = Plan(name, host, guest, copy_storage)
     started = time.monotonic()
     with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
@@ -242,10 +228,10 @@ def _pool_volumes(name: str, disks: list[dict]) -> None:
 
 def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, note) -> dict:
     note(f"checking and starting the target on {plan.host}")
-    _start_watch(plan)
+    plan.session = Session(plan.host, plan.name)
     plan.prepared = True
     exports = [d["drive"] for d in plan.disks if d["copy"]]
-    there = step(plan.host, "prepare", {**request, "exports": exports})    # and incoming
+    there = plan.session.call("prepare", {**request, "exports": exports})   # and incoming
     if there.get("problems"):                 # its preflight: nothing was made there
         plan.prepared = False
         raise MigrationError(f"{plan.host} cannot take {plan.name}: "
@@ -253,7 +239,7 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
     plan.tunnel = _tunnel(plan, there, bool(exports))
     if exports:
         _record(plan, "copying disks")
-        mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs,
+        mq.mirror(qmp, plan.guest.paths.nbd_out, exports, plan.jobs, plan.nodes,
                   lambda: _tunnel_alive(plan), note,
                   top=frozenset(d["drive"] for d in plan.disks if d.get("ephemeral")))
     _record(plan, "migrating")
@@ -266,65 +252,31 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
         qmp.execute("block-job-cancel", {"device": job})
     mq.wait_jobs_gone(qmp, plan.jobs)
     plan.jobs = []
+    mq.drop_nodes(qmp, plan.nodes)
     profile = _profile_there(plan)
     try:
-        done = step(plan.host, "finish", {"name": plan.name, "exports": exports,
-                                          "profile": profile, "serial": _serial_rest(plan)})
-    except remote.RemoteError as err:
-        if not remote.never_connected(err):   # it may have reached the target
-            plan.uncertain = True
-        else:
+        done = plan.session.call("finish", {"name": plan.name, "exports": exports,
+                                            "profile": profile, "serial": _serial_rest(plan)})
+    except Lost as err:
+        if not err.sent:                      # it never reached the target
             raise
+        plan.uncertain = True
         raise MigrationError(
             f"lost {plan.host} while it started the guest there ({err.message}); the guest "
             f"is left paused here", hint=f"see `kvmrun -H {plan.host} status {plan.name}`: if "
             f"it runs there, `kvmrun kill {plan.name}` here; if not, `kvmrun resume "
             f"{plan.name}`") from None
     plan.prepared = False                       # it runs there now: no rollback
-    _end_watch(plan, done=True)
+    _end_session(plan, done=True)
     stats["defined_there"] = done.get("defined")
     stats["mirrored"] = exports
     return stats
 
 
-def _start_watch(plan: Plan) -> None:
-    """The target's dead man's switch (migrate_target.watch): a line every 2 s while the
-    migration lasts; if they stop, the target removes what it made by itself."""
-    import threading
-    argv = remote.ssh_argv(plan.host, remote.kvmrun_words(["migrate-target", "watch"]))
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    fd = proc.stdin.fileno()
-    os.write(fd, json.dumps({"name": plan.name}).encode() + b"\n")
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(2):
-            try:
-                os.write(fd, b"alive\n")
-            except OSError:
-                return
-    threading.Thread(target=beat, daemon=True).start()
-    plan.watch = (proc, stop)
-
-
-def _end_watch(plan: Plan, done: bool) -> None:
-    if plan.watch is None:
-        return
-    proc, stop = plan.watch
-    plan.watch = None
-    stop.set()
-    try:
-        if done:
-            os.write(proc.stdin.fileno(), b"done\n")
-        proc.stdin.close()
-    except OSError:
-        pass
-    try:
-        proc.wait(30 if done else 5)         # without `done`, the target acts by itself
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _end_session(plan: Plan, done: bool) -> None:
+    if plan.session is not None:
+        plan.session.end(done)
+        plan.session = None
 
 
 def _serial_rest(plan: Plan) -> str:
@@ -394,6 +346,10 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
             mq.wait_jobs_gone(qmp, plan.jobs, timeout=30)
         except (QMPError, KvmrunError):
             pass
+    try:
+        mq.drop_nodes(qmp, plan.nodes)
+    except (QMPError, KvmrunError):
+        pass
     if plan.params:                     # the guest runs on here as it was
         try:
             qmp.execute("migrate-set-parameters", plan.params)
@@ -401,15 +357,18 @@ def _rollback(plan: Plan, qmp: QMPClient, note) -> None:
             pass
     _close_tunnel(plan)
     if plan.uncertain:                  # it may run there: neither abort it nor run it here
-        _end_watch(plan, done=False)
+        _end_session(plan, done=False)  # (once finish ran there, an abort is a no-op)
         return
     if plan.prepared:
         try:
-            step(plan.host, "abort", {"name": plan.name})
+            try:
+                plan.session.call("abort", {"name": plan.name}, timeout=60)
+            except Lost:                # the session is gone: a connection of its own
+                step(plan.host, "abort", {"name": plan.name})
         except KvmrunError as err:
             note(f"warning: could not clean up on {plan.host} now ({err.message}); it "
                  "removes what it made by itself when it no longer hears from here")
-    _end_watch(plan, done=False)
+    _end_session(plan, done=False)
     try:
         deadline = time.monotonic() + 30
         while qmp.execute("query-migrate").get("status") in ("cancelling", "active"):

@@ -1,5 +1,5 @@
 """The source QEMU's side of a live migration (kvmrun.ops.migrate): the guest's disks as
-QEMU has them, drive-mirror to the target's NBD exports until READY, and the migration
+QEMU has them, blockdev-mirror to the target's NBD exports until READY, and the migration
 stream with its downtime limit raised step by step (up to a cap) while it does not converge.
 Progress goes to `note`; failures are MigrationError (the caller rolls back)."""
 
@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Callable
 
-from kvmrun.errors import MigrationError
+from kvmrun.errors import MigrationError, QMPError
 from kvmrun.guest.qmp import QMPClient
 
 STEP_WAIT = 4.0              # seconds without convergence before the limit is raised
@@ -45,17 +45,26 @@ def disks(qmp: QMPClient, launch, copy: bool, target_dir: str | None) -> list[di
 
 
 def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
-           check: Callable[[], None], note: Callable[[str], None],
+           nodes_made: list[str], check: Callable[[], None], note: Callable[[str], None],
            top: frozenset[str] = frozenset()) -> None:
-    """drive-mirror each drive in `exports` to its NBD export behind `sock` (job ids go to
-    `jobs_made` as they start; the drives in `top` only their top image) and wait until
-    every job is READY; `check` raises when the tunnel is gone."""
+    """blockdev-mirror each drive in `exports` to its NBD export behind `sock` and wait
+    until every job is READY. Each export's NBD client is a node QEMU reaches through a
+    connection handed to it (getfd), never by path: QEMU may run as a user who cannot
+    reach `sock`. Node names go to `nodes_made` and job ids to `jobs_made` as they are
+    made (the caller removes them); the drives in `top` copy only their top image;
+    `check` raises when the tunnel is gone."""
     for drive in exports:
-        job = f"mirror-{drive}"
-        qmp.execute("drive-mirror", {"device": drive, "job-id": job,
-                                     "sync": "top" if drive in top else "full",
-                                     "mode": "existing", "format": "raw",
-                                     "target": f"nbd+unix:///{drive}?socket={sock}"})
+        node, job = f"nbd-{drive}", f"mirror-{drive}"
+        fd = pass_connection(qmp, sock, node)
+        try:
+            qmp.execute("blockdev-add", {"node-name": node, "driver": "nbd", "export": drive,
+                                         "server": {"type": "fd", "str": fd}})
+        except BaseException:
+            _forget_fd(qmp, fd)
+            raise
+        nodes_made.append(node)
+        qmp.execute("blockdev-mirror", {"device": drive, "job-id": job, "target": node,
+                                        "sync": "top" if drive in top else "full"})
         jobs_made.append(job)
     while True:
         jobs = {j["device"]: j for j in qmp.execute("query-block-jobs")}
@@ -75,6 +84,26 @@ def mirror(qmp: QMPClient, sock, exports: list[str], jobs_made: list[str],
             return
         check()
         time.sleep(0.2)
+
+
+def drop_nodes(qmp: QMPClient, nodes: list[str]) -> None:
+    """blockdev-del the NBD client nodes of finished or cancelled mirrors (their
+    connections close with them); each is forgotten once gone, or when QEMU says it has
+    no such node."""
+    for node in list(nodes):
+        try:
+            qmp.execute("blockdev-del", {"node-name": node})
+        except QMPError as err:
+            if "failed to find node" not in str(err).lower():
+                raise MigrationError(f"cannot remove the disk mirror's node {node}: {err}")
+        nodes.remove(node)
+
+
+def _forget_fd(qmp: QMPClient, name: str) -> None:
+    try:
+        qmp.execute("closefd", {"fdname": name})
+    except QMPError:
+        pass                                    # consumed by QEMU already
 
 
 def pass_connection(qmp: QMPClient, sock, name: str) -> str:

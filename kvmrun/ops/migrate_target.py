@@ -1,6 +1,6 @@
 """The target's half of a live migration: what `kvmrun migrate` (kvmrun.ops.migrate, on the
-source) asks of this host through `ssh HOST kvmrun migrate-target STEP` (JSON on stdin and
-stdout).
+source) asks of this host through one `ssh HOST kvmrun migrate-target session` (JSON lines
+on stdin and stdout; kvmrun.ops.migrate_session), or `migrate-target STEP` for one step.
 
     preflight   QEMU here and not older, the machine type, forwards' ports free, the NICs'
                 networks (bridge, isolated, NAT) present, disk paths (present under shared
@@ -17,7 +17,8 @@ stdout).
     finish      NBD stopped, `cont`, the VM defined here
     abort       everything prepare made removed (the QEMU and its helpers, run directory,
                 disks, vars, TPM state directory)
-    watch       held open by the source for the whole migration, a line "alive" every
+    session     held open by the source for the whole migration: every step above goes
+                through it (a JSON line each way), and between them a line "alive" every
                 couple of seconds; "done" ends it, while EOF or silence for WATCH_SILENCE
                 seconds (the source died, was interrupted, the link was cut) runs abort here
                 by itself, whatever sshd's keep-alive settings
@@ -395,8 +396,8 @@ def _remove(guest: Guest, record: dict) -> dict:
 
 
 def read_request(fd: int = 0) -> tuple[dict, bytes]:
-    """The JSON request line on `fd` (unbuffered reads, so `watch` sees what follows it),
-    and the bytes read past it."""
+    """The JSON request line on `fd` (unbuffered reads, so `session` sees what follows
+    it), and the bytes read past it."""
     data = b""
     while b"\n" not in data:
         chunk = os.read(fd, 1 << 16)
@@ -407,19 +408,41 @@ def read_request(fd: int = 0) -> tuple[dict, bytes]:
     return json.loads(line or b"{}"), rest
 
 
-def watch(req: dict, pending: bytes = b"", fd: int = 0) -> dict:
+def session(req: dict, pending: bytes = b"", fd: int = 0, out: int = 1) -> None:
+    """The source's one session (kvmrun.ops.migrate_session): `req` names the guest; then
+    each line is "alive", "done" (the migration succeeded: keep what was made, end) or a
+    step's request {"step": …, …}, answered with one line {"result": …} or {"error": …,
+    "hint": …}. EOF, or no line for WATCH_SILENCE seconds between steps (the source died,
+    was interrupted, the link was cut), runs abort here by itself, whatever sshd's
+    keep-alive settings."""
     while True:
         while b"\n" in pending:
             line, _, pending = pending.partition(b"\n")
-            if line.strip() == b"done":
-                return {"ok": True}
+            line = line.strip()
+            if line == b"done":
+                return
+            if line.startswith(b"{"):
+                os.write(out, json.dumps(_answer(json.loads(line))).encode() + b"\n")
         if not select.select([fd], [], [], WATCH_SILENCE)[0]:
             chunk = b""                       # silence: the source or the link is gone
         else:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, 1 << 16)
         if not chunk:
-            return {"ok": False, "aborted": abort(req)}
+            abort(req)
+            return
         pending += chunk
+
+
+def _answer(request: dict) -> dict:
+    step = STEPS.get(request.pop("step", None))
+    if step is None:
+        return {"error": "unknown step"}
+    try:
+        return {"result": step(request)}
+    except KvmrunError as err:
+        return {"error": err.message, "hint": err.hint}
+    except Exception as err:                  # noqa: BLE001 - said to the source, not lost
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _wait_gone(guest: Guest, timeout: float = 10) -> None:
@@ -432,4 +455,4 @@ def _wait_gone(guest: Guest, timeout: float = 10) -> None:
 
 
 STEPS = {"preflight": preflight, "prepare": prepare, "incoming": incoming, "finish": finish,
-         "abort": abort, "watch": watch}
+         "abort": abort}

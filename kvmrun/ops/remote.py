@@ -192,7 +192,7 @@ def never_connected(err: RemoteError) -> bool:
                                           "Name or service not known", "No route to host"))
 
 
-def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
     log_argv(argv)
     try:
         return subprocess.Popen(argv, **kwargs)
@@ -238,7 +238,7 @@ def _interrupt_there(host: Host, pid: int) -> bool:
     return code == 0
 
 
-def _ignore_sigint() -> None:
+def ignore_sigint() -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # ssh then keeps it ignored
 
@@ -250,11 +250,11 @@ def call(host: Host, argv: Sequence[str], *, tty: bool = False, stdin=None) -> i
     `exec`), so `finish` can interrupt that very process."""
     words = kvmrun_words(argv)
     if tty:
-        proc = _spawn(ssh_argv(host, words, tty=True), stdin=stdin, stderr=subprocess.PIPE)
+        proc = spawn(ssh_argv(host, words, tty=True), stdin=stdin, stderr=subprocess.PIPE)
     else:
         command = f"echo {PID_LINE}$$ >&2; exec {shlex.join(words)}"
-        proc = _spawn(ssh_argv(host, shell=command), stdin=stdin, stderr=subprocess.PIPE,
-                      preexec_fn=_ignore_sigint)
+        proc = spawn(ssh_argv(host, shell=command), stdin=stdin, stderr=subprocess.PIPE,
+                      preexec_fn=ignore_sigint)
     relay = Relay(proc.stderr)
     relay.start()
     return finish(host, proc, relay, shlex.join(remote_command()))
@@ -264,7 +264,7 @@ def capture(host: Host, argv: Sequence[str] | None = None, *, shell: str | None 
             input: bytes | None = None, what: str | None = None) -> tuple[int, str, str]:
     """`kvmrun ARGV` (or the shell text `shell`) on `host`, output captured."""
     argv_ = ssh_argv(host, kvmrun_words(argv or []) if shell is None else None, shell=shell)
-    proc = _spawn(argv_, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+    proc = spawn(argv_, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     relay = Relay(proc.stderr, relay=False)
     relay.start()
@@ -336,7 +336,7 @@ def forward_sockets(host: Host, pairs, timeout: float = 30):
     argv = ssh_argv(host, shell="", shared=False, options=[
         "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", *forwards])[:-1]
-    tunnel = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    tunnel = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     while not all(Path(local).exists() for local, _ in pairs):
@@ -365,7 +365,7 @@ def one_connection(host: Host, timeout: float = 30) -> Iterator[None]:
         "-M", "-N", "-o", f"ControlPath={path}", "-o", "ControlPersist=no",
         "-o", "StreamLocalBindUnlink=yes",
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])[:-1]
-    master = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    master = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout

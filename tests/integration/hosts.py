@@ -174,11 +174,7 @@ class Hosts:
         host.env = env = {"PATH": path, "KVMRUN_RUN_DIR": host.run_dir,
                "KVMRUN_CONFIG_DIR": host.config_dir, "KVMRUN_DATA_DIR": host.root / "data",
                "KVMRUN_CACHE_DIR": host.root / "cache", "KVMRUN_ACCEL": "tcg",
-               "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN,
-               # --copy-storage mirrors through a socket by path, which a QEMU dropped to
-               # the kvmrun user cannot reach (refused: tests/unit/test_hostile_input.py);
-               # these hosts keep QEMU root (test_migrate_more starts one guest without)
-               "KVMRUN_QEMU_USER": "root"}
+               "KVMRUN_SSH": self.ssh, "KVMRUN_REMOTE_COMMAND": KVMRUN}
         config = host.root / "sshd_config"
         config.write_text("\n".join([
             f"ListenAddress {host.address}:22", f"HostKey {self.base / 'host_key'}",

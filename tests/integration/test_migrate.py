@@ -37,14 +37,16 @@ def ticks(log: Path) -> list[tuple[str, float, str]]:
     return [(m[1], float(m[2]), m[3]) for m in TICK.finditer(log.read_text(errors="replace"))]
 
 
-def wait_for(predicate, what: str, timeout: float = 120):
+def wait_for(predicate, what: str, timeout: float = 120, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
+            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+            raise AssertionError(f"never happened: {what}" + (f"; {log} ends:\n{tail}"
+                                                                if log else ""))
         time.sleep(0.2)
 
 
@@ -77,6 +79,12 @@ def status(kr, host: str) -> dict:
     return json.loads(kr.ok("-H", host, "status", "web", "--json").out)
 
 
+def nbd_nodes(kr) -> list[str]:
+    """The NBD client nodes of disk mirrors on host a's `web` QEMU."""
+    nodes = json.loads(kr.ok("-H", "hosta", "qmp", "web", "query-named-block-nodes").out)
+    return [n["node-name"] for n in nodes if n.get("drv") == "nbd"]
+
+
 def left_on(hosts, name: str, *paths: Path) -> list[str]:
     """What a failed migration left on host `name`: processes of its run directory (a
     supervisor or QEMU), sockets or a migration record there, the given files."""
@@ -102,7 +110,9 @@ def test_live_migration_there_and_back(kr, hosts, web):
     kr.ok("-H", "hosta", "export", "web", "--with-disks", "--live", "-o", kr.base / "web.tar")
     assert status(kr, "hosta")["state"] == "running"
 
-    # live, disk copied: status says so while it lasts
+    # live, disk copied, from a QEMU that dropped to the kvmrun user (root's default): it
+    # reaches the NBD export through a connection handed to it, never by path
+    assert status(kr, "hosta")["qemu_user"] == "kvmrun"
     target = hosts["b"].root / "disks"
     migrating = kr.popen("-H", "hosta", "migrate", "web", "--to", "hostb", "--copy-storage",
                          "--target-dir", target, "--json")
@@ -143,8 +153,11 @@ def test_live_migration_there_and_back(kr, hosts, web):
     back = status(kr, "hosta")
     assert back["state"] == "running" and back["disks"][0]["file"] == str(target /
                                                                           "web.qcow2")
+    assert json.loads(kr.ok("-H", "hosta", "qmp", "web", "query-status").out)["status"] \
+        == "running"
     last = ticks(b_log)[-1][1]
-    wait_for(lambda: [t for t in ticks(a_log) if t[1] > last], "a TICK back on host a")
+    wait_for(lambda: [t for t in ticks(a_log) if t[1] > last], "a TICK back on host a",
+             log=a_log)
     assert {t[0] for t in ticks(a_log)} == {boot_id}
 
     # Ctrl-C while it copies: the guest runs on here, nothing is left there
@@ -160,6 +173,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
     assert slow.returncode == 130 and "kvmrun: interrupted" in err.decode(), err.decode()
     assert status(kr, "hosta")["state"] == "running"
     assert left_on(hosts, "b", copies / "web.qcow2") == [], err.decode()
+    assert nbd_nodes(kr) == []                  # the mirror's NBD client is gone with it
     qemu_img_check(target / "web.qcow2")
 
     # the target's disk fills up mid-copy: refused cleanly, the guest runs on here
@@ -217,6 +231,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
         qemu_img_check(target / "web.qcow2")
     n = len(ticks(a_log))
     wait_for(lambda: len(ticks(a_log)) > n, "the guest still ticking after the faults")
+    assert nbd_nodes(kr) == []
 
     # `stop` where it ended powers it off gracefully
     stopped = kr.ok("-H", "hosta", "stop", "web").out

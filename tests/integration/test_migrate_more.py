@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import KVMRUN
 from tests.integration.hosts import hosts  # noqa: F401 - the fixture
 from tests.integration.nfs_server import NfsServer, why_not
 from tests.integration.test_migrate import left_on, qemu_img_check, wait_for
@@ -135,12 +134,9 @@ def test_nfs_shared_storage_nonconvergence_networks_and_sigint(kr, hosts, nfs_on
                                  "append": f"console={tiny_guest.console} quiet "
                                            f"kvmrun.run={run}"})
     kr.ok("-H", "hosta", "define", profile)
-    # these hosts keep QEMU root; this guest's QEMU drops to the kvmrun user, root's
-    # default: with --shared-storage it migrates (it never reopens its images by path)
-    hosts_env = kr.env
-    kr.env = {**kr.env, "KVMRUN_REMOTE_COMMAND": f"env -u KVMRUN_QEMU_USER {KVMRUN}"}
+    # its QEMU drops to the kvmrun user, root's default: with --shared-storage it migrates
+    # (it never reopens its images by path)
     kr.ok("-H", "hosta", "start", "roam")
-    kr.env = hosts_env
     assert json.loads(kr.ok("-H", "hosta", "status", "roam", "--json").out)["qemu_user"] \
         == "kvmrun"
     a_log = hosts["a"].run_dir / "roam" / "serial.log"

@@ -267,24 +267,3 @@ def test_status_says_why_root_qemu_keeps_root(monkeypatch):
     why = launch._qemu_user(iso, build(iso, HostFacts(machine="x86_64", qemu_user="kvmrun"),
                                        paths))["qemu_user_why"]
     assert why == "an isolated network's hub is reached by path"
-
-
-def test_a_disk_mirror_of_a_guest_whose_qemu_dropped_root_is_refused(monkeypatch):
-    """--copy-storage (and an ephemeral disk's copy) mirrors through a socket path a QEMU
-    running as kvmrun cannot reach: refused with a hint, not a failure halfway;
-    --shared-storage is not (test_migrate_more migrates such a guest over NFS)."""
-    from kvmrun.errors import MigrationError
-    from kvmrun.guest.launch import LaunchRecord
-    from kvmrun.ops import migrate
-    monkeypatch.setattr(migrate.os, "geteuid", lambda: 0)
-    confined = LaunchRecord(argv=["qemu"], summary={"qemu_user": "kvmrun"})
-    with pytest.raises(MigrationError, match="runs as kvmrun, which cannot reach") as err:
-        migrate._check_qemu_user("web", confined, copy_storage=True)
-    assert "--shared-storage" in err.value.hint
-    ephemeral = LaunchRecord(argv=["qemu"], summary={"qemu_user": "kvmrun"},
-                             ephemeral_disks=[0])
-    with pytest.raises(MigrationError, match="ephemeral disks' copy"):
-        migrate._check_qemu_user("web", ephemeral, copy_storage=False)
-    migrate._check_qemu_user("web", confined, copy_storage=False)
-    migrate._check_qemu_user("web", LaunchRecord(argv=["qemu"], summary={"qemu_user": "root"}),
-                             copy_storage=True)

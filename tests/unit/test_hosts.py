@@ -130,3 +130,57 @@ def test_launch_record_v1_reads_with_no_machine_type(tmp_path: Path):
     new = LaunchRecord(argv=["qemu"], machine_type="pc-i440fx-7.2")
     assert LaunchRecord.from_json(new.to_json()).machine_type == "pc-i440fx-7.2"
     assert old.cgroup is None                  # v4's cgroup: none in older records
+
+
+def _target_session(monkeypatch, tmp_path):
+    """A guest `web` as a target's prepare leaves it (its record lists a disk it made), and
+    migrate_target.session serving it on pipes in a thread."""
+    import json
+    import os
+    import threading
+    from kvmrun.ops import migrate_target
+    monkeypatch.setenv("KVMRUN_RUN_DIR", str(tmp_path / "run"))
+    disk = tmp_path / "web.qcow2"
+    disk.write_bytes(b"made by prepare")
+    (tmp_path / "run" / "web").mkdir(parents=True)
+    (tmp_path / "run" / "web" / "migration.json").write_text(json.dumps(
+        {"role": "target", "made": {"disks": [str(disk)], "dir": True}}))
+    to_it, ours = os.pipe()
+    theirs, from_it = os.pipe()
+    server = threading.Thread(target=migrate_target.session,
+                              args=({"name": "web"}, b"", to_it, from_it), daemon=True)
+    server.start()
+    reader = os.fdopen(theirs, "rb")
+
+    def ask(line: bytes) -> dict:
+        os.write(ours, line + b"\n")
+        return json.loads(reader.readline())
+    return server, ours, ask, disk
+
+
+def test_target_session_answers_each_step_and_aborts_on_eof(monkeypatch, tmp_path):
+    """One session carries every step (a JSON line each way); a failed step is an answer,
+    not the session's end; EOF (the source is gone) removes what prepare made."""
+    import os
+    server, ours, ask, disk = _target_session(monkeypatch, tmp_path)
+    assert ask(b'{"step": "nope"}') == {"error": "unknown step"}
+    os.write(ours, b"alive\n")
+    answer = ask(b'{"step": "preflight", "name": "web", "binary": "no-such-qemu-krt", '
+                 b'"qemu_version": "7.2.0", "machine": "pc", "disks": []}')
+    assert answer == {"result": {"problems": ["no-such-qemu-krt is not installed"]}}
+    assert disk.exists()
+    os.close(ours)
+    server.join(10)
+    assert not server.is_alive()
+    assert not disk.exists() and not (tmp_path / "run" / "web").exists()
+
+
+def test_target_session_done_keeps_what_it_made(monkeypatch, tmp_path):
+    import os
+    server, ours, ask, disk = _target_session(monkeypatch, tmp_path)
+    assert ask(b'{"step": "abort", "name": "other"}') == {"result": {"ok": True,
+                                                                     "removed": []}}
+    os.write(ours, b"done\n")
+    server.join(10)
+    assert not server.is_alive() and disk.exists()
+    os.close(ours)
