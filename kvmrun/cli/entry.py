@@ -39,7 +39,7 @@ VERBS: dict[str, str] = {
     "convert": "libvirt",
     "new": "new", "os": "new", "ui": "ui",
     "agent": "agent", "exec": "agent", "ip": "agent",
-    "migrate": "migrate", "migrate-target": "migrate",
+    "migrate": "migrate",
 }
 MODULES = ["profile", "launch", "power", "inspect", "defined", "libvirt", "host", "systemd",
            "guests",

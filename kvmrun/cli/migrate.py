@@ -1,9 +1,8 @@
-"""`kvmrun migrate`: move a guest to another host over ssh (kvmrun.ops.migrate), and its
-hidden other half `kvmrun migrate-target STEP` that the source runs there."""
+"""`kvmrun migrate`: move a guest to another host over ssh (kvmrun.ops.migrate); its other
+half there, `kvmrun migrate-target STEP`, is served before typer (kvmrun.cli.quick)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Optional
 
@@ -80,17 +79,3 @@ def migrate(
     if result.get("downtime_ms") is not None:
         line += f", downtime {result['downtime_ms']} ms, {result['total_seconds']} s in all"
     out(line + ")")
-
-
-@app.command("migrate-target", hidden=True)
-def migrate_target(step: str = typer.Argument(..., metavar="STEP")) -> None:
-    """The target's half of `kvmrun migrate` (JSON on stdin and stdout); not for people."""
-    from kvmrun.errors import UsageError
-    from kvmrun.ops import migrate_target as target
-    if step not in target.STEPS and step != "session":
-        raise UsageError(f"unknown step {step!r}")
-    request, rest = target.read_request()
-    if step == "session":
-        target.session(request, rest)
-    else:
-        out(json.dumps(target.STEPS[step](request)))

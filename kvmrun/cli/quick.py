@@ -1,6 +1,7 @@
 """The `kvmrun` console script. `kvmrun start PROFILE` of a profile that has not changed
 since its last start is served here, before typer, yaml or the compiler are imported
-(kvmrun.ops.quickstart); everything else goes to the full CLI (kvmrun.cli.entry)."""
+(kvmrun.ops.quickstart), and so is `kvmrun migrate-target STEP`, a live migration's steps on
+its target; everything else goes to the full CLI (kvmrun.cli.entry)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str]) -> None:
+    if len(argv) == 2 and argv[0] == "migrate-target":
+        sys.exit(_migrate_target(argv[1]))
     if len(argv) == 2 and argv[0] == "start" and not argv[1].startswith("-"):
         code = _quick_start(argv[1])
         if code is not None:
@@ -39,6 +42,19 @@ def _main(argv: list[str]) -> None:
             sys.exit(code)
     from kvmrun.cli.entry import main as full
     full(argv)
+
+
+def _migrate_target(step: str) -> int:
+    """The target's half of a live migration (kvmrun.ops.migrate_target), run there by the
+    source over ssh: JSON in and out, no typer (its import was on the migration's path)."""
+    from kvmrun.errors import KvmrunError
+    from kvmrun.ops import migrate_target
+    try:
+        migrate_target.serve(step)
+    except KvmrunError as e:
+        sys.stderr.write(f"kvmrun: error: {e}\n")
+        return e.exit_code
+    return 0
 
 
 def _quick_start(ref: str) -> int | None:

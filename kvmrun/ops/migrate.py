@@ -46,7 +46,7 @@ from kvmrun.guest.rundir import Guest
 from kvmrun.ops import migrate_qemu as mq
 from kvmrun.ops.migrate_session import Lost, Session
 from kvmrun.ops import remote
-from kvmrun.proc import starttime
+from kvmrun.proc import open_pidfd, starttime, wait_pidfd
 
 Note = Callable[[str], None]
 SERIAL_TAIL = 1 << 20        # bytes of serial log carried over
@@ -201,7 +201,8 @@ def migrate_live(name, host, copy_storage, shared_storage, target_dir, downtime,
                 _rollback(plan, qmp, note)
                 files.unlink(guest.paths.migration)
                 raise
-    _finish_source(plan, note)
+            _finish_source(plan, qmp, note)
+            _end_session(plan, done=True)
     result.update(name=name, to=str(host), mode="live",
                   total_seconds=round(time.monotonic() - started, 2))
     if not keep_source:
@@ -267,7 +268,7 @@ def _run(plan: Plan, qmp: QMPClient, request: dict, downtime, cap, bandwidth, no
             f"it runs there, `kvmrun kill {plan.name}` here; if not, `kvmrun resume "
             f"{plan.name}`") from None
     plan.prepared = False                       # it runs there now: no rollback
-    _end_session(plan, done=True)
+    plan.session.close(done=True)               # waited for once QEMU here is gone
     stats["defined_there"] = done.get("defined")
     stats["mirrored"] = exports
     return stats
@@ -396,21 +397,22 @@ def _close_tunnel(plan: Plan) -> None:
         files.unlink(sock)
 
 
-def _finish_source(plan: Plan, note) -> None:
+def _finish_source(plan: Plan, qmp: QMPClient, note) -> None:
     """The guest runs there: record "migrated to HOST" here and end QEMU."""
     _close_tunnel(plan)
     guest = plan.guest
     guest.set_request("migrate", str(plan.host))
+    supervisor = guest.supervisor_pid(guest.read_state() or {})
     try:
-        with QMPClient(guest.paths.qmp_cli, timeout=10) as qmp:
-            qmp.execute("quit")
-    except QMPError:
+        pidfd = open_pidfd(supervisor) if supervisor else None
+    except GuestError:
+        pidfd = None
+    try:
+        qmp.execute("quit")
+    except (QMPError, KvmrunError):
         pass                                    # quit may end in EOF: that is success
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = guest.read_state() or {}
-        if guest.supervisor_pid(state) is None and guest.qemu_pid(state) is None:
-            break
-        time.sleep(0.1)
+    if pidfd is not None:                       # it records the end once QEMU is gone
+        wait_pidfd(pidfd, 30)
+        os.close(pidfd)
     files.unlink(guest.paths.migration)
     note(f"{plan.name} runs on {plan.host} now")

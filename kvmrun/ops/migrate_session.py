@@ -100,15 +100,22 @@ class Session:
         return f"{what}: {reason}"
 
     def end(self, done: bool) -> None:
+        self.close(done)
+        self.wait(done)
+
+    def close(self, done: bool) -> None:
         """Close the session: with `done` the target keeps what it made; without, EOF makes
         it remove all of it by itself (it does not wait for us)."""
         self.stop.set()
         if done:
             self._write(b"done\n")
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        with self.lock:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def wait(self, done: bool) -> None:
         try:
             self.proc.wait(30 if done else 5)
         except subprocess.TimeoutExpired:

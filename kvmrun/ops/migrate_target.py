@@ -316,7 +316,7 @@ def finish(req: dict) -> dict:
             raise MigrationError("the target was already removed (the migration timed out)")
         files.unlink(guest.paths.migration)
     with QMPClient(guest.paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
-        status = qmp.execute("query-status")
+        status = _loaded(qmp)
         if status.get("status") not in ("paused", "postmigrate", "prelaunch", "running"):
             raise MigrationError(f"the target is {status.get('status')}, not ready to run")
         if req.get("exports"):
@@ -329,6 +329,21 @@ def finish(req: dict) -> dict:
     if req.get("profile"):
         defined = _define(req)
     return {"ok": True, "defined": defined}
+
+
+def _loaded(qmp: QMPClient, timeout: float = QMP_TIMEOUT) -> dict:
+    """query-status once this QEMU has loaded all the stream: the source's migration
+    completes when it has sent the last of it, a moment before this side is done."""
+    deadline = time.monotonic() + timeout
+    while (status := qmp.execute("query-status")).get("status") == "inmigrate":
+        incoming = qmp.execute("query-migrate")
+        if incoming.get("status") in ("failed", "cancelled"):
+            raise MigrationError("the incoming migration failed here: "
+                                 + incoming.get("error-desc", "QEMU gave no reason"))
+        if time.monotonic() > deadline:
+            raise MigrationError(f"the incoming migration did not end here in {timeout:g} s")
+        time.sleep(0.01)
+    return status
 
 
 def _define(req: dict) -> str:
@@ -456,3 +471,16 @@ def _wait_gone(guest: Guest, timeout: float = 10) -> None:
 
 STEPS = {"preflight": preflight, "prepare": prepare, "incoming": incoming, "finish": finish,
          "abort": abort}
+
+
+def serve(step: str) -> None:
+    """`kvmrun migrate-target STEP` (served by kvmrun.cli.quick, before typer: the source
+    waits for this interpreter's start-up): the request on stdin, the answer on stdout;
+    `session` answers a line per step until the source says "done" or goes."""
+    if step not in STEPS and step != "session":
+        raise MigrationError(f"unknown step {step!r}")
+    request, rest = read_request()
+    if step == "session":
+        session(request, rest)
+    else:
+        os.write(1, json.dumps(STEPS[step](request)).encode() + b"\n")
