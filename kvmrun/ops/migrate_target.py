@@ -13,7 +13,9 @@ on stdin and stdout; kvmrun.ops.migrate_session), or `migrate-target STEP` for o
                 created (an ephemeral disk's overlay on its base), the NICs' taps and hub
                 ports, the serial log so far, a supervisor started with --incoming; then
                 incoming:
-    incoming    NBD exports of the copied disks on nbd.sock, migrate-incoming on migrate.sock
+    incoming    NBD exports of the copied disks on nbd.sock, and migrate.sock for the stream:
+                both bound here and handed to QEMU (getfd), which runs as the source's
+                QEMU did (`-runas`) and so may reach no path in root's run directory
     finish      NBD stopped, `cont`, the VM defined here
     abort       everything prepare made removed (the QEMU and its helpers, run directory,
                 disks, vars, TPM state directory)
@@ -64,6 +66,8 @@ def preflight(req: dict) -> dict:
     version = host.qemu_version(binary)
     if _version(version) < _version(req["qemu_version"]):
         problems.append(f"QEMU {version} is older than the source's {req['qemu_version']}")
+    if (problem := _user_problem(req.get("launch", {}).get("argv", []))):
+        problems.append(problem)
     if req["machine"] not in host.qemu_machines(binary):
         problems.append(f"machine type {req['machine']} is not known to {binary} here")
     guest = Guest(req["name"])
@@ -157,7 +161,6 @@ def _rewrite(argv: list[str], req: dict, guest: Guest) -> list[str]:
             esc = lambda p: p.replace(",", ",,")
             swaps.append((f"file={esc(disk['source'])},", f"file={esc(disk['target'])},"))
     out = []
-    argv = without_runas(argv)
     for i, arg in enumerate(argv):
         for old, new in swaps:
             arg = arg.replace(old, new)
@@ -182,21 +185,29 @@ def _rewrite_helpers(helpers: list[dict], req: dict, guest: Guest) -> list[dict]
             for h in helpers]
 
 
-def without_runas(argv: list[str]) -> list[str]:
-    """The argv without its drop to a user (`-runas U`, `-run-with user=U`): a target QEMU
-    binds nbd.sock and migrate.sock by path after start-up, in root's run directory, so it
-    stays root here (and the user may not exist on this host)."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == "-runas" or (arg == "-run-with" and argv[i + 1:i + 2]
-                                 and argv[i + 1].startswith("user=")):
-            skip = True
-        else:
-            out.append(arg)
-    return out
+def runas_user(argv: list[str]) -> str | None:
+    """The user the source's QEMU drops to (`-runas U`, `-run-with user=U`), if any: the
+    target's QEMU drops to the same one. It reaches nothing by path after start-up: its
+    NBD server and the incoming stream are sockets this process binds and hands over."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-runas":
+            return argv[i + 1]
+        if arg == "-run-with" and argv[i + 1].startswith("user="):
+            return argv[i + 1].split(",")[0].removeprefix("user=")
+    return None
+
+
+def _user_problem(argv: list[str]) -> str | None:
+    import pwd
+    from kvmrun.qemu.host import DEFAULT_QEMU_USER
+    user = runas_user(argv)
+    if user is None or user == DEFAULT_QEMU_USER:       # made on demand (prepare)
+        return None
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return f"the user {user!r} its QEMU runs as does not exist here"
+    return None
 
 
 def prepare(req: dict) -> dict:
@@ -242,11 +253,14 @@ def prepare(req: dict) -> dict:
     record["helpers"] = _rewrite_helpers(record.get("helpers", []), req, guest)
     record["disks"] = [d["target"] for d in req["disks"]] or record.get("disks", [])
     record["machine_type"] = req.get("machine")
+    user = runas_user(record["argv"])
+    if user is not None:
+        from kvmrun.qemu.host import ensure_qemu_user
+        ensure_qemu_user(user)
     if isinstance(record.get("summary"), dict):
         from kvmrun.qemu.host import user_name
-        record["summary"] = {**record["summary"], "qemu_user": user_name(os.geteuid()),
-                             "qemu_user_why": "an incoming migration listens by path"
-                             if os.geteuid() == 0 else None}
+        record["summary"] = {**record["summary"],
+                             "qemu_user": user or user_name(os.geteuid())}
     LaunchRecord.from_json(record).write(guest.paths.launch)
     if req.get("networks"):
         from kvmrun.net.nics import attach
@@ -293,16 +307,62 @@ def _spawn(guest: Guest) -> None:
                 return
 
 
+# guest name -> the listening migrate.sock of its incoming stream (session hands it over)
+LISTENING: dict[str, socket.socket] = {}
+
+
+def _listen(path: Path) -> socket.socket:
+    files.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def incoming(req: dict) -> dict:
+    """The NBD exports of the copied disks and the incoming stream. Both sockets are bound
+    here (root's run directory) and handed to QEMU, which may run as another user: the NBD
+    server gets its listening socket (getfd, nbd-server-start on it); the stream's
+    connection is accepted here by the session, then given to `migrate-incoming fd:`."""
     guest = Guest(req["name"])
     with QMPClient(guest.paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
         if req.get("exports"):
-            qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {
-                "path": str(guest.paths.nbd_sock)}}})
+            nbd = _listen(guest.paths.nbd_sock)
+            try:
+                qmp.execute("getfd", {"fdname": "nbd-in"}, fds=[nbd.fileno()])
+            finally:
+                nbd.close()
+            qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "nbd-in"}}})
             for drive in req["exports"]:
                 qmp.execute("nbd-server-add", {"device": drive, "writable": True})
-        qmp.execute("migrate-incoming", {"uri": f"unix:{guest.paths.migrate_sock}"})
+    old = LISTENING.pop(req["name"], None)
+    if old is not None:
+        old.close()
+    LISTENING[req["name"]] = _listen(guest.paths.migrate_sock)
     return {"ok": True}
+
+
+def _hand_over(name: str) -> None:
+    """The source connected to migrate.sock: its connection becomes QEMU's incoming
+    stream. A failure here shows as the source's migration failing (its rollback)."""
+    listener = LISTENING.pop(name)
+    try:
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+    try:
+        with QMPClient(Guest(name).paths.qmp_cli, timeout=QMP_TIMEOUT) as qmp:
+            qmp.execute("getfd", {"fdname": "migrate-in"}, fds=[conn.fileno()])
+            qmp.execute("migrate-incoming", {"uri": "fd:migrate-in"})
+    except (KvmrunError, OSError):
+        pass
+    finally:
+        conn.close()
 
 
 def finish(req: dict) -> dict:
@@ -358,6 +418,9 @@ def _define(req: dict) -> str:
 def abort(req: dict) -> dict:
     """Remove what prepare made: QEMU (killed: it never ran the guest), the run directory,
     the created disks and variable store."""
+    listener = LISTENING.pop(req["name"], None)
+    if listener is not None:
+        listener.close()
     guest = Guest(req["name"])
     if not guest.paths.dir.exists():
         return {"ok": True, "removed": []}
@@ -438,10 +501,17 @@ def session(req: dict, pending: bytes = b"", fd: int = 0, out: int = 1) -> None:
                 return
             if line.startswith(b"{"):
                 os.write(out, json.dumps(_answer(json.loads(line))).encode() + b"\n")
-        if not select.select([fd], [], [], WATCH_SILENCE)[0]:
-            chunk = b""                       # silence: the source or the link is gone
-        else:
+        waiting = {sock.fileno(): name for name, sock in LISTENING.items()}
+        ready = select.select([fd, *waiting], [], [], WATCH_SILENCE)[0]
+        for one in ready:
+            if one in waiting:
+                _hand_over(waiting[one])
+        if fd in ready:
             chunk = os.read(fd, 1 << 16)
+        elif ready:
+            continue
+        else:
+            chunk = b""                       # silence: the source or the link is gone
         if not chunk:
             abort(req)
             return
@@ -477,7 +547,7 @@ def serve(step: str) -> None:
     """`kvmrun migrate-target STEP` (served by kvmrun.cli.quick, before typer: the source
     waits for this interpreter's start-up): the request on stdin, the answer on stdout;
     `session` answers a line per step until the source says "done" or goes."""
-    if step not in STEPS and step != "session":
+    if step not in ("preflight", "abort", "session"):     # the others need a session
         raise MigrationError(f"unknown step {step!r}")
     request, rest = read_request()
     if step == "session":

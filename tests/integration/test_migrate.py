@@ -79,6 +79,16 @@ def status(kr, host: str) -> dict:
     return json.loads(kr.ok("-H", host, "status", "web", "--json").out)
 
 
+def qemu_uid_name(hosts, name: str) -> str:
+    """The user the `web` QEMU on host `name` really runs as (its /proc status)."""
+    import pwd
+    state = json.loads((hosts[name].run_dir / "web" / "state.json").read_text())
+    uid = next(line.split()[1] for line in
+               Path(f"/proc/{state['qemu_pid']}/status").read_text().splitlines()
+               if line.startswith("Uid:"))
+    return pwd.getpwuid(int(uid)).pw_name
+
+
 def nbd_nodes(kr) -> list[str]:
     """The NBD client nodes of disk mirrors on host a's `web` QEMU."""
     nodes = json.loads(kr.ok("-H", "hosta", "qmp", "web", "query-named-block-nodes").out)
@@ -112,7 +122,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
 
     # live, disk copied, from a QEMU that dropped to the kvmrun user (root's default): it
     # reaches the NBD export through a connection handed to it, never by path
-    assert status(kr, "hosta")["qemu_user"] == "kvmrun"
+    assert status(kr, "hosta")["qemu_user"] == qemu_uid_name(hosts, "a") == "kvmrun"
     target = hosts["b"].root / "disks"
     migrating = kr.popen("-H", "hosta", "migrate", "web", "--to", "hostb", "--copy-storage",
                          "--target-dir", target, "--json")
@@ -134,6 +144,7 @@ def test_live_migration_there_and_back(kr, hosts, web):
     there = status(kr, "hostb")
     assert there["state"] == "running" and there["disks"][0]["file"] == str(target /
                                                                             "web.qcow2")
+    assert there["qemu_user"] == qemu_uid_name(hosts, "b") == "kvmrun"   # confined there too
     assert json.loads(kr.ok("-H", "hosta", "defined", "--json").out) == []
     assert [v["name"] for v in json.loads(kr.ok("-H", "hostb", "defined", "--json").out)] \
         == ["web"]

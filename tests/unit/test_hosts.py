@@ -184,3 +184,17 @@ def test_target_session_done_keeps_what_it_made(monkeypatch, tmp_path):
     server.join(10)
     assert not server.is_alive() and disk.exists()
     os.close(ours)
+
+
+def test_the_target_qemu_drops_to_the_sources_user():
+    """A target's QEMU keeps the source's `-runas` (or `-run-with user=`); a user other
+    than kvmrun's default that does not exist there is a preflight problem."""
+    from kvmrun.ops.migrate_target import _user_problem, runas_user
+    assert runas_user(["qemu", "-runas", "kvmrun", "-S"]) == "kvmrun"
+    assert runas_user(["qemu", "-run-with", "user=web,chroot=/x"]) == "web"
+    assert runas_user(["qemu", "-run-with", "async-teardown=on"]) is None
+    assert runas_user(["qemu", "-S"]) is None
+    assert _user_problem(["qemu", "-runas", "kvmrun"]) is None      # made there on demand
+    assert _user_problem(["qemu", "-runas", "root"]) is None
+    assert _user_problem(["qemu", "-runas", "no-such-user-krt"]) == \
+        "the user 'no-such-user-krt' its QEMU runs as does not exist here"
