@@ -9,7 +9,9 @@
     raw      the same guest's argv (from kvmrun's launch record) as a plain QEMU on host a,
              its target started through `ssh hostb qemu … -incoming unix:SOCK -S`, one
              `ssh -N -L` unix-socket forward, QMP `migrate`, poll until completed, `cont`
-             there: wall time from starting the target to `cont`, and QEMU's downtime
+             there once it has loaded the stream (a `cont` before that only marks it to
+             run, and ending the forward then cut the stream short): wall time from
+             starting the target to `cont`, and QEMU's downtime
 
 kvmrun and raw alternate (A B A B …). Prints a table and writes bench/results/migrate.json.
 Targets from issue 14: downtime ≤ 100 ms for the tiny guest; total ≤ 1.2 × raw.
@@ -119,7 +121,9 @@ class Bench:
             while (info := qmp.execute("query-migrate"))["status"] not in (
                     "completed", "failed", "cancelled"):
                 time.sleep(0.05)
-        with qmp_wait(dst / "qmp-cli.sock") as qmp:
+        with qmp_wait(dst / "qmp-cli.sock") as qmp:   # as kvmrun's finish: once it has
+            while qmp.execute("query-status")["status"] == "inmigrate":   # loaded it all
+                time.sleep(0.01)
             qmp.execute("cont")
         wall = time.monotonic() - start
         tunnel.terminate()
