@@ -189,11 +189,11 @@ def test_target_session_done_keeps_what_it_made(monkeypatch, tmp_path):
 def test_the_target_qemu_drops_to_the_sources_user():
     """A target's QEMU keeps the source's `-runas` (or `-run-with user=`); a user other
     than kvmrun's default that does not exist there is a preflight problem."""
-    from kvmrun.ops.migrate_target import _user_problem, runas_user
-    assert runas_user(["qemu", "-runas", "kvmrun", "-S"]) == "kvmrun"
-    assert runas_user(["qemu", "-run-with", "user=web,chroot=/x"]) == "web"
-    assert runas_user(["qemu", "-run-with", "async-teardown=on"]) is None
-    assert runas_user(["qemu", "-S"]) is None
+    from kvmrun.ops.migrate_preflight import _user_problem, argv_user
+    assert argv_user(["qemu", "-runas", "kvmrun", "-S"]) == "kvmrun"
+    assert argv_user(["qemu", "-run-with", "user=web,chroot=/x"]) == "web"
+    assert argv_user(["qemu", "-run-with", "async-teardown=on"]) is None
+    assert argv_user(["qemu", "-S"]) is None
     assert _user_problem(["qemu", "-runas", "kvmrun"]) is None      # made there on demand
     assert _user_problem(["qemu", "-runas", "root"]) is None
     assert _user_problem(["qemu", "-runas", "no-such-user-krt"]) == \
