@@ -23,7 +23,7 @@ import select
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable  # not typing: ~3 ms of every quick start
 
 from kvmrun import files, paths
 from kvmrun.files import sha256
