@@ -31,7 +31,12 @@ class Child:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:                   # (a kernel without pidfds): not left running;
+            os.kill(pid, signal.SIGKILL)  # unreaped, the PID cannot name another process
+            os.waitpid(pid, 0)
+            raise
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
