@@ -37,7 +37,7 @@ STOPPED = {"acpi": "the guest powered off", "agent": "the guest agent powered it
 
 @app.command()
 def stop(
-    names: list[str] = typer.Argument(..., metavar="NAME...", help="The guests' names."),
+    names: list[str] = typer.Argument(..., metavar="NAME", help="The guests' names."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="SECONDS",
                                             help="Graceful wait (default: the profile's "
                                                  "shutdown.timeout)."),
