@@ -15,7 +15,8 @@ The guest is the tiny test guest (tests/guest/build.py) under TCG.
     3 CLI           whole-process wall time of status/list/cmdline/--help vs bench/raw_qmp.py
                     (query-status over QMP) and `python -c 'import typer'`; plus what each verb
                     imports (python -X importtime)
-    4 memory        RSS and PSS (/proc/PID/smaps_rollup) of the supervisor, 1 and 20 guests
+    4 memory        RSS and PSS (/proc/PID/smaps_rollup) of the supervisor, 1 and 20 guests,
+                    then of as many bare interpreters once the guests are gone
     5 scale         N guests started concurrently until all ready, vs N raw QEMUs (first
                     start: the full path; again: the quick start); `kvmrun list --json` with
                     N running; stopping all N with N `kvmrun stop NAME` at once, and with one
@@ -494,17 +495,18 @@ def bench_memory(b: Bench, counts: list[int], note) -> list[dict]:
     for count in counts:
         note(f"memory: {count} guest(s) of {SMALL}, and {count} bare interpreters …")
         names = [f"m{count}-{i}" for i in range(count)]
+        for name in names:      # each group measured alone: the interpreter's pages that
+            b.kvmrun("start", b.profile(name, SMALL), "--no-wait-ready")   # the supervisors
+        time.sleep(3)           # share with bare interpreters running beside them would
+        sup = [smaps(b.state(n)["supervisor_pid"]) for n in names]   # lower their PSS
         for name in names:
-            b.kvmrun("start", b.profile(name, SMALL), "--no-wait-ready")
+            b.kvmrun("kill", name)
         bare = [b.popen([PY, "-c", "import time; time.sleep(600)"]) for _ in range(count)]
-        time.sleep(3)                                    # let everything settle
-        sup = [smaps(b.state(n)["supervisor_pid"]) for n in names]
+        time.sleep(3)
         floor = [smaps(p.pid) for p in bare]
         for p in bare:
             p.kill()
             p.wait()
-        for name in names:
-            b.kvmrun("kill", name)
         for key in ("pss", "rss"):
             target = "≤ 6 MiB PSS per guest" if key == "pss" and count >= 20 else None
             rows.append(row(f"memory: supervisor {key.upper()}, {count} guest(s)",
