@@ -211,8 +211,9 @@ def wait_for_supervisor(rfd: int, reap: Callable[[], int], *, name: str, argv: l
                 raise GuestTimeout(f"{name}: no word from the supervisor in {timeout}s")
             line = pipe.readline()
             if not line:
-                raise LaunchError(f"the supervisor of {name} exited ({reap()}) before QEMU "
-                                  "was up", argv, files.read_text(log))
+                when = "the guest was ready" if "pid" in result else "QEMU was up"
+                raise LaunchError(f"the supervisor of {name} exited ({reap()}) before {when}",
+                                  argv, files.read_text(log))
             message = json.loads(line)
             event = message["event"]
             if event == "failed":
