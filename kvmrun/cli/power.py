@@ -30,9 +30,14 @@ def _progress():
     return show, tty
 
 
+STOPPED = {"acpi": "the guest powered off", "agent": "the guest agent powered it off",
+           "console": "the guest powered off from its console",
+           "already-exited": "it had already exited"}
+
+
 @app.command()
 def stop(
-    name: str = NameArg,
+    names: list[str] = typer.Argument(..., metavar="NAME", help="The guests' names."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="SECONDS",
                                             help="Graceful wait (default: the profile's "
                                                  "shutdown.timeout)."),
@@ -42,46 +47,88 @@ def stop(
     no_unit: bool = typer.Option(False, "--no-unit",
                                  help="Stop it here even when its kvmrun@NAME unit runs it."),
 ) -> None:
-    """Shut a guest down gracefully (ACPI power button, re-sent while it boots).
+    """Shut guests down gracefully (ACPI power button, re-sent while it boots).
 
     On timeout without --force the guest is left running and the exit code is 5. A guest
     whose kvmrun@NAME unit is enabled or runs it stops through `systemctl stop` (which
-    always escalates after the profile's timeout; --no-unit: here)."""
+    always escalates after the profile's timeout; --no-unit: here). Several names are
+    stopped at once, in one process, each with its own timeout and escalation: a line (or
+    with --json a list entry) per guest, in the order given; the exit code is that of the
+    first guest that failed."""
+    if len(names) > 1:
+        raise typer.Exit(_stop_many(names, timeout, force, as_json, no_unit))
+    show, tty = _progress()
+    try:
+        result, line = _stop_one(names[0], timeout, force, no_unit, show)
+    finally:
+        if tty:
+            sys.stderr.write("\n")
+    emit_json(result) if as_json else out(line)
+
+
+def _stop_one(name: str, timeout: float | None, force: bool, no_unit: bool,
+              show) -> tuple[dict, str]:
+    """Stop one guest: (its result, the line that says so)."""
     target = guest(name)
     if not no_unit:
         unit = systemd.unit_for(name, (target.read_state() or {}).get("unit"))
         if unit:
             systemd.refuse_options(unit, ["--timeout"] if timeout is not None else [])
-            _stop_unit(target, unit, as_json)
-            return
-    show, tty = _progress()
-    try:
-        result = power.stop(target, timeout, force, progress=show)
-    finally:
-        if tty:
-            sys.stderr.write("\n")
+            return _stop_unit(target, unit)
+    result = power.stop(target, timeout, force, progress=show)
+    how = STOPPED.get(result["stage"], f"ended by {result['stage']}")
+    return result, f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})"
+
+
+def _stop_many(names: list[str], timeout: float | None, force: bool, as_json: bool,
+               no_unit: bool) -> int:
+    """`kvmrun stop A B C`: each guest in a thread of its own (their waits are on pidfds
+    and sockets), so N guests cost one interpreter, not N."""
+    import threading                      # here: a stop of one guest runs no thread
+
+    from kvmrun.errors import KvmrunError
+    started = time.monotonic()
+    outcome: dict[str, tuple] = {}
+
+    def one(name: str) -> None:
+        def show(stage: str, message: str) -> None:
+            err(f"{name}: [{time.monotonic() - started:5.1f}s] {message}")
+        try:
+            outcome[name] = _stop_one(name, timeout, force, no_unit, show)
+        except KvmrunError as e:
+            outcome[name] = ({"name": name, "error": str(e), "exit_code": e.exit_code},
+                             None)
+        except Exception as e:  # noqa: BLE001 - reported with the others, no traceback
+            outcome[name] = ({"name": name, "error": f"{type(e).__name__}: {e}",
+                              "exit_code": 1}, None)
+    todo = list(dict.fromkeys(names))     # a name given twice is stopped once
+    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in todo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)                   # (a bare join would not see Ctrl-C)
+    code = 0
+    for name in todo:
+        result, line = outcome[name]
+        if line is None:
+            code = code or result["exit_code"]
+            err(f"kvmrun: error: {name}: {result['error']}")
+        elif not as_json:
+            out(line)
     if as_json:
-        emit_json(result)
-    else:
-        how = {"acpi": "the guest powered off", "agent": "the guest agent powered it off",
-               "console": "the guest powered off from its console",
-               "already-exited": "it had already exited"}.get(
-                   result["stage"], f"ended by {result['stage']}")
-        out(f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})")
+        emit_json([outcome[n][0] for n in todo])
+    return code
 
 
-def _stop_unit(target, unit: str, as_json: bool) -> None:
+def _stop_unit(target, unit: str) -> tuple[dict, str]:
     require_running(target)                  # as a direct stop: exit 4 when it is not
     systemd.stop_unit(unit)
     ended = (target.read_state() or {}).get("ended") or {}
     stage = ended.get("stage")
     result = {"name": target.name, "unit": unit, "via": "systemctl", "stage": stage,
               "state": str(target.live_state()[0]), "reason": ended.get("reason")}
-    if as_json:
-        emit_json(result)
-    else:
-        out(f"stopped {target.name} through {unit}" +
-            (f" ({stage})" if stage else ""))
+    return result, f"stopped {target.name} through {unit}" + (f" ({stage})" if stage else "")
 
 
 @app.command("kill")

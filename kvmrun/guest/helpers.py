@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 
 from kvmrun import files, proc
+from kvmrun.guest import spawn
 
 HELPER_WAIT = 30.0       # seconds a helper gets to listen on its socket
 STOP_GRACE = 5.0         # seconds between SIGTERM and SIGKILL when a helper is ended
@@ -73,7 +74,7 @@ class Helper:
         self.socket = Path(socket)
         self.log = Path(log)
         self.wait = wait
-        self.proc = None                          # a subprocess.Popen once started
+        self.proc: spawn.Child | None = None      # once started
 
     @property
     def what(self) -> str:
@@ -89,12 +90,9 @@ class Helper:
     def __enter__(self) -> "Helper":
         files.unlink(self.socket)                 # a stale socket must not count as up
         proc.log_argv(self.argv)
-        import subprocess                         # here: a command ending a guest needs none
         try:
             with files.open_private(self.log, "wb") as out:
-                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT,
-                                             start_new_session=True, umask=0o077)
+                self.proc = spawn.start(self.argv, out.fileno(), umask=0o077)
         except OSError as err:
             raise HelperFailed(f"cannot run {self.what}: {err.strerror}", self.log,
                                argv=self.argv) from None
@@ -106,25 +104,21 @@ class Helper:
         return self
 
     def _wait_listening(self) -> None:
-        pidfd = proc.open_pidfd(self.proc.pid)
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        try:
-            for _ in range(max(1, int(self.wait * 1000 / POLL_MS))):
-                if listening(self.socket):
-                    return
-                if poller.poll(POLL_MS):          # it exited
-                    status = self.proc.wait()
-                    raise HelperFailed(f"{self.what} exited with status {status} while "
-                                       f"starting; its log: {self.log}", self.log,
-                                       self.output(), self.argv)
+        poller.register(self.proc.pidfd, select.POLLIN)
+        for _ in range(max(1, int(self.wait * 1000 / POLL_MS))):
             if listening(self.socket):
                 return
-            raise HelperFailed(f"{self.what} did not listen on {self.socket} within "
-                               f"{self.wait:g}s; its log: {self.log}", self.log, self.output(),
-                               self.argv)
-        finally:
-            os.close(pidfd)
+            if poller.poll(POLL_MS):          # it exited
+                status = self.proc.wait()
+                raise HelperFailed(f"{self.what} exited with status {status} while "
+                                   f"starting; its log: {self.log}", self.log,
+                                   self.output(), self.argv)
+        if listening(self.socket):
+            return
+        raise HelperFailed(f"{self.what} did not listen on {self.socket} within "
+                           f"{self.wait:g}s; its log: {self.log}", self.log, self.output(),
+                           self.argv)
 
     def output(self) -> str:
         return files.read_text(self.log).strip()[-2000:]
@@ -133,12 +127,11 @@ class Helper:
         """End the helper (SIGTERM, then SIGKILL); its exit status, None if never started."""
         if self.proc is None:
             return None
-        import subprocess                         # loaded already: it started the helper
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
+            except TimeoutError:
                 self.proc.kill()
         status = self.proc.wait()
         files.unlink(self.socket)

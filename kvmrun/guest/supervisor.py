@@ -18,26 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import json
 import os
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
-from kvmrun.guest import cgroup, ending, exits, serial_log
-from kvmrun.guest.helpers import Helper, HelperFailed
+from kvmrun.guest import exits, spawn
 from kvmrun.guest.notify import current_unit, log, notify, watch_file
 from kvmrun.guest.launch import LaunchRecord
-from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
+
+# Imported where used, not here: the QMP client once QEMU is spawned (a quick start spawns
+# it sooner); the helpers, cgroups, log rotation and the end's clean-up only by the guests
+# and at the moments that need them (each is memory in every supervisor).
 
 QMP_WAIT = 30.0          # seconds QEMU gets to open its monitor
 INF = float("inf")
@@ -63,9 +63,8 @@ class Supervisor:
         self.launch = guest.read_launch()
         self.ready_fd = ready_fd
         self.foreground = foreground
-        self.proc: subprocess.Popen | None = None
-        self.pidfd = -1
-        self.qmp: QMPClient | None = None
+        self.proc: spawn.Child | None = None
+        self.qmp = None                           # a QMPClient once QEMU's monitor is up
         self.state: dict = {}
         self.phase = Phase.STARTING
         self.shutdown_reason: str | None = None
@@ -77,6 +76,11 @@ class Supervisor:
         self.console_offset = 0
         self.stop_requested: str | None = None
         self.helpers = contextlib.ExitStack()     # ended after QEMU, in reverse order
+
+    @property
+    def pidfd(self) -> int:
+        """QEMU's pidfd (-1 before its start and once it is reaped)."""
+        return self.proc.pidfd if self.proc else -1
 
     # ------------------------------------------------------------ reporting
     def report(self, event: str, **data) -> None:
@@ -124,7 +128,8 @@ class Supervisor:
                   supervisor_pid=me, supervisor_starttime=proc.starttime(me),
                   started_at=time.time(), argv=argv, summary=self.launch.summary,
                   ended=None, ready=False, unit=current_unit())
-        if not self.start_helpers():
+        spawn.seal_fds()                    # nothing of ours (the ready pipe) reaches QEMU
+        if self.launch.helpers and not self.start_helpers():
             return False
         argv = argv + exits.TRACE_ARGS      # QEMU logs its shutdown cause (status reads it
         where = self.launch.cgroup or {}    # when no supervisor saw the end)
@@ -132,17 +137,15 @@ class Supervisor:
         if where.get("scope"):               # systemd-run --scope execs QEMU in place
             argv = list(where["scope"]) + argv
         elif where.get("leaf"):              # into the guest's cgroup before exec
-            enter = functools.partial(cgroup.enter, where["leaf"])
+            from kvmrun.guest import cgroup
+            enter = lambda: cgroup.enter(where["leaf"])   # noqa: E731
         proc.log_argv(argv)
         try:
             with files.open_private(self.paths.qemu_log, "wb") as qemu_log:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                             stderr=subprocess.STDOUT, start_new_session=True,
-                                             umask=0o177,     # its sockets and logs: 0600
-                                             preexec_fn=enter)
+                self.proc = spawn.start(argv, qemu_log.fileno(), umask=0o177,  # its sockets
+                                        before_exec=enter)                    # and logs: 0600
         except OSError as err:
             return self.launch_failed(f"cannot run {argv[0]}: {err.strerror}")
-        self.pidfd = proc.open_pidfd(self.proc.pid)
         self.save(qemu_pid=self.proc.pid, qemu_starttime=proc.starttime(self.proc.pid))
         if not self.connect_qmp():
             return False
@@ -158,6 +161,7 @@ class Supervisor:
     def start_helpers(self) -> bool:
         """Each helper of the launch record, started and listening, before QEMU (which
         connects to their sockets as it starts); on a failure the ones started are ended."""
+        from kvmrun.guest.helpers import Helper, HelperFailed
         started = []
         try:
             for spec in self.launch.helpers:
@@ -176,6 +180,7 @@ class Supervisor:
         self.helpers.close()
 
     def connect_qmp(self) -> bool:
+        from kvmrun.guest.qmp import QMPClient
         deadline = time.monotonic() + QMP_WAIT
         while True:
             if self.proc.poll() is not None:
@@ -330,6 +335,7 @@ class Supervisor:
                 next_ping = time.monotonic() + watchdog
 
     def rotate_log(self) -> None:
+        from kvmrun.guest import serial_log
         if serial_log.rotate(self.paths, self.launch.serial_log_max):
             self.console_offset = 0          # the ready check reads the new file from 0
             log(f"{self.guest.name}: serial.log reached {self.launch.serial_log_max} "
@@ -386,6 +392,7 @@ class Supervisor:
     # ------------------------------------------------------------ the end
     def finish(self) -> int:
         """How QEMU ended, recorded once; then the guest's run-time files and network go."""
+        from kvmrun.guest import ending
         assert self.proc is not None
         returncode = self.proc.wait()
         self.end_helpers()
@@ -411,6 +418,7 @@ class Supervisor:
     def run(self) -> int:
         try:
             if not self.start_qemu():
+                from kvmrun.guest import ending
                 ending.record_end(self.guest, self.state, self.state.get("ended") or {
                     "reason": "failed-to-start", "detail": "QEMU failed to start"},
                     exits.EXIT_LAUNCH)

@@ -112,6 +112,35 @@ def test_start_status_stop(kr, tiny_guest):
 
 @pytest.mark.slow
 @pytest.mark.qemu
+def test_one_stop_of_several_guests(kr, tiny_guest):
+    """`kvmrun stop A B C` stops them all at once in one process: a line (a list entry with
+    --json) per guest in the order given, a guest that fails does not keep the others
+    running, and the exit code is that of the first failure."""
+    for name in ("a", "b"):
+        kr.start(kr.profile(name, tiny_guest))
+    qemus = [kr.status(name)["pid"] for name in ("a", "b")]
+
+    done = kr.run("stop", "b", "nope", "a", "--json")
+    assert done.code == 4, done
+    results = json.loads(done.out)
+    assert [r["name"] for r in results] == ["b", "nope", "a"]
+    assert results[0]["stage"] == results[2]["stage"] == "acpi"
+    assert results[1]["exit_code"] == 4 and "nope" in results[1]["error"]
+    assert "kvmrun: error: nope: " in done.err
+    assert not any(pid_alive(q) for q in qemus)
+    for name in ("a", "b"):
+        info = kr.status(name)
+        assert info["state"] == "stopped" and info["ended"]["by"] == "kvmrun stop"
+
+    kr.start(kr.profile("a", tiny_guest))
+    kr.start(kr.profile("b", tiny_guest))
+    assert kr.ok("stop", "a", "b").out.splitlines() == [
+        "stopped a: the guest powered off (shutdown method acpi)",
+        "stopped b: the guest powered off (shutdown method acpi)"]
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
 def test_kill_is_a_hard_power_off(kr, tiny_guest):
     kr.start(kr.profile("g", tiny_guest))
     qemu = kr.status("g")["pid"]

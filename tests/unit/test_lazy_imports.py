@@ -77,6 +77,7 @@ INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
 STOP = CLI | {"kvmrun.cli.power", "kvmrun.ops.power", "kvmrun.guest.qmp",
               "kvmrun.guest.shutdown", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
               "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # the end
+              "kvmrun.guest.spawn",                              # (helpers' own; stdlib os)
               "kvmrun.ops.systemd", "kvmrun.guest.notify"}    # through kvmrun@NAME if enabled
 # The quick start, up to the fork of the supervisor (the supervisor's own imports happen in
 # the child); no typer, no profile model, no compiler.
@@ -85,7 +86,8 @@ QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvm
                "kvmrun.guest.launch", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
                "kvmrun.guest.shutdown", "kvmrun.net", "kvmrun.net.ports", "kvmrun.ops",
                "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe",
-               "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers"}  # ending
+               "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # ending
+               "kvmrun.guest.spawn"}
 # ... and once it started a guest, the lines it prints
 QUICK_STARTED = QUICK_START | {"kvmrun.cli.text"}
 
