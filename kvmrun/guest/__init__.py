@@ -8,7 +8,7 @@ only (tests/unit/test_layers.py checks it): one supervisor per guest must stay s
     shutdown    the shutdown ladder
     ending      why a guest ended, and the one end-of-guest clean-up
     netrecord   the network record of a guest and its teardown
-    notify      sd_notify, the unit a process runs in, inotify
+    notify      sd_notify, the unit a process runs in, a directory watch (dnotify)
     supervisor  the supervisor process (python -m kvmrun.guest.supervisor)
     console     relaying a terminal to the serial console
 """

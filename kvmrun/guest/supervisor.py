@@ -30,7 +30,7 @@ from pathlib import Path
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, QMPError
 from kvmrun.guest import exits, spawn
-from kvmrun.guest.notify import current_unit, log, notify, watch_file
+from kvmrun.guest.notify import current_unit, log, notify, watch_dir
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, State
 from kvmrun.guest.shutdown import GRACE, RESEND, Ladder
@@ -272,52 +272,53 @@ class Supervisor:
                 return
             self.handle_event(event)
 
-    def signal_fd(self) -> int | None:
-        if not self.foreground:
-            return None
+    def wakeup_fd(self) -> int:
+        """The pipe every handled signal writes its number to (signal.set_wakeup_fd): the
+        stop signals in the foreground, and SIGIO, which the console log's directory
+        watch (dnotify) sends whenever a file there is written."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wfd)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self.on_signal)
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGIO, lambda signum, frame: None)
+        if self.foreground:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self.on_signal)
         return rfd
 
     def loop(self) -> None:
         """Sleep until something happens: QEMU exits, QMP sends an event, a signal, the
-        console log is written (inotify: the ready pattern, and the log's size for
+        console log is written (dnotify: the ready pattern, and the log's size for
         rotation at most every LOG_CHECK s), the ready deadline, the watchdog. An idle guest
         whose console is quiet wakes the supervisor for nothing."""
         ready_deadline = time.monotonic() + self.launch.ready_timeout
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 / 2
         next_ping = time.monotonic() + watchdog if watchdog else None
         next_log_check, log_written = time.monotonic(), False
-        sigfd = self.signal_fd()
-        console_fd = watch_file(self.paths.serial_log)
-        poll_log = console_fd is None and self.paths.serial_log.exists()   # no inotify here
+        sigfd = self.wakeup_fd()
+        watch = watch_dir(self.paths.dir)          # kept open: SIGIO when the log grows
+        poll_log = watch is None and self.paths.serial_log.exists()   # no dnotify here
         while True:
             booting = self.phase is Phase.BOOTING and self.ready_re is not None
             waits: list[float] = []
-            if booting:              # without inotify, the console is polled at 20 Hz
-                waits.append(0.05 if console_fd is None else
+            if booting:              # without dnotify, the console is polled at 20 Hz
+                waits.append(0.05 if watch is None else
                              max(0.0, ready_deadline - time.monotonic()))
             if next_ping:
                 waits.append(max(0.0, next_ping - time.monotonic()))
             if log_written or poll_log:
                 waits.append(max(0.0, next_log_check - time.monotonic()))
-            fds = [fd for fd in (self.pidfd, self.qmp.fileno() if self.qmp else None, sigfd,
-                                 console_fd) if fd is not None]
+            fds = [fd for fd in (self.pidfd, self.qmp.fileno() if self.qmp else None, sigfd)
+                   if fd is not None]
             timeout = min(waits, default=None)
             readable, _, _ = select.select(
                 fds, [], [], None if timeout in (None, INF) else timeout)
-            if console_fd in readable:
+            if sigfd in readable:
                 try:
-                    os.read(console_fd, 65536)
+                    if signal.SIGIO in os.read(sigfd, 512):
+                        log_written = True
                 except BlockingIOError:
                     pass
-                log_written = True
             if self.qmp and self.qmp.fileno() in readable:
                 self.drain_events()
-            if sigfd in readable:
-                os.read(sigfd, 512)
             if self.stop_requested:
                 self.stop_on_signal()
             if self.pidfd in readable:
