@@ -10,7 +10,6 @@ an unknown one, every module is imported so typer can list them and suggest name
 
 from __future__ import annotations
 
-import errno
 import importlib
 import re
 import signal
@@ -20,9 +19,8 @@ import typer
 
 from kvmrun.cli import nopydantic
 from kvmrun.cli.app import SETTINGS, app, err
-from kvmrun.errors import KvmrunError
+from kvmrun.cli.text import failure
 from kvmrun.ops.remote import split_hosts
-from kvmrun.proc import debug
 
 VERBS: dict[str, str] = {
     "cmdline": "profile", "validate": "profile", "schema": "profile",
@@ -96,26 +94,6 @@ def build_command(argv: list[str]):
     return typer.main.get_command(only)
 
 
-PLAIN_ERRNOS = {errno.ENOSPC: "free some space, or move it with KVMRUN_RUN_DIR / "
-                               "KVMRUN_DATA_DIR",
-                errno.EDQUOT: "the disk quota is used up",
-                errno.EROFS: "the file system is mounted read-only",
-                errno.EACCES: "check the owner and mode of the file and its directories",
-                errno.EPERM: "check the owner and mode of the file and its directories",
-                errno.ENAMETOOLONG: "use a shorter path",
-                errno.EMFILE: "too many open files (ulimit -n)"}
-
-
-def plain_oserror(e: OSError) -> str:
-    """An OS error as a user reads it: what failed on which file, and what to do (a full
-    disk, a read-only file system, a permission, a long name are not internal errors)."""
-    where = f"{e.filename}: " if e.filename else ""
-    where = where if len(where) <= 120 else where[:100] + "…: "
-    text = f"{where}{e.strerror or e}"
-    hint = PLAIN_ERRNOS.get(e.errno)
-    return text + (f"\n  hint: {hint}" if hint else "")
-
-
 def run(argv: list[str]) -> int:
     """One call: on this host, or (with -H/--host or $KVMRUN_HOST) through ssh on another
     (kvmrun.cli.hosts)."""
@@ -157,29 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as e:           # usage errors: bad flags, missing arguments
         e.show() if hasattr(e, "show") else err(f"kvmrun: error: {e.format_message()}")
         code = e.exit_code
-    except KvmrunError as e:
-        if debug():
-            import traceback
-            traceback.print_exc()
-        err(f"kvmrun: error: {e}")
-        code = e.exit_code
-    except KeyboardInterrupt:
-        err("kvmrun: interrupted")
-        code = 130
-    except BrokenPipeError:
-        code = 0
-    except OSError as e:
-        if debug():
-            import traceback
-            traceback.print_exc()
-        err(f"kvmrun: error: {plain_oserror(e)}")
-        code = 1
-    except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks
-        if debug():
-            import traceback
-            traceback.print_exc()
-        err(f"kvmrun: internal error: {type(e).__name__}: {e}\n"
-            "  hint: run again with --debug for a traceback, and please report it")
-        code = 1
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - the last line of defence
+        code = failure(e)                        # kvmrun.cli.text: no tracebacks
     sys.stdout.flush()
     sys.exit(code)

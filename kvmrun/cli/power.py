@@ -11,28 +11,10 @@ from typing import Optional
 import typer
 
 from kvmrun.cli.app import NameArg, app, emit_json, err, guest, json_object, out
+from kvmrun.cli.text import progress, stopped
 from kvmrun.errors import GuestError
 from kvmrun.guest.rundir import require_running
 from kvmrun.ops import power, systemd
-
-
-def _progress():
-    tty = sys.stderr.isatty()
-    started = time.monotonic()
-
-    def show(stage: str, message: str) -> None:
-        line = f"[{time.monotonic() - started:5.1f}s] {message}"
-        if tty:
-            sys.stderr.write("\r\033[K" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    return show, tty
-
-
-STOPPED = {"acpi": "the guest powered off", "agent": "the guest agent powered it off",
-           "console": "the guest powered off from its console",
-           "already-exited": "it had already exited"}
 
 
 @app.command()
@@ -57,7 +39,7 @@ def stop(
     first guest that failed."""
     if len(names) > 1:
         raise typer.Exit(_stop_many(names, timeout, force, as_json, no_unit))
-    show, tty = _progress()
+    show, tty = progress()
     try:
         result, line = _stop_one(names[0], timeout, force, no_unit, show)
     finally:
@@ -76,8 +58,7 @@ def _stop_one(name: str, timeout: float | None, force: bool, no_unit: bool,
             systemd.refuse_options(unit, ["--timeout"] if timeout is not None else [])
             return _stop_unit(target, unit)
     result = power.stop(target, timeout, force, progress=show)
-    how = STOPPED.get(result["stage"], f"ended by {result['stage']}")
-    return result, f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})"
+    return result, stopped(name, result)
 
 
 def _stop_many(names: list[str], timeout: float | None, force: bool, as_json: bool,

@@ -4,7 +4,8 @@ Each verb's set of kvmrun modules, and of the heavy third-party ones (typer, cli
 pydantic, yaml, psutil), is pinned exactly: a new import on one of these paths fails here
 until it is added on purpose. `status` and `list` run on the run directory and QMP alone (no
 YAML, no profile model, no psutil); no verb pulls in pydantic through typer's parameter
-coercion (kvmrun.cli.nopydantic); the quick start imports no typer at all. A typer upgrade
+coercion (kvmrun.cli.nopydantic); the quick start and a plain `stop NAME` import no typer
+at all. A typer upgrade
 that brings pydantic back into every call fails here too.
 """
 
@@ -66,7 +67,7 @@ HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.qemu.compile",
 CLI = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.entry", "kvmrun.cli.app",
        "kvmrun.cli.nopydantic", "kvmrun.errors", "kvmrun.files", "kvmrun.paths",
        "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir", "kvmrun.guest.launch",
-       "kvmrun.ops", "kvmrun.ops.remote"}
+       "kvmrun.ops", "kvmrun.ops.remote", "kvmrun.cli.text"}
 INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
                  "kvmrun.guest.agent",             # agent.has_port: status shows the socket
                  "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
@@ -74,11 +75,17 @@ INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
                  "kvmrun.guest.cgroup",           # the limits' cgroup of a running guest
                  "kvmrun.guest.exits",            # a dead supervisor's guest: how QEMU ended
                  "kvmrun.guest.shutdown"}         # (its stages name the hard ends)
-STOP = CLI | {"kvmrun.cli.power", "kvmrun.ops.power", "kvmrun.guest.qmp",
-              "kvmrun.guest.shutdown", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
-              "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # the end
-              "kvmrun.guest.spawn",                              # (helpers' own; stdlib os)
-              "kvmrun.ops.systemd", "kvmrun.guest.notify"}    # through kvmrun@NAME if enabled
+# What stopping a guest needs, and `kvmrun stop NAME` (no option) imports nothing more: it is
+# served before typer (kvmrun.cli.quick). With an option it goes through typer's CLI.
+POWER = {"kvmrun.ops.power", "kvmrun.guest.qmp", "kvmrun.guest.shutdown",
+         "kvmrun.guest.ending", "kvmrun.guest.netrecord", "kvmrun.guest.exits",
+         "kvmrun.guest.cgroup", "kvmrun.guest.helpers",                   # the guest's end
+         "kvmrun.guest.spawn",                                 # (helpers' own; stdlib os)
+         "kvmrun.ops.systemd", "kvmrun.guest.notify"}       # through kvmrun@NAME if enabled
+QUICK_STOP = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kvmrun.errors",
+              "kvmrun.files", "kvmrun.paths", "kvmrun.proc", "kvmrun.guest",
+              "kvmrun.guest.rundir", "kvmrun.guest.launch", "kvmrun.ops"} | POWER
+STOP = CLI | POWER | {"kvmrun.cli.power"}
 # The quick start, up to the fork of the supervisor (the supervisor's own imports happen in
 # the child); no typer, no profile model, no compiler.
 QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvmrun.files",
@@ -87,20 +94,41 @@ QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvm
                "kvmrun.guest.shutdown", "kvmrun.net", "kvmrun.net.ports", "kvmrun.ops",
                "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe",
                "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # ending
-               "kvmrun.guest.spawn"}
-# ... and once it started a guest, the lines it prints
-QUICK_STARTED = QUICK_START | {"kvmrun.cli.text"}
+               "kvmrun.guest.spawn", "kvmrun.cli.text"}          # its lines, its errors
+QUICK_STARTED = QUICK_START               # (what test_lifecycle pins after a real start)
 
 
 @pytest.mark.parametrize("args, expected", [
     (["list", "--json"], INSPECT), (["list"], INSPECT),
     (["status", "web1", "--json"], INSPECT), (["status", "web1"], INSPECT),
-    (["stop", "web1"], STOP)])
+    (["stop", "web1", "--json"], STOP), (["stop", "--force", "web1"], STOP)])
 def test_each_quick_verb_imports_exactly_what_it_uses(tmp_path, args, expected):
     loaded = modules_after(tmp_path, *args)
     assert ours(loaded) == expected
     assert heavy(loaded) == {"typer"}             # typer 0.29 vendors click; no rich
     assert not HEAVY & loaded
+
+
+def test_a_plain_stop_imports_no_typer_and_says_what_the_full_cli_says(tmp_path):
+    """`kvmrun stop NAME` is served before typer; its refusal is the full CLI's, word for
+    word and exit code for exit code (here: a guest that does not run, a bad name)."""
+    env = env_for(tmp_path)
+    loaded, _ = imported_by(["stop", "web1"], env)
+    assert ours(loaded) == QUICK_STOP
+    assert not heavy(loaded)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "kvmrun", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+    for name in ("web1", "no/such"):
+        quick, full = run("stop", name), run("stop", name, "--force")
+        assert quick.returncode == full.returncode != 0
+        assert quick.stderr == full.stderr and quick.stderr.startswith("kvmrun: error: ")
+    remote = subprocess.run([sys.executable, "-c", PROBE, "stop", "web1"],
+                            env={**env, "KVMRUN_HOST": "nosuchhost.invalid",
+                                 "KVMRUN_SSH": "false"},
+                            capture_output=True, text=True, timeout=60)
+    assert "typer" in remote.stdout.rsplit("\nMODULES ", 1)[1]   # another host: full CLI
 
 
 def test_the_quick_start_imports_no_typer(tmp_path):
