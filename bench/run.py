@@ -16,7 +16,10 @@ The guest is the tiny test guest (tests/guest/build.py) under TCG.
                     (query-status over QMP) and `python -c 'import typer'`; plus what each verb
                     imports (python -X importtime)
     4 memory        RSS and PSS (/proc/PID/smaps_rollup) of the supervisor, 1 and 20 guests,
-                    then of as many bare interpreters once the guests are gone
+                    then of as many bare interpreters once the guests are gone; PSS of 20
+                    supervisors forked by quick starts; an idle supervisor's wake-ups
+                    (context switches) and CPU ticks over 60 s of a ready guest, exec'd and
+                    forked (--idle-seconds)
     5 scale         N guests started concurrently until all ready, vs N raw QEMUs (first
                     start: the full path; again: the quick start); `kvmrun list --json` with
                     N running; stopping all N with N `kvmrun stop NAME` at once, and with one
@@ -72,7 +75,8 @@ def fmt(s: dict, unit: str) -> str:
     if not s or s.get("median") is None:
         return "-"
     scale, suffix, digits = {"s": (1, " s", 2), "ms": (1000, " ms", 1),
-                             "MiB": (1, " MiB", 2)}[unit]
+                             "MiB": (1, " MiB", 2), "/s": (1, " /s", 2),
+                             "ticks": (1, " ticks", 0)}[unit]
     if unit == "ms" and s["median"] * 1000 >= 1000:
         scale, suffix, digits = 1, " s", 2
     v = [s[k] * scale for k in ("median", "min", "max")]
@@ -490,6 +494,18 @@ def smaps(pid: int) -> dict:
     return values
 
 
+def forked(pid: int) -> bool:
+    """Whether a supervisor was forked by a quick start (its command line is the `kvmrun
+    start` that forked it) rather than exec'd (`python -I -S -c …supervisor…`)."""
+    return " -c " not in cmdline(pid)
+
+
+def start_all(b: Bench, names: list[str]) -> None:
+    """A plain `kvmrun start PROFILE` of each at once, until all returned (ready)."""
+    procs = {n: b.popen([KVMRUN, "start", str(b.profile(n, SMALL))]) for n in names}
+    wait_all({}, procs, "kvmrun start")
+
+
 def bench_memory(b: Bench, counts: list[int], note) -> list[dict]:
     rows = []
     for count in counts:
@@ -514,6 +530,63 @@ def bench_memory(b: Bench, counts: list[int], note) -> list[dict]:
                             f"{key.upper()} of a bare `python -c sleep` ({count} running)",
                             [s[key] for s in sup], [s[key] for s in floor], "MiB", target,
                             absolute=(lambda ks, rs: ks["median"] <= 6.0) if target else None))
+    return rows
+
+
+def bench_forked_memory(b: Bench, count: int, note) -> list[dict]:
+    """PSS of supervisors forked by quick starts (how an unchanged profile starts): each
+    keeps what the `kvmrun start` that forked it had loaded. The first plain start of new
+    profiles takes the full path and caches the launch; the second is the quick start."""
+    names = [f"f{count}-{i}" for i in range(count)]
+    note(f"memory: {count} guests started twice (full path, then quick start) …")
+    start_all(b, names)
+    for name in names:
+        b.kvmrun("kill", name)
+    start_all(b, names)
+    time.sleep(3)
+    pids = [b.state(n)["supervisor_pid"] for n in names]
+    sup = [smaps(pid) for pid in pids]
+    n_forked = sum(forked(pid) for pid in pids)
+    for name in names:
+        b.kvmrun("kill", name)
+    return [row(f"memory: supervisor PSS, {count} guests, quick-started",
+                f"PSS per supervisor ({count} running; {n_forked} of them forked by a quick "
+                "start)", "-", [s["pss"] for s in sup], [], "MiB", "≤ 6 MiB PSS per guest",
+                absolute=lambda ks, rs: ks["median"] <= 6.0)]
+
+
+def proc_counters(pid: int) -> tuple[int, int]:
+    """(context switches, CPU ticks) of a process so far: every wake-up from a sleep is a
+    voluntary switch."""
+    switches = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+            switches += int(line.split()[1])
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return switches, int(fields[11]) + int(fields[12])         # utime + stime
+
+
+def bench_idle(b: Bench, seconds: float, note) -> list[dict]:
+    """What a supervisor does while its guest runs and is quiet (no watchdog): its
+    wake-ups and CPU over `seconds`, exec'd (full path) and forked (quick start)."""
+    rows = []
+    for how in ("full path", "quick start"):      # a new profile, then the same again
+        note(f"idle: one ready guest ({how}), its supervisor over {seconds:g} s …")
+        b.kvmrun("start", b.profile("idle", SMALL))
+        pid = b.state("idle")["supervisor_pid"]
+        was = "forked by the quick start" if forked(pid) else "exec'd"
+        time.sleep(5)                                  # the boot's last console lines
+        s0, t0 = proc_counters(pid)
+        time.sleep(seconds)
+        s1, t1 = proc_counters(pid)
+        b.kvmrun("kill", "idle")
+        what = f"over {seconds:g} s of a ready, quiet guest (its supervisor {was})"
+        rows.append(row(f"idle supervisor: wake-ups/s ({how})", f"context switches/s {what}",
+                        "-", [(s1 - s0) / seconds], [], "/s", "0 /s (no watchdog)",
+                        absolute=lambda ks, rs: ks["median"] == 0))
+        rows.append(row(f"idle supervisor: CPU ticks ({how})", f"utime+stime ticks {what}",
+                        "-", [t1 - t0], [], "ticks", None))
     return rows
 
 
@@ -687,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="guests started, listed and stopped at once in section 5 (50)")
     ap.add_argument("--scale-runs", type=int, default=1, help="scale pairs (default 1)")
     ap.add_argument("--memory-guests", type=int, default=20, help="the many-guests count (20)")
+    ap.add_argument("--idle-seconds", type=float, default=60,
+                    help="how long section 4 watches an idle supervisor (60)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 pairs, 5 CLI rounds, memory 1+3, scale 3")
     ap.add_argument("--only", default="1,3,4,5,K",
@@ -698,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.cli_runs, args.scale, args.memory_guests = 2, 5, 3, 3
+        args.idle_seconds = 10
     only = {s.strip() for s in args.only.split(",")}
     if KVMRUN is None:
         sys.exit(f"no kvmrun next to {PY}; run with the venv's python (make bench)")
@@ -725,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += cli_rows
         if "4" in only:
             rows += bench_memory(b, [1, args.memory_guests], note)
+            rows += bench_forked_memory(b, args.memory_guests, note)
+            rows += bench_idle(b, args.idle_seconds, note)
         if "K" in only or "k" in only:
             rows += bench_kvm(guest, args.kvm_pairs, args.keep, note)
         if "5" in only:
@@ -741,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     info["duration_s"] = round(time.time() - t_start)
     settings = {"pairs": args.pairs, "cli_runs": args.cli_runs, "scale": args.scale,
                 "scale_runs": args.scale_runs, "memory_guests": args.memory_guests,
+                "idle_seconds": args.idle_seconds,
                 "kvm_pairs": args.kvm_pairs,
                 "quick": args.quick, "sections": sorted(only),
                 "command": "python bench/run.py " + " ".join(argv if argv is not None
