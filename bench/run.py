@@ -85,12 +85,17 @@ def fmt(s: dict, unit: str) -> str:
 
 # ---------------------------------------------------------------- processes
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: [0] is the state, [11] utime, [19] start."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def starttime(pid: int) -> int | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat_fields(pid)[19])
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def cmdline(pid: int) -> str:
@@ -562,8 +567,7 @@ def proc_counters(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
             switches += int(line.split()[1])
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat_fields(pid)
     return switches, int(fields[11]) + int(fields[12])         # utime + stime
 
 

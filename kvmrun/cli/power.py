@@ -39,12 +39,8 @@ def stop(
     first guest that failed."""
     if len(names) > 1:
         raise typer.Exit(_stop_many(names, timeout, force, as_json, no_unit))
-    show, tty = progress()
-    try:
+    with progress() as show:
         result, line = _stop_one(names[0], timeout, force, no_unit, show)
-    finally:
-        if tty:
-            sys.stderr.write("\n")
     emit_json(result) if as_json else out(line)
 
 

@@ -95,12 +95,8 @@ def _quick_stop(name: str) -> int | None:
         target = Guest(check_name(name))
         if systemd.unit_for(name, (target.read_state() or {}).get("unit")):
             return None
-        show, tty = progress()
-        try:
+        with progress() as show:
             result = power.stop(target, progress=show)
-        finally:
-            if tty:
-                sys.stderr.write("\n")
     except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - as the full CLI: no traceback
         return failure(e)
     sys.stdout.write(stopped(name, result) + "\n")

@@ -3,6 +3,7 @@ start path prints it too)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import time
@@ -46,8 +47,10 @@ def stopped(name: str, result: dict) -> str:
     return f"stopped {name}: {how} (shutdown method {result.get('method') or 'acpi'})"
 
 
+@contextlib.contextmanager
 def progress():
-    """(show, tty): a long wait's steps on stderr, rewritten in place on a terminal."""
+    """`with progress() as show:` a long wait's steps on stderr, rewritten in place on a
+    terminal (whose line is ended when the wait is over, however it ends)."""
     tty = sys.stderr.isatty()
     started = time.monotonic()
 
@@ -58,7 +61,11 @@ def progress():
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
-    return show, tty
+    try:
+        yield show
+    finally:
+        if tty:
+            sys.stderr.write("\n")
 
 
 PLAIN_ERRNOS = {errno.ENOSPC: "free some space, or move it with KVMRUN_RUN_DIR / "

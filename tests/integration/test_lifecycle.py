@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import pid_alive
-from tests.unit.test_lazy_imports import QUICK_STARTED, heavy, imported_by, ours
+from tests.unit.test_lazy_imports import QUICK_START, heavy, imported_by, ours
 
 SOCKETS = {"qmp.sock", "qmp-cli.sock", "console.sock"}
 KEPT = {"state.json", "events.jsonl", "serial.log", "qemu.log"}
@@ -553,7 +553,7 @@ def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest
     loaded, out = imported_by(["start", profile], kr.env, timeout=600)
     assert out.splitlines()[0].startswith("started q (pid ") and "ready" in out
     assert out.splitlines()[1:] == first.out.splitlines()[1:]
-    assert ours(loaded) == QUICK_STARTED and not heavy(loaded)     # no typer, no yaml
+    assert ours(loaded) == QUICK_START and not heavy(loaded)     # no typer, no yaml
     assert not supervisor_execd(kr, "q")  # forked
     assert recorded_state(kr, "q")["argv"] == argv
     assert kr.status("q")["state"] == "running"

@@ -95,7 +95,6 @@ QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvm
                "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe",
                "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # ending
                "kvmrun.guest.spawn", "kvmrun.cli.text"}          # its lines, its errors
-QUICK_STARTED = QUICK_START               # (what test_lifecycle pins after a real start)
 
 
 @pytest.mark.parametrize("args, expected", [
