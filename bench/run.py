@@ -17,9 +17,9 @@ The guest is the tiny test guest (tests/guest/build.py) under TCG.
                     imports (python -X importtime)
     4 memory        RSS and PSS (/proc/PID/smaps_rollup) of the supervisor, 1 and 20 guests,
                     then of as many bare interpreters once the guests are gone; PSS of 20
-                    supervisors forked by quick starts; an idle supervisor's wake-ups
-                    (context switches) and CPU ticks over 60 s of a ready guest, exec'd and
-                    forked (--idle-seconds)
+                    supervisors started by quick starts (forked, then handed over); an idle
+                    supervisor's wake-ups (context switches) and CPU ticks over 60 s of a
+                    ready guest, after a full-path and a quick start (--idle-seconds)
     5 scale         N guests started concurrently until all ready, vs N raw QEMUs (first
                     start: the full path; again: the quick start); `kvmrun list --json` with
                     N running; stopping all N with N `kvmrun stop NAME` at once, and with one
@@ -499,10 +499,15 @@ def smaps(pid: int) -> dict:
     return values
 
 
-def forked(pid: int) -> bool:
-    """Whether a supervisor was forked by a quick start (its command line is the `kvmrun
-    start` that forked it) rather than exec'd (`python -I -S -c …supervisor…`)."""
-    return " -c " not in cmdline(pid)
+def how_started(pid: int) -> str:
+    """How a supervisor came to be: forked by a quick start and still that process (its
+    command line is the `kvmrun start` that forked it), forked and then handed over to a
+    lean interpreter once QEMU was spawned (`… --adopt QEMU_PID`), or exec'd (the full
+    path: `python -I -S -c …supervisor…`)."""
+    line = cmdline(pid)
+    if " -c " not in line:
+        return "forked"
+    return "handed over" if " --adopt " in line else "exec'd"
 
 
 def start_all(b: Bench, names: list[str]) -> None:
@@ -539,9 +544,11 @@ def bench_memory(b: Bench, counts: list[int], note) -> list[dict]:
 
 
 def bench_forked_memory(b: Bench, count: int, note) -> list[dict]:
-    """PSS of supervisors forked by quick starts (how an unchanged profile starts): each
-    keeps what the `kvmrun start` that forked it had loaded. The first plain start of new
-    profiles takes the full path and caches the launch; the second is the quick start."""
+    """PSS of supervisors started by quick starts (how an unchanged profile starts): forked
+    by `kvmrun start`, they hand over to a lean interpreter once QEMU is spawned (until
+    then they kept the pages of the `kvmrun start` that forked them). The first plain start
+    of new profiles takes the full path and caches the launch; the second is the quick
+    start."""
     names = [f"f{count}-{i}" for i in range(count)]
     note(f"memory: {count} guests started twice (full path, then quick start) …")
     start_all(b, names)
@@ -551,12 +558,12 @@ def bench_forked_memory(b: Bench, count: int, note) -> list[dict]:
     time.sleep(3)
     pids = [b.state(n)["supervisor_pid"] for n in names]
     sup = [smaps(pid) for pid in pids]
-    n_forked = sum(forked(pid) for pid in pids)
+    hows = [how_started(pid) for pid in pids]
+    said = ", ".join(f"{hows.count(h)} {h}" for h in dict.fromkeys(hows))
     for name in names:
         b.kvmrun("kill", name)
     return [row(f"memory: supervisor PSS, {count} guests, quick-started",
-                f"PSS per supervisor ({count} running; {n_forked} of them forked by a quick "
-                "start)", "-", [s["pss"] for s in sup], [], "MiB", "≤ 6 MiB PSS per guest",
+                f"PSS per supervisor ({count} running, started by quick starts: {said})", "-", [s["pss"] for s in sup], [], "MiB", "≤ 6 MiB PSS per guest",
                 absolute=lambda ks, rs: ks["median"] <= 6.0)]
 
 
@@ -573,13 +580,13 @@ def proc_counters(pid: int) -> tuple[int, int]:
 
 def bench_idle(b: Bench, seconds: float, note) -> list[dict]:
     """What a supervisor does while its guest runs and is quiet (no watchdog): its
-    wake-ups and CPU over `seconds`, exec'd (full path) and forked (quick start)."""
+    wake-ups and CPU over `seconds`, after a full-path start and after a quick start."""
     rows = []
     for how in ("full path", "quick start"):      # a new profile, then the same again
         note(f"idle: one ready guest ({how}), its supervisor over {seconds:g} s …")
         b.kvmrun("start", b.profile("idle", SMALL))
         pid = b.state("idle")["supervisor_pid"]
-        was = "forked by the quick start" if forked(pid) else "exec'd"
+        was = how_started(pid)
         time.sleep(5)                                  # the boot's last console lines
         s0, t0 = proc_counters(pid)
         time.sleep(seconds)

@@ -39,6 +39,14 @@ class Child:
             raise
         self.returncode: int | None = None
 
+    @classmethod
+    def adopt(cls, pid: int) -> "Child":
+        """A child this process started before it exec'd itself (the supervisor's hand-over):
+        ChildProcessError unless `pid` is an unreaped child of ours, which it cannot stop
+        being, so its pidfd names that very process."""
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return cls(pid)
+
     def poll(self) -> int | None:
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)

@@ -57,8 +57,13 @@ class Phase(str, enum.Enum):
 
 class Supervisor:
     def __init__(self, guest: Guest, ready_fd: int | None, foreground: bool,
-                 incoming: bool = False):
+                 incoming: bool = False, handover: bool = False, adopt: int | None = None):
+        """`handover`: once QEMU is spawned, exec a lean supervisor in this process's place
+        (a quick start forks the supervisor from `kvmrun start`, whose pages it would keep);
+        `adopt`: that lean supervisor, taking over QEMU (this PID) and the helpers."""
         self.guest = guest
+        self.handover = handover
+        self.adopt = adopt
         self.paths = guest.paths
         self.launch = guest.read_launch()
         self.ready_fd = ready_fd
@@ -147,6 +152,12 @@ class Supervisor:
         except OSError as err:
             return self.launch_failed(f"cannot run {argv[0]}: {err.strerror}")
         self.save(qemu_pid=self.proc.pid, qemu_starttime=proc.starttime(self.proc.pid))
+        if self.handover:
+            self.exec_lean()                # returns only when that is not possible
+        return self.qemu_up()
+
+    def qemu_up(self) -> bool:
+        """QEMU is spawned: its monitor, its first state, the news for `kvmrun start`."""
         if not self.connect_qmp():
             return False
         running = self.qmp.execute("query-status").get("running")
@@ -157,6 +168,46 @@ class Supervisor:
         if not self.ready_re and not self.incoming:
             self.became_ready()
         return True
+
+    def exec_lean(self) -> None:
+        """Hand this supervisor over to a lean interpreter of its own (`command`), in this
+        process: QEMU and the helpers stay its children, the ready pipe stays open, and
+        state.json (already written) tells it the rest. Not when state.json could not be
+        written: then this process supervises on, only heavier."""
+        on_disk = self.guest.read_state() or {}
+        if any(on_disk.get(key) != self.state.get(key)
+               for key in ("run_id", "qemu_pid", "qemu_starttime", "helpers")):
+            return
+        extra = ["--adopt", str(self.proc.pid)]
+        if self.ready_fd is not None:
+            os.set_inheritable(self.ready_fd, True)
+            extra += ["--ready-fd", str(self.ready_fd)]
+        argv = command(self.guest.name, self.paths.dir.parent, *extra)
+        try:
+            os.execv(argv[0], argv)
+        except OSError as err:
+            log(f"{self.guest.name}: cannot exec a lean supervisor ({err.strerror}); "
+                "this one goes on")
+            if self.ready_fd is not None:
+                os.set_inheritable(self.ready_fd, False)
+
+    def take_over(self) -> bool:
+        """The lean supervisor of a hand-over: QEMU (pid `adopt`) and the helpers that the
+        state records are this process's children already."""
+        from kvmrun.guest.helpers import Helper
+        self.proc = spawn.Child.adopt(self.adopt)
+        self.state = self.guest.read_state() or {}
+        if self.state.get("qemu_pid") != self.adopt or not self.owns_run():
+            self.proc.kill()          # exec_lean checked this before it exec'd: not seen
+            self.proc.wait()
+            return self.launch_failed(f"the hand-over found no record of QEMU pid "
+                                      f"{self.adopt} in {self.paths.state}")
+        for spec, record in zip(self.launch.helpers, self.state.get("helpers") or []):
+            helper = Helper(spec["name"], spec["argv"], spec["socket"],
+                            self.paths.helper_log(spec["name"]))
+            helper.proc = spawn.Child.adopt(record["pid"])
+            self.helpers.push(helper)
+        return self.qemu_up()
 
     def start_helpers(self) -> bool:
         """Each helper of the launch record, started and listening, before QEMU (which
@@ -418,7 +469,7 @@ class Supervisor:
 
     def run(self) -> int:
         try:
-            if not self.start_qemu():
+            if not (self.take_over() if self.adopt else self.start_qemu()):
                 from kvmrun.guest import ending
                 ending.record_end(self.guest, self.state, self.state.get("ended") or {
                     "reason": "failed-to-start", "detail": "QEMU failed to start"},
@@ -433,14 +484,26 @@ class Supervisor:
 
 
 USAGE = ("usage: python -m kvmrun.guest.supervisor NAME --run-dir DIR [--ready-fd FD] "
-         "[--foreground] [--incoming]")
+         "[--foreground] [--incoming] [--adopt QEMU_PID]")
+COMMAND = ("import sys; sys.path.insert(0, {root!r}); "
+           "from kvmrun.guest.supervisor import main; sys.exit(main())")
+
+
+def command(name: str, base: Path, *extra: str) -> list[str]:
+    """The supervisor's own interpreter: isolated (-I) and without `site` (-S), whose .pth
+    files (an editable install's finder, setuptools' distutils hack) cost every guest's
+    supervisor ~1.7 MiB PSS; it needs the standard library and kvmrun, found where this
+    kvmrun is."""
+    root = str(Path(__file__).resolve().parents[2])
+    return [sys.executable, "-I", "-S", "-c", COMMAND.format(root=root), name,
+            "--run-dir", str(base), *extra]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Started by kvmrun only; parses its few arguments by hand (argparse would cost memory
     in every guest's supervisor)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    name, run_dir, ready_fd, foreground, incoming = None, None, None, False, False
+    name, run_dir, ready_fd, foreground, incoming, adopt = None, None, None, False, False, None
     try:
         while args:
             arg = args.pop(0)
@@ -452,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                 foreground = True
             elif arg == "--incoming":
                 incoming = True
+            elif arg == "--adopt":
+                adopt = int(args.pop(0))
             elif name is None and not arg.startswith("-"):
                 name = arg
             else:
@@ -461,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     if name is None or run_dir is None:
         sys.stderr.write(USAGE + "\n")
         return 2
-    return Supervisor(Guest(name, Path(run_dir)), ready_fd, foreground, incoming).run()
+    return Supervisor(Guest(name, Path(run_dir)), ready_fd, foreground, incoming,
+                      adopt=adopt).run()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 from kvmrun import arch as archmod
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
-from kvmrun.guest import cgroup, ending
+from kvmrun.guest import cgroup, ending, supervisor
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
@@ -294,26 +293,12 @@ def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> 
         undo.callback(shutil.rmtree, state, True)
     proc.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
               "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
-SUPERVISOR = ("import sys; sys.path.insert(0, {root!r}); "
-              "from kvmrun.guest.supervisor import main; sys.exit(main())")
-
-
-def supervisor_command(name: str, base: Path, *extra: str) -> list[str]:
-    """The supervisor's own interpreter: isolated (-I) and without `site` (-S), whose .pth
-    files (an editable install's finder, setuptools' distutils hack) cost every guest's
-    supervisor ~1.7 MiB PSS; it needs the standard library and kvmrun, found where this
-    kvmrun is."""
-    root = str(Path(__file__).resolve().parents[2])
-    return [sys.executable, "-I", "-S", "-c", SUPERVISOR.format(root=root), name,
-            "--run-dir", str(base), *extra]
-
-
 def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     errlog = files.open_private(guest.paths.supervisor_log, "ab")
     try:
         sup = subprocess.Popen(
-            supervisor_command(profile.name, guest.paths.dir.parent, "--ready-fd", str(wfd)),
+            supervisor.command(profile.name, guest.paths.dir.parent, "--ready-fd", str(wfd)),
             pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=errlog, start_new_session=True)
     finally:

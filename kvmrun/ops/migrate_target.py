@@ -163,7 +163,7 @@ def _mkdirs(directory: Path) -> list[str]:
 
 
 def _spawn(guest: Guest) -> None:
-    from kvmrun.ops.launch import supervisor_command
+    from kvmrun.guest.supervisor import command as supervisor_command
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     with open(guest.paths.supervisor_log, "ab") as errlog:
         subprocess.Popen(supervisor_command(guest.name, guest.paths.dir.parent, "--incoming",

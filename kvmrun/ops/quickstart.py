@@ -172,7 +172,7 @@ def _fork_and_wait(guest: Guest, launch: LaunchRecord, entry: dict, lock_fd: int
             os.closerange(3, wfd)                  # as Popen's close_fds: the guest's lock,
             os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX"))  # disk locks, the pipe end
             from kvmrun.guest.supervisor import Supervisor
-            code = Supervisor(guest, wfd, foreground=False).run()
+            code = Supervisor(guest, wfd, foreground=False, handover=True).run()
         except BaseException:
             import traceback
             traceback.print_exc()          # into supervisor.log

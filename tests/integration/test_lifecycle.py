@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import pid_alive
+from kvmrun import proc
+from tests.integration.conftest import parent_of, pid_alive, processes_with
 from tests.unit.test_lazy_imports import QUICK_START, heavy, imported_by, ours
 
 SOCKETS = {"qmp.sock", "qmp-cli.sock", "console.sock"}
@@ -529,22 +530,31 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
 
 # ---------------------------------------------------------------- the quick start
 
-def supervisor_execd(kr, name: str) -> bool:
-    """Whether the guest's supervisor is an interpreter of its own (the full path: python -I
-    -S -c '… from kvmrun.guest.supervisor import main …'), not a fork of `kvmrun start`."""
-    pid = recorded_state(kr, name)["supervisor_pid"]
-    return b"kvmrun.guest.supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+def supervisor_how(kr, name: str) -> str:
+    """How the guest's supervisor came to be: "exec'd" (the full path: python -I -S -c '…
+    from kvmrun.guest.supervisor import main …'), "handed over" (forked by a quick start,
+    then exec'd in place once QEMU was spawned: `--adopt QEMU_PID`), or "forked" (still
+    the `kvmrun start` that forked it)."""
+    state = recorded_state(kr, name)
+    argv = Path(f"/proc/{state['supervisor_pid']}/cmdline").read_bytes().split(b"\0")
+    if b"kvmrun.guest.supervisor" not in b" ".join(argv):
+        return "forked"
+    if b"--adopt" in argv:
+        assert argv[argv.index(b"--adopt") + 1] == str(state["qemu_pid"]).encode()
+        return "handed over"
+    return "exec'd"
 
 
 @pytest.mark.slow
 @pytest.mark.qemu
 def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest):
     """The second `kvmrun start` of an unchanged profile forks its supervisor from the
-    light entry point (no second interpreter); the guest is the same, it stops gracefully,
+    light entry point (no second interpreter before QEMU), which hands over to a lean
+    interpreter in place once QEMU is spawned; the guest is the same, it stops gracefully,
     and a change to the profile (or a file it names going away) takes the full path."""
     profile = kr.profile("q", tiny_guest)
     first = kr.ok("start", profile)
-    assert supervisor_execd(kr, "q")      # exec'd
+    assert supervisor_how(kr, "q") == "exec'd"
     argv = recorded_state(kr, "q")["argv"]
     kr.ok("stop", "q")
     assert len(list((kr.base / "cache" / "launch").glob("*.json"))) == 1
@@ -554,15 +564,22 @@ def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest
     assert out.splitlines()[0].startswith("started q (pid ") and "ready" in out
     assert out.splitlines()[1:] == first.out.splitlines()[1:]
     assert ours(loaded) == QUICK_START and not heavy(loaded)     # no typer, no yaml
-    assert not supervisor_execd(kr, "q")  # forked
-    assert recorded_state(kr, "q")["argv"] == argv
+    state = recorded_state(kr, "q")
+    assert supervisor_how(kr, "q") == "handed over"
+    assert parent_of(state["qemu_pid"]) == state["supervisor_pid"]   # still QEMU's parent
+    assert proc.identified(state["supervisor_pid"], state["supervisor_starttime"])
+    fds = Path(f"/proc/{state['supervisor_pid']}/fd")
+    pipes = [os.readlink(fd) for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:")]
+    assert len(pipes) == 2 and len(set(pipes)) == 1    # its wake-up pipe's two ends: the
+                                                       # ready pipe was closed at ready
+    assert state["argv"] == argv
     assert kr.status("q")["state"] == "running"
     assert "stopped q: the guest powered off" in kr.ok("stop", "q").out
     assert kr.status("q")["ended"]["stage"] == "acpi"
 
     profile.write_text(profile.read_text().replace("256M", "320M"))       # changed: full path
     kr.ok("start", profile)
-    assert supervisor_execd(kr, "q")
+    assert supervisor_how(kr, "q") == "exec'd"
     assert kr.status("q")["memory_mib"] == 320
     kr.ok("kill", "q")
     gone = kr.base / "gone.img"
@@ -573,3 +590,30 @@ def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest
     gone.unlink()                                # a file it names is gone: the full error
     result = kr.run("start", withdisk)
     assert result.code == 2 and "not found" in result.err
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_a_quick_start_whose_qemu_fails_leaves_nothing_behind(kr, tiny_guest):
+    """QEMU exits at once after a quick start spawned it (its kernel file was overwritten
+    in place, which the cached launch does not see): the lean supervisor that took over
+    reports QEMU's own error; no QEMU, no supervisor, no socket is left, and the next start
+    fails the same way."""
+    kernel = kr.base / "vmlinuz"
+    kernel.write_bytes(Path(tiny_guest.kernel).read_bytes())
+    profile = kr.profile("qf", tiny_guest, kernel={
+        "path": str(kernel), "initrd": str(tiny_guest.initrd),
+        "append": f"console={tiny_guest.console} quiet"})
+    kr.ok("start", profile)                   # the full path caches the launch
+    kr.ok("kill", "qf")
+    kernel.write_bytes(b"not a kernel\n" * 512)
+    loaded, _ = imported_by(["start", profile], kr.env, timeout=120)
+    assert not heavy(loaded)                  # the quick path took it (no typer, no yaml)
+    for _ in range(2):
+        result = kr.run("start", profile)
+        assert result.code == 7, result.err
+        assert "QEMU failed to start: QEMU exited with status 1 while starting" in result.err
+        assert "qemu said: qemu: linux kernel too old to load a ram disk" in result.err
+        left = sorted(p.name for p in kr.guest_dir("qf").iterdir())
+        assert left == ["lock", "network.json", "supervisor.log"], left
+        assert not processes_with(b"process=kvmrun-qf")          # no QEMU of the guest's

@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import sys
+import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,45 @@ def test_a_program_that_cannot_run(tmp_path, hook):
     with pytest.raises(ChildProcessError):               # no child left, not even a zombie
         os.waitpid(-1, os.WNOHANG)
     assert set(os.listdir("/proc/self/task")) == before
+
+
+ADOPTER = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from kvmrun.guest import spawn
+    child = spawn.Child.adopt(int(sys.argv[2]))
+    try:
+        spawn.Child.adopt(1)
+        stranger = "adopted"
+    except ChildProcessError:
+        stranger = "refused"
+    print(json.dumps({"pid": os.getpid(), "code": child.wait(30), "stranger": stranger}))
+""")
+
+SPAWN_THEN_EXEC = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    from kvmrun.guest import spawn
+    with open(sys.argv[2], "wb") as out:
+        child = spawn.start(["sh", "-c", "sleep 0.3; exit 7"], out.fileno(), 0o077)
+    print(os.getpid(), flush=True)
+    os.execv(sys.executable, [sys.executable, "-I", "-S", sys.argv[3], sys.argv[1],
+                              str(child.pid)])
+""")
+
+
+def test_a_child_is_adopted_across_exec(tmp_path):
+    """The supervisor's hand-over (a quick start's forked supervisor execs a lean one in
+    its place): a process spawns a child and execs a new interpreter, which adopts the
+    child (its own, unreaped) and reaps its exit code; a process that is not its child
+    is refused."""
+    root = str(Path(spawn.__file__).resolve().parents[2])
+    adopter = tmp_path / "adopter.py"
+    adopter.write_text(ADOPTER)
+    done = subprocess.run([sys.executable, "-I", "-c", SPAWN_THEN_EXEC, root,
+                           str(tmp_path / "child.log"), str(adopter)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.splitlines()
+    seen = json.loads(after)
+    assert seen == {"pid": int(before), "code": 7, "stranger": "refused"}   # same process
