@@ -10,7 +10,6 @@ enable kvmrun@NAME` does), and decide when `kvmrun start`/`stop` go through syst
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -134,7 +133,9 @@ def preview(name: str | None, user: bool, guests: bool = False) -> str:
 
 # ---------------------------------------------------------------- install, enable, disable
 
-def systemctl(user: bool, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def systemctl(user: bool, *args: str, timeout: float = 120):
+    """systemctl's CompletedProcess (subprocess is imported by kvmrun.proc when it runs
+    one, not here: a plain `kvmrun stop` asks this module whether a unit runs the guest)."""
     return proc.run(["systemctl", *(["--user"] if user else []), *args], check=False,
                     timeout=timeout, what=f"systemctl {args[0]}")
 
