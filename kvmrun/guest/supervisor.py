@@ -7,8 +7,9 @@ why the guest ended, ends the helpers after QEMU, and exits with a code that say
 (kvmrun.guest.ending).
 `kvmrun start` runs it detached: an interpreter of its own (`command()`), or, in a quick
 start, a fork of `kvmrun start` that execs that interpreter in its own place once QEMU is
-spawned and hands QEMU over to it (`--adopt`); `kvmrun run` runs it in the foreground (systemd, scripts), where SIGTERM/SIGINT stop the guest through the
-shutdown ladder and sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the
+spawned and hands QEMU over to it (`--adopt`). `kvmrun run` runs it in the foreground
+(systemd, scripts), where SIGTERM/SIGINT stop the guest through the shutdown ladder and
+sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the
 target of a live migration (kvmrun.ops.migrate): QEMU waits for the migration stream, the
 console will not print its ready pattern again, and the guest is ready when it resumes.
 
