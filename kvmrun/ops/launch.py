@@ -293,6 +293,8 @@ def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> 
         undo.callback(shutil.rmtree, state, True)
     proc.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
               "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
+
+
 def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     errlog = files.open_private(guest.paths.supervisor_log, "ab")
