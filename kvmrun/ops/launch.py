@@ -12,7 +12,6 @@ import fcntl
 import os
 import shlex
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from typing import Callable
 from kvmrun import arch as archmod
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
-from kvmrun.guest import cgroup, ending, supervisor
+from kvmrun.guest import cgroup, ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
@@ -295,29 +294,15 @@ def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> 
               "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
 
 
-def _spawn(profile: Profile, guest: Guest) -> tuple[subprocess.Popen, int]:
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    errlog = files.open_private(guest.paths.supervisor_log, "ab")
-    try:
-        sup = subprocess.Popen(
-            supervisor.command(profile.name, guest.paths.dir.parent, "--ready-fd", str(wfd)),
-            pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=errlog, start_new_session=True)
-    finally:
-        os.close(wfd)
-        errlog.close()
-    return sup, rfd
-
-
 def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready: bool,
                     unlock: Callable[[], None] = lambda: None,
                     resumed: str | None = None) -> dict:
-    sup, rfd = _spawn(profile, guest)
+    pid, rfd = quickstart.fork_supervisor(guest)
     try:
         return quickstart.wait_for_supervisor(
-            rfd, sup.wait, name=profile.name, argv=argv, ready_console=profile.ready.pattern,
+            rfd, quickstart.reaper(pid), name=profile.name, argv=argv, ready_console=profile.ready.pattern,
             ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
-            log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": sup.pid})
+            log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": pid})
     except LaunchError as err:
         if resumed:
             err.hint = _resume_hint(resumed)

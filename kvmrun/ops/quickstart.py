@@ -162,6 +162,19 @@ def _claim(guest: Guest, launch: LaunchRecord, entry: dict) -> None:
 
 def _fork_and_wait(guest: Guest, launch: LaunchRecord, entry: dict, lock_fd: int) -> dict:
     import fcntl
+    pid, rfd = fork_supervisor(guest)
+    return wait_for_supervisor(
+        rfd, reaper(pid), name=guest.name, argv=launch.argv,
+        ready_console=launch.ready_console, ready_timeout=launch.ready_timeout,
+        wait_ready=not entry.get("halted"), log=guest.paths.supervisor_log,
+        unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN), result={"supervisor_pid": pid})
+
+
+def fork_supervisor(guest: Guest) -> tuple[int, int]:
+    """The guest's supervisor as a fork of this process (no second interpreter start-up
+    before QEMU is spawned), in a session of its own, with only its ready pipe; once QEMU is
+    spawned it hands over to a lean interpreter in its own place (kvmrun.guest.supervisor).
+    Returns (its pid, the ready pipe's read end). The caller has no threads."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:                                   # the supervisor, in a new session
@@ -179,11 +192,12 @@ def _fork_and_wait(guest: Guest, launch: LaunchRecord, entry: dict, lock_fd: int
         finally:
             os._exit(code)
     os.close(wfd)
-    return wait_for_supervisor(
-        rfd, lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), name=guest.name, argv=launch.argv,
-        ready_console=launch.ready_console, ready_timeout=launch.ready_timeout,
-        wait_ready=not entry.get("halted"), log=guest.paths.supervisor_log,
-        unlock=lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN), result={"supervisor_pid": pid})
+    return pid, rfd
+
+
+def reaper(pid: int) -> Callable[[], int]:
+    """The exit code of child `pid`, waiting for it."""
+    return lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _redirect(guest: Guest) -> None:

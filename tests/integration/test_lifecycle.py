@@ -531,10 +531,10 @@ def test_a_guest_started_by_the_previous_kvmrun_still_stops_and_reports(kr, tiny
 # ---------------------------------------------------------------- the quick start
 
 def supervisor_how(kr, name: str) -> str:
-    """How the guest's supervisor came to be: "exec'd" (the full path: python -I -S -c '…
-    from kvmrun.guest.supervisor import main …'), "handed over" (forked by a quick start,
-    then exec'd in place once QEMU was spawned: `--adopt QEMU_PID`), or "forked" (still
-    the `kvmrun start` that forked it)."""
+    """How the guest's supervisor came to be: "handed over" (forked by `kvmrun start`, then
+    exec'd in place once QEMU was spawned: python -I -S -c '… kvmrun.guest.supervisor …'
+    --adopt QEMU_PID), "exec'd" (an interpreter of its own from the start: a migration's
+    target), or "forked" (still the `kvmrun start` that forked it)."""
     state = recorded_state(kr, name)
     argv = Path(f"/proc/{state['supervisor_pid']}/cmdline").read_bytes().split(b"\0")
     if b"kvmrun.guest.supervisor" not in b" ".join(argv):
@@ -548,13 +548,14 @@ def supervisor_how(kr, name: str) -> str:
 @pytest.mark.slow
 @pytest.mark.qemu
 def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest):
-    """The second `kvmrun start` of an unchanged profile forks its supervisor from the
-    light entry point (no second interpreter before QEMU), which hands over to a lean
-    interpreter in place once QEMU is spawned; the guest is the same, it stops gracefully,
-    and a change to the profile (or a file it names going away) takes the full path."""
+    """The second `kvmrun start` of an unchanged profile starts from the cached launch (no
+    typer, no yaml, no compile); on both paths the supervisor is a fork of `kvmrun start`
+    (no second interpreter before QEMU) that hands over to a lean interpreter in place once
+    QEMU is spawned; the guest is the same, it stops gracefully, and a change to the
+    profile (or a file it names going away) takes the full path."""
     profile = kr.profile("q", tiny_guest)
     first = kr.ok("start", profile)
-    assert supervisor_how(kr, "q") == "exec'd"
+    assert supervisor_how(kr, "q") == "handed over"
     argv = recorded_state(kr, "q")["argv"]
     kr.ok("stop", "q")
     assert len(list((kr.base / "cache" / "launch").glob("*.json"))) == 1
@@ -579,7 +580,7 @@ def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest
 
     profile.write_text(profile.read_text().replace("256M", "320M"))       # changed: full path
     kr.ok("start", profile)
-    assert supervisor_how(kr, "q") == "exec'd"
+    assert supervisor_how(kr, "q") == "handed over"
     assert kr.status("q")["memory_mib"] == 320
     kr.ok("kill", "q")
     gone = kr.base / "gone.img"

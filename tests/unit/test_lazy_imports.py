@@ -131,6 +131,33 @@ def test_a_plain_stop_imports_no_typer_and_says_what_the_full_cli_says(tmp_path)
     assert "typer" in remote.stdout.rsplit("\nMODULES ", 1)[1]   # another host: full CLI
 
 
+def test_a_plain_start_of_a_new_profile_imports_no_typer_and_says_what_the_full_cli_says(
+        tmp_path):
+    """`kvmrun start PROFILE` with no cached launch is served before typer too (the profile
+    machinery it needs, not the CLI framework); its errors are the full CLI's, word for word
+    and exit code for exit code (`--no-unit` takes the full CLI): a profile error with its
+    file and line, a missing file."""
+    env = env_for(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmemory: lots\nnetwork: []\n")
+    loaded, _ = imported_by(["start", bad], env)
+    assert not heavy(loaded) - {"yaml"}           # yaml: the profile's; no typer, click
+    assert "kvmrun.ops.launch" in loaded
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "kvmrun", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=60)
+    said = {}
+    for ref in (bad, tmp_path / "missing.yaml"):
+        plain, full = run("start", ref), run("start", ref, "--no-unit")
+        assert plain.returncode == full.returncode == 2
+        assert plain.stderr == full.stderr
+        said[ref.name] = plain.stderr
+    assert said["bad.yaml"].startswith(f"kvmrun: error: {bad}:2: memory: 'lots' is not a "
+                                       "size"), said
+    assert said["missing.yaml"].startswith("kvmrun: error: "), said
+
+
 def test_the_quick_start_imports_no_typer(tmp_path):
     """A profile with no cached launch: the quick path looks, finds nothing and hands over
     to the full CLI (which then loads the profile machinery, as it must)."""
