@@ -500,10 +500,11 @@ def smaps(pid: int) -> dict:
 
 
 def how_started(pid: int) -> str:
-    """How a supervisor came to be: forked by a quick start and still that process (its
+    """How a supervisor came to be: forked by `kvmrun start` and still that process (its
     command line is the `kvmrun start` that forked it), forked and then handed over to a
-    lean interpreter once QEMU was spawned (`… --adopt QEMU_PID`), or exec'd (the full
-    path: `python -I -S -c …supervisor…`)."""
+    lean interpreter once QEMU was spawned (`… --adopt QEMU_PID`: every start since round
+    four), or exec'd (`python -I -S -c …supervisor…` without --adopt: the full path before
+    round four, a migration's target)."""
     line = cmdline(pid)
     if " -c " not in line:
         return "forked"
@@ -563,7 +564,8 @@ def bench_forked_memory(b: Bench, count: int, note) -> list[dict]:
     for name in names:
         b.kvmrun("kill", name)
     return [row(f"memory: supervisor PSS, {count} guests, quick-started",
-                f"PSS per supervisor ({count} running, started by quick starts: {said})", "-", [s["pss"] for s in sup], [], "MiB", "≤ 6 MiB PSS per guest",
+                f"PSS per supervisor ({count} running, started by quick starts: {said})",
+                "-", [s["pss"] for s in sup], [], "MiB", "≤ 6 MiB PSS per guest",
                 absolute=lambda ks, rs: ks["median"] <= 6.0)]
 
 

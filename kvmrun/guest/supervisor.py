@@ -5,9 +5,10 @@ from the run directory's launch record, owns the events monitor (qmp.sock), writ
 events.jsonl and state.json, notices readiness (QMP up, then the console pattern), records
 why the guest ended, ends the helpers after QEMU, and exits with a code that says so
 (kvmrun.guest.ending).
-`kvmrun start` runs it detached: an interpreter of its own (`command()`), or, in a quick
-start, a fork of `kvmrun start` that execs that interpreter in its own place once QEMU is
-spawned and hands QEMU over to it (`--adopt`). `kvmrun run` runs it in the foreground
+`kvmrun start` runs it detached, as a fork of itself (kvmrun.ops.quickstart.fork_supervisor)
+that execs a lean interpreter of its own (`command()`) in its own place once QEMU is spawned
+and hands QEMU over to it (`--adopt`); a migration's target starts that interpreter
+directly. `kvmrun run` runs it in the foreground
 (systemd, scripts), where SIGTERM/SIGINT stop the guest through the shutdown ladder and
 sd_notify messages go to $NOTIFY_SOCKET. With `--incoming` it is the
 target of a live migration (kvmrun.ops.migrate): QEMU waits for the migration stream, the
@@ -61,8 +62,8 @@ class Supervisor:
     def __init__(self, guest: Guest, ready_fd: int | None, foreground: bool,
                  incoming: bool = False, handover: bool = False, adopt: int | None = None):
         """`handover`: once QEMU is spawned, exec a lean supervisor in this process's place
-        (a quick start forks the supervisor from `kvmrun start`, whose pages it would keep);
-        `adopt`: that lean supervisor, taking over QEMU (this PID) and the helpers."""
+        (`kvmrun start` forks the supervisor, which would keep its pages); `adopt`: that
+        lean supervisor, taking over QEMU (this PID) and the helpers."""
         self.guest = guest
         self.handover = handover
         self.adopt = adopt

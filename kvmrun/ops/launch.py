@@ -300,8 +300,9 @@ def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready:
     pid, rfd = quickstart.fork_supervisor(guest)
     try:
         return quickstart.wait_for_supervisor(
-            rfd, quickstart.reaper(pid), name=profile.name, argv=argv, ready_console=profile.ready.pattern,
-            ready_timeout=profile.ready.timeout, wait_ready=wait_ready,
+            rfd, quickstart.reaper(pid), name=profile.name, argv=argv,
+            ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
+            wait_ready=wait_ready,
             log=guest.paths.supervisor_log, unlock=unlock, result={"supervisor_pid": pid})
     except LaunchError as err:
         if resumed:

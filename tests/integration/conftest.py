@@ -128,18 +128,6 @@ def parent_of(pid: int) -> int:
     raise AssertionError(f"no PPid for {pid}")
 
 
-def processes_with(word: bytes) -> list[int]:
-    """PIDs whose command line contains `word`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if word in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            pass                                      # gone while we looked
-    return found
-
-
 # ---------------------------------------------------------------- the environment
 
 class Result(NamedTuple):

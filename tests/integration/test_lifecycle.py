@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvmrun import proc
-from tests.integration.conftest import parent_of, pid_alive, processes_with
+from tests.integration.conftest import parent_of, pid_alive
 from tests.unit.test_lazy_imports import QUICK_START, heavy, imported_by, ours
 
 SOCKETS = {"qmp.sock", "qmp-cli.sock", "console.sock"}
@@ -617,4 +617,4 @@ def test_a_quick_start_whose_qemu_fails_leaves_nothing_behind(kr, tiny_guest):
         assert "qemu said: qemu: linux kernel too old to load a ram disk" in result.err
         left = sorted(p.name for p in kr.guest_dir("qf").iterdir())
         assert left == ["lock", "network.json", "supervisor.log"], left
-        assert not processes_with(b"process=kvmrun-qf")          # no QEMU of the guest's
+        assert kr.our_processes() == {}           # no QEMU, supervisor or kvmrun command

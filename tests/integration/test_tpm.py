@@ -57,13 +57,15 @@ def test_tpm_state_survives_a_restart_and_moves_with_export(kr, tiny_guest):
     assert kr.our_processes() == {}                   # swtpm ended with QEMU
     assert oct((state_dir / STATE).stat().st_mode & 0o777) == "0o600"
 
-    kr.start(profile)                                 # the same profile, started again:
+    kr.start(profile)                                 # the same profile, started again
     assert tpm_lines(kr) == ["TPM-VERSION: 2", f"TPM-NV: {value.hex()}"]
-    state = kr.status("tpm")                          # the quick start, whose forked
-    supervisor = state["supervisor_pid"]              # supervisor handed over to a lean
-    argv = open(f"/proc/{supervisor}/cmdline", "rb").read().split(b"\0")   # one, which
-    assert argv[argv.index(b"--adopt") + 1] == str(state["pid"]).encode()   # adopted QEMU
-    swtpm = state["helpers"][0]["pid"]                                       # and swtpm
+    # the quick start's forked supervisor handed over to a lean one, which adopted QEMU
+    # and swtpm: it is the parent of both
+    state = kr.status("tpm")
+    supervisor = state["supervisor_pid"]
+    argv = open(f"/proc/{supervisor}/cmdline", "rb").read().split(b"\0")
+    assert argv[argv.index(b"--adopt") + 1] == str(state["pid"]).encode()
+    swtpm = state["helpers"][0]["pid"]
     assert parent_of(swtpm) == parent_of(state["pid"]) == supervisor
     kr.ok("stop", "tpm")
     assert kr.our_processes() == {}

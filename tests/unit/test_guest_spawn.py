@@ -119,7 +119,7 @@ SPAWN_THEN_EXEC = textwrap.dedent("""
 
 
 def test_a_child_is_adopted_across_exec(tmp_path):
-    """The supervisor's hand-over (a quick start's forked supervisor execs a lean one in
+    """The supervisor's hand-over (the supervisor `kvmrun start` forks execs a lean one in
     its place): a process spawns a child and execs a new interpreter, which adopts the
     child (its own, unreaped) and reaps its exit code; a process that is not its child
     is refused."""
