@@ -14,15 +14,15 @@ installed QEMU 7.2 paused (`tests/integration/test_oracle.py` keeps checking it)
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import platform
-from dataclasses import dataclass, field
 
+from kvmrun import records
 from kvmrun.errors import HostError
+from kvmrun.records import field, record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Board:
     """A machine type whose hardware differs from its architecture's default machine."""
 
@@ -34,7 +34,7 @@ class Board:
     note: str = ""                    # shown in validation errors
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arch:
     name: str
     qemu: str                         # binary name
@@ -169,9 +169,9 @@ def for_machine(name: str, machine: str | None = None) -> Arch:
     board = a.board(machine)
     if board is None:
         return a
-    return dataclasses.replace(a, virtio=board.virtio, nic=board.nic or a.nic,
-                               onboard_nic=board.nic, console=board.console or a.console,
-                               cpu_tcg=board.cpu or a.cpu_tcg, cpu_kvm=board.cpu or a.cpu_kvm)
+    return records.replace(a, virtio=board.virtio, nic=board.nic or a.nic,
+                           onboard_nic=board.nic, console=board.console or a.console,
+                           cpu_tcg=board.cpu or a.cpu_tcg, cpu_kvm=board.cpu or a.cpu_kvm)
 
 
 def host_machine() -> str:
@@ -184,7 +184,7 @@ def host_arch() -> str:
     return canonical(host_machine()) or host_machine()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostFacts:
     """What the compiler needs to know about the host: probed once by kvmrun.qemu.host,
     pinned in tests."""

@@ -15,10 +15,10 @@ so nothing in a domain is ever dropped without a line saying so.
 from __future__ import annotations
 
 import xml.parsers.expat as expat
-from dataclasses import dataclass
 from typing import Iterator
 
 from kvmrun.errors import Location, ProfileError
+from kvmrun.records import record
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 48
@@ -61,7 +61,7 @@ class Node:
         return f"<Node {self.path or self.tag} line {self.line}>"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Finding:
     """Something the conversion lost or approximated, with the XML path and line."""
 

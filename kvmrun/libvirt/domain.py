@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvmrun.errors import PoolError
 from kvmrun.libvirt import _xml
 from kvmrun.libvirt._xml import Finding, Node
 from kvmrun.libvirt.builder import Builder
-from kvmrun.storage import pools
 from kvmrun.libvirt.machine import (UNITS, MiB, _clock_and_events, _cpu, _features, _os,
                                     machine_family)
+from kvmrun.records import field, record
+from kvmrun.storage import pools
 
 __all__ = ["Conversion", "Finding", "convert", "machine_family", "merge"]
 
@@ -43,7 +43,7 @@ UNSUPPORTED = {
 }
 
 
-@dataclass
+@record
 class Conversion:
     data: dict
     lines: dict

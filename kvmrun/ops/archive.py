@@ -38,13 +38,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from kvmrun import paths
 from kvmrun.errors import GuestError, HostError, StorageError
 from kvmrun.proc import log_argv
+from kvmrun.records import asdict, field, record
 
 FORMAT = 1
 MANIFEST, PROFILE, NVRAM = "manifest.json", "profile.yaml", "nvram.fd"
@@ -56,7 +56,7 @@ ZERO = bytes(CHUNK)
 Progress = Callable[[int, int], None]          # (bytes done, bytes in all)
 
 
-@dataclass
+@record
 class Item:
     member: str                       # its name in the archive
     source: str                       # where it is read from here
@@ -73,7 +73,7 @@ class Item:
         return data
 
 
-@dataclass
+@record
 class Plan:
     profile: dict
     items: list[Item] = field(default_factory=list)

@@ -20,16 +20,14 @@ Library code raises (`errors.KvmrunError` subclasses); the CLI (`kvmrun.cli.defi
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kvmrun import files, paths
+from kvmrun import files, paths, records
 from kvmrun.errors import (AlreadyDefined, Conflict, GuestError, HostError, KvmrunError,
                            Location, NotDefined, ProfileError, ProfileErrors, StoreError)
 from kvmrun.guest.rundir import Guest
@@ -37,6 +35,7 @@ from kvmrun.paths import check_name, defined_path, profile_file, valid_name, vm_
 from kvmrun.profile import Profile, to_dict
 from kvmrun.profile import load as load_file
 from kvmrun.qemu import checks
+from kvmrun.records import field, record
 from kvmrun.storage.disks import resolve_pools
 
 FILE_MODE = 0o644
@@ -96,7 +95,7 @@ def locate(ref: str) -> Path:
 def pinned(profile: Profile) -> Profile:
     """The profile with its uuid written out, so the VM keeps its SMBIOS UUID wherever the
     file goes (the default uuid derives from the name)."""
-    return dataclasses.replace(profile, uuid=profile.vm_uuid)
+    return records.replace(profile, uuid=profile.vm_uuid)
 
 
 def export_dict(profile: Profile) -> dict:
@@ -210,7 +209,7 @@ def same_uuid(profile: Profile, name: str) -> list[str]:
 
 # ---------------------------------------------------------------- define / undefine
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Defined:
     name: str
     path: Path
@@ -223,9 +222,9 @@ def prepare(profile: Profile, name: str | None = None, new_uuid: bool = False) -
     `new_uuid`, derived from the new name)."""
     name = check_name(name or profile.name)
     if name != profile.name:
-        profile = dataclasses.replace(profile, name=name)
+        profile = records.replace(profile, name=name)
     if new_uuid:
-        profile = dataclasses.replace(profile, uuid=None)
+        profile = records.replace(profile, uuid=None)
     return pinned(profile)
 
 
@@ -271,7 +270,7 @@ def is_running(name: str) -> bool:
     return guest.qemu_pid(state) is not None or guest.supervisor_pid(state) is not None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Undefined:
     name: str
     removed: tuple[Path, ...]
@@ -358,7 +357,7 @@ def save_edited(name: str, profile: Profile, original: str) -> bool:
 
 # ---------------------------------------------------------------- listing
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DefinedVM:
     name: str
     path: Path

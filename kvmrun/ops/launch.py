@@ -7,7 +7,6 @@ reverse order it was made, unless QEMU came up.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import shlex
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvmrun import arch as archmod
-from kvmrun import files, proc
+from kvmrun import files, proc, records
 from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
 from kvmrun.guest import cgroup, ending
 from kvmrun.guest.launch import LaunchRecord
@@ -317,9 +316,9 @@ def _resume(profile: Profile, compiled: Compiled, note: Progress) -> tuple[Profi
     snap = take_resume(profile)
     if snap is None:
         return profile, None
-    compiled.argv.extend(["-loadvm", snap])          # a frozen dataclass, a list in it
+    compiled.argv.extend(["-loadvm", snap])          # a frozen record, a list in it
     note(f"kvmrun: loading the RAM state of snapshot {snap} (once; the next start boots)")
-    return dataclasses.replace(profile, ready=Ready(timeout=profile.ready.timeout)), snap
+    return records.replace(profile, ready=Ready(timeout=profile.ready.timeout)), snap
 
 
 def _thaw_resumed(guest: Guest, note: Progress) -> None:

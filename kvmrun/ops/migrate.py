@@ -36,7 +36,6 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from kvmrun import files
@@ -44,15 +43,16 @@ from kvmrun.errors import GuestError, KvmrunError, MigrationError, QMPError, Usa
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest
 from kvmrun.ops import migrate_qemu as mq
-from kvmrun.ops.migrate_session import Lost, Session
 from kvmrun.ops import remote
+from kvmrun.ops.migrate_session import Lost, Session
 from kvmrun.proc import open_pidfd, starttime, wait_pidfd
+from kvmrun.records import field, record
 
 Note = Callable[[str], None]
 SERIAL_TAIL = 1 << 20        # bytes of serial log carried over
 
 
-@dataclass
+@record
 class Plan:
     name: str
     host: remote.Host

@@ -19,11 +19,11 @@ import functools
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmrun.arch import host_arch
 from kvmrun.errors import OsinfoError
+from kvmrun.records import field, record
 
 DEFAULT_DIR = "/usr/share/osinfo"
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"
@@ -39,7 +39,7 @@ ARCHES = {"x86_64": "x86_64", "i686": "i386", "i386": "i386", "aarch64": "aarch6
           "armv7l": "arm", "ppc64le": "ppc64", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Resources:
     ram_mib: int | None = None
     cpus: int | None = None
@@ -49,7 +49,7 @@ class Resources:
         return {"ram_mib": self.ram_mib, "cpus": self.cpus, "storage_gib": self.storage_gib}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OsEntry:
     """One operating system of osinfo-db, with inheritance already applied."""
 

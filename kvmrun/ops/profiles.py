@@ -7,10 +7,10 @@ before the single validation, so every error still names its file, key and line.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Sequence
 
+from kvmrun import records
 from kvmrun.errors import Location, ProfileError
 from kvmrun.guest.rundir import Guest
 from kvmrun.ops import defined
@@ -65,7 +65,7 @@ def restart_profile(name: str) -> Profile:
         return defined.resolve(name)
     state = Guest(name).read_state() or {}
     source = (state.get("summary") or {}).get("source")
-    return dataclasses.replace(defined.resolve(source or name), name=name)
+    return records.replace(defined.resolve(source or name), name=name)
 
 
 def _lay_over(data: dict, lines: Lines, flags: dict) -> None:

@@ -28,12 +28,12 @@ import re
 import shlex
 import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from kvmrun.errors import ProfileError, ProfileErrors, RemoteError, UsageError
 from kvmrun.proc import log_argv
+from kvmrun.records import record
 
 HOST_OPTIONS = ("-H", "--host")
 HOST_RE = re.compile(r"(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@:\s/\[\]]+)"
@@ -48,7 +48,7 @@ NOT_FOUND = re.compile(r"(command not found|: not found|No such file or director
 PID_LINE = "KVMRUN-REMOTE-PID "     # the first stderr line of `call` without a TTY
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Host:
     spec: str                          # as the user wrote it
     destination: str                   # [user@]host for ssh

@@ -2,7 +2,7 @@
 
     yamlsrc   YAML with the line of every key (YAML 1.2 scalars)
     spec      small declarative value specs (validation + JSON Schema from one table)
-    model     the typed, frozen dataclasses
+    model     the typed, frozen records (kvmrun.records)
     keys      the table of every profile key (the public contract; `kvmrun schema`)
     rules     cross-field rules and warnings
     load      files, `extends`, `--set`, one-off flags -> Profile; Profile -> mapping

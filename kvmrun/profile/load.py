@@ -6,7 +6,6 @@ the file, the key path and the line. No I/O beyond reading the profile files.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from kvmrun import records
 from kvmrun.errors import Location, ProfileError, shown
 from kvmrun.paths import NAME_RE
 from kvmrun.profile.keys import PROFILE
@@ -65,8 +65,8 @@ def from_mapping(data: Any, lines: Lines, display: str, overrides: Sequence[str]
         check_combinations(profile, ctx)
     ctx.raise_errors()
     if profile.firmware == "uefi-secure":         # one spelling in the model
-        profile = dataclasses.replace(profile, firmware="uefi", secure_boot=True)
-    return dataclasses.replace(profile, source=source, lines=lines)
+        profile = records.replace(profile, firmware="uefi", secure_boot=True)
+    return records.replace(profile, source=source, lines=lines)
 
 
 def _load_with_extends(path: Path, display: str, stack: list[Path]) -> tuple[dict, Lines]:

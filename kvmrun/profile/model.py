@@ -1,4 +1,4 @@
-"""The typed profile: immutable dataclasses, one per section of a profile.
+"""The typed profile: immutable records (kvmrun.records), one per section of a profile.
 
 Built by `kvmrun.profile.load` from the key tables in `kvmrun.profile.keys`; read by the
 compiler and the operations. A field's default here is the profile's default.
@@ -7,17 +7,17 @@ compiler and the operations. A field's default here is the profile's default.
 from __future__ import annotations
 
 import uuid as uuidlib
-from dataclasses import dataclass, field
 
 from kvmrun import arch as archmod
 from kvmrun.errors import Location
 from kvmrun.profile.yamlsrc import KeyPath
+from kvmrun.records import field, record
 
 # The line cloud-init's final stage prints on the console (cloud_final_modules, final_message)
 CLOUD_INIT_FINISHED = r"Cloud-init v\. \S+ finished at"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Kernel:
     path: str
     initrd: str | None = None
@@ -25,7 +25,7 @@ class Kernel:
     dtb: str | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Disk:
     path: str = ""                   # or pool + volume
     format: str | None = None
@@ -41,7 +41,7 @@ class Disk:
     rerror: str | None = None        # on a read error: QEMU's -drive rerror (default report)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Share:
     path: str
     tag: str
@@ -56,7 +56,7 @@ def is_key_file(key: str) -> bool:
     return key.endswith(".pub") and "\n" not in key and " " not in key
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CloudInit:
     user_data: str | None = None
     user_data_file: str | None = None
@@ -68,7 +68,7 @@ class CloudInit:
     interface: str = "virtio"        # the seed's bus: virtio (read-only disk), ide, scsi (CD)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Network:
     type: str = "user"
     forward: tuple[str, ...] = ()
@@ -83,14 +83,14 @@ class Network:
     bootfile: str | None = None      # user: boot file announced by DHCP (network boot)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Shutdown:
     timeout: int = 60
     method: str = "acpi"
     command: str = "poweroff"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ready:
     console: str | None = None
     timeout: int = 300
@@ -102,13 +102,13 @@ class Ready:
         return self.console or (CLOUD_INIT_FINISHED if self.cloud_init else None)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ssh:
     user: str | None = None          # `kvmrun ssh` login name
     identity: str | None = None      # private key; default: a .pub key's private half
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     """Resource limits of the guest's QEMU, through its own cgroup v2 leaf."""
     cpu_weight: int | None = None    # cpu.weight, 1-10000 (the kernel's default is 100)
@@ -121,7 +121,7 @@ class Limits:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Profile:
     name: str
     arch: str = field(default_factory=archmod.host_arch)

@@ -7,7 +7,6 @@ A spec's `check(value, ctx, path)` returns the converted value or records an err
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import os
@@ -15,8 +14,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from kvmrun import records
 from kvmrun.errors import Location, ProfileError, ProfileErrors, shown
 from kvmrun.profile.yamlsrc import KeyPath, Lines
+from kvmrun.records import record
 
 COMMAND_LINE = "--set"
 PATH_MAX, NAME_MAX = 4095, 255     # Linux: longer gives ENAMETOOLONG
@@ -71,7 +72,7 @@ class Spec:
         raise NotImplementedError
 
 
-@dataclasses.dataclass
+@record
 class Str(Spec):
     pattern: str | None = None
     max_len: int | None = None
@@ -98,7 +99,7 @@ class Str(Spec):
         return out
 
 
-@dataclasses.dataclass
+@record
 class Enum(Spec):
     choices: tuple[str, ...]
 
@@ -112,7 +113,7 @@ class Enum(Spec):
         return {"enum": list(self.choices)}
 
 
-@dataclasses.dataclass
+@record
 class Int(Spec):
     min: int
     max: int
@@ -131,7 +132,7 @@ class Int(Spec):
         return {"type": "integer", "minimum": self.min, "maximum": self.max}
 
 
-@dataclasses.dataclass
+@record
 class Percent(Spec):
     """A whole percentage, written 150% (or 150)."""
 
@@ -188,7 +189,7 @@ def parse_size_mib(value: Any) -> float | None:
     return float(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
 
 
-@dataclasses.dataclass
+@record
 class Size(Spec):
     """A size in MiB: an integer (MiB) or a string like 512M, 2G, 1.5G."""
 
@@ -216,7 +217,7 @@ class Size(Spec):
                           {"type": "string", "pattern": pattern}]}
 
 
-@dataclasses.dataclass
+@record
 class FilePath(Spec):
     """A path; relative paths resolve against the directory of the file that set them.
     Symbolic links are kept as written: QEMU opens the path the user named."""
@@ -239,7 +240,7 @@ class FilePath(Spec):
         return {"type": "string", "minLength": 1}
 
 
-@dataclasses.dataclass
+@record
 class Either(Spec):
     """The first spec whose `accepts(value)` is true checks the value."""
 
@@ -256,7 +257,7 @@ class Either(Spec):
         return {"anyOf": [spec.schema() for _, spec in self.options]}
 
 
-@dataclasses.dataclass
+@record
 class List(Spec):
     item: Spec
     scalar_ok: bool = False       # a single value stands for a one-item list
@@ -275,7 +276,7 @@ class List(Spec):
         return {"anyOf": [out, self.item.schema()]} if self.scalar_ok else out
 
 
-@dataclasses.dataclass
+@record
 class Field:
     spec: Spec
     doc: str
@@ -283,14 +284,14 @@ class Field:
 
 
 def defaults(cls: type) -> dict[str, Any]:
-    """The plain defaults of a dataclass (factories excluded)."""
-    return {f.name: f.default for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING}
+    """The plain defaults of a record class (factories excluded)."""
+    return {f.name: f.default for f in records.fields(cls)
+            if f.default is not records.MISSING}
 
 
-@dataclasses.dataclass
+@record
 class Obj(Spec):
-    """A mapping with known keys, built into the frozen dataclass `cls`."""
+    """A mapping with known keys, built into the frozen record class `cls`."""
 
     cls: type
     fields: dict[str, Field]
@@ -311,7 +312,7 @@ class Obj(Spec):
                 ctx.error(path, f"missing required key {key!r}")
         if ctx.errors:
             return None
-        attrs = {f.name for f in dataclasses.fields(self.cls)}
+        attrs = {f.name for f in records.fields(self.cls)}
         return self.cls(**{k: v for k, v in out.items() if k in attrs})
 
     def schema(self):

@@ -11,7 +11,6 @@ requires (`,` -> `,,`). Nothing ever goes through a shell.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 from kvmrun import arch as archmod
@@ -21,11 +20,12 @@ from kvmrun.guest.agent import AGENT_PORT
 from kvmrun.net.names import hub_socket, port_socket, stable_mac, tap_name
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
+from kvmrun.records import record
 
 Args = Iterator[str]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HelperCommand:
     """A helper daemon the guest needs: its name (the run directory's helper-NAME.sock and
     .log), its argv, and the socket it listens on (QEMU connects to it)."""
@@ -38,7 +38,7 @@ class HelperCommand:
         return {"name": self.name, "argv": list(self.argv), "socket": self.socket}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Compiled:
     """The argv and what the compiler decided on the way (the launch record keeps these)."""
 

@@ -6,8 +6,7 @@ through QMP `block_resize` when a running guest has the disk open).
 
 from __future__ import annotations
 
-import dataclasses
-
+from kvmrun import records
 from kvmrun.errors import (GuestError, HostError, KvmrunError, PoolError, ProfileError,
                            ProfileErrors, StorageError)
 from kvmrun.guest.qmp import query
@@ -41,7 +40,7 @@ def resolve_pools(profile: Profile) -> Profile:
         disks.append(disk)
     if errors:
         raise ProfileErrors(errors)
-    return dataclasses.replace(profile, disks=tuple(disks))
+    return records.replace(profile, disks=tuple(disks))
 
 
 def with_formats(profile: Profile) -> Profile:
@@ -52,9 +51,9 @@ def with_formats(profile: Profile) -> Profile:
     disks = []
     for i, disk in enumerate(profile.disks):
         if not images.exists(disk.path) and (disk.size or disk.backing):
-            disk = dataclasses.replace(disk, format=disk.format or "qcow2")   # made at start
+            disk = records.replace(disk, format=disk.format or "qcow2")   # made at start
         if disk.format is None and images.is_block_device(disk.path):
-            disk = dataclasses.replace(disk, format="raw")
+            disk = records.replace(disk, format="raw")
         if disk.format is None and images.exists(disk.path):
             try:
                 fmt = images.image_info(disk.path)["format"]
@@ -65,9 +64,9 @@ def with_formats(profile: Profile) -> Profile:
                                    f"image format {fmt!r} is not supported (qcow2 or raw)",
                                    hint=f"convert it: qemu-img convert -O qcow2 {disk.path} "
                                         "NEW.qcow2")
-            disk = dataclasses.replace(disk, format=fmt)
+            disk = records.replace(disk, format=fmt)
         disks.append(disk)
-    return dataclasses.replace(profile, disks=tuple(disks))
+    return records.replace(profile, disks=tuple(disks))
 
 
 def ensure_disks(profile: Profile) -> list[str]:
@@ -167,7 +166,7 @@ def remove_created(made) -> None:
 
 def all_ephemeral(profile: Profile) -> Profile:
     """The whole VM throwaway (`start --ephemeral`, `run --rm`): every writable disk."""
-    return dataclasses.replace(profile, disks=tuple(
-        d if d.readonly else dataclasses.replace(d, ephemeral=True) for d in profile.disks))
+    return records.replace(profile, disks=tuple(
+        d if d.readonly else records.replace(d, ephemeral=True) for d in profile.disks))
 
 

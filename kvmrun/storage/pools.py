@@ -12,12 +12,12 @@ plain `PoolError`, and a volume whose creation fails is not left behind."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from pathlib import Path
 
+from kvmrun import records
 from kvmrun.errors import GuestError, KvmrunError, PoolError
 from kvmrun.files import atomic_write
 from kvmrun.guest import rundir
@@ -132,7 +132,7 @@ def resolve_disk(disk):
     pool = get(disk.pool)
     path = volume_path(disk.pool, disk.volume)
     if pool.get("type") != "lvm":
-        return dataclasses.replace(disk, path=path)
+        return records.replace(disk, path=path)
     if disk.format not in (None, "raw"):
         raise PoolError(f"a volume of lvm pool {disk.pool!r} is a raw logical volume, "
                         f"not {disk.format}", hint="leave out format (or write format: raw)",
@@ -145,7 +145,7 @@ def resolve_disk(disk):
         raise PoolError("lvm volumes are not made on first start",
                         hint=f"create it once: kvmrun disk create --pool {disk.pool} "
                              f"{disk.volume} --size 10G (and leave out size)", key="size")
-    return dataclasses.replace(disk, path=path, format="raw")
+    return records.replace(disk, path=path, format="raw")
 
 
 def volumes(name: str) -> list[dict]:

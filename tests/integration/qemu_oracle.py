@@ -9,7 +9,6 @@ raw disks, an ISO, a kernel QEMU's loaders accept, a device tree), since the vCP
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import shlex
@@ -25,6 +24,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
 from kvmrun import arch as archmod
+from kvmrun import records
 from kvmrun.storage import cloudinit
 from kvmrun.storage import disks as storage
 from kvmrun.guest.helpers import Helper
@@ -136,12 +136,12 @@ def with_free_ports(profile: Profile) -> Profile:
     def move(fwd: str) -> str:
         proto, haddr, rest = fwd.split(":", 2)
         return f"{proto}:{haddr}:{free_port()}-{rest.split('-', 1)[1]}"
-    nets = tuple(dataclasses.replace(n, forward=tuple(move(f) for f in n.forward))
+    nets = tuple(records.replace(n, forward=tuple(move(f) for f in n.forward))
                  for n in profile.network)
     gdb = profile.gdb                   # a unix socket (gdb: true) needs no free port
     if gdb and gdb != "unix":
         gdb = f"{gdb.rsplit(':', 1)[0]}:{free_port()}"
-    return dataclasses.replace(profile, network=nets, gdb=gdb)
+    return records.replace(profile, network=nets, gdb=gdb)
 
 
 def run_paths(workdir: Path) -> RunPaths:

@@ -29,6 +29,7 @@ import pytest
 
 import qemu_oracle as oracle
 from kvmrun import arch as archmod
+from kvmrun import records
 from kvmrun.storage import disks as storage
 from kvmrun.qemu.compile import build
 from kvmrun.errors import ProfileError
@@ -126,14 +127,14 @@ def placeholders(profile, workdir: Path):
         moved.setdefault(path, str(files / f"{len(moved)}-{Path(path).name.replace(' ', '_')}"))
         return moved[path]
 
-    disks = tuple(dataclasses.replace(d, path=move(d.path), backing=move(d.backing))
+    disks = tuple(records.replace(d, path=move(d.path), backing=move(d.backing))
                   for d in profile.disks)
-    kernel = profile.kernel and dataclasses.replace(
+    kernel = profile.kernel and records.replace(
         profile.kernel, path=move(profile.kernel.path), initrd=move(profile.kernel.initrd),
         dtb=move(profile.kernel.dtb))
-    shares = tuple(dataclasses.replace(s, path=move(s.path)) for s in profile.shares)
+    shares = tuple(records.replace(s, path=move(s.path)) for s in profile.shares)
     cpu = None if (profile.cpu or "").split(",")[0] == "host" else profile.cpu
-    out = dataclasses.replace(profile, disks=disks, cdrom=move(profile.cdrom), kernel=kernel,
+    out = records.replace(profile, disks=disks, cdrom=move(profile.cdrom), kernel=kernel,
                               shares=shares, cpu=cpu)
     oracle.make_files(out, workdir)
     return out, moved

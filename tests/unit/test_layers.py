@@ -8,7 +8,7 @@ import cycle — between modules or between subpackages, function-local imports 
     backends    kvmrun.qemu, kvmrun.storage, kvmrun.net, kvmrun.libvirt
     guest wing  kvmrun.guest
     front end   kvmrun.profile
-    ground      kvmrun.errors, paths, arch, files, proc
+    ground      kvmrun.errors, paths, arch, files, proc, records
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LAYERS = {"ground": 0, "profile": 1, "guest": 2, "backends": 3, "ops": 4, "face"
 ROOMS = {"profile": "profile", "guest": "guest", "qemu": "backends", "storage": "backends",
          "net": "backends", "libvirt": "backends", "ops": "ops", "cli": "face", "ui": "face"}
 GROUND = {"kvmrun", "kvmrun.errors", "kvmrun.paths", "kvmrun.arch", "kvmrun.files",
-          "kvmrun.proc"}
+          "kvmrun.proc", "kvmrun.records"}
 ENTRY = "kvmrun.__main__"          # `python -m kvmrun`: the face
 
 

@@ -67,7 +67,8 @@ HEAVY = {"pydantic", "yaml", "psutil", "kvmrun.profile", "kvmrun.qemu.compile",
 CLI = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.entry", "kvmrun.cli.app",
        "kvmrun.cli.nopydantic", "kvmrun.errors", "kvmrun.files", "kvmrun.paths",
        "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir", "kvmrun.guest.launch",
-       "kvmrun.ops", "kvmrun.ops.remote", "kvmrun.cli.text"}
+       "kvmrun.ops", "kvmrun.ops.remote", "kvmrun.cli.text",
+       "kvmrun.records"}                 # ops.remote's Host (not dataclasses: inspect, ast)
 INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
                  "kvmrun.guest.agent",             # agent.has_port: status shows the socket
                  "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",

@@ -10,7 +10,6 @@ rewrites tests/unit/golden/libvirt/*.yaml and still fails, so a human reads the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmrun import arch as archmod
+from kvmrun import records
 from kvmrun.ops import defined as store
 from kvmrun.ops import libvirt as cli_libvirt
 from kvmrun.cli import main
@@ -269,7 +269,7 @@ def test_profile_export_import_is_the_same_profile(path):
                 pool_exists=lambda p: True)
     assert c.losses == []
     back = c.profile()
-    for field in dataclasses.fields(original):
+    for field in records.fields(original):
         if field.compare:
             assert getattr(back, field.name) == getattr(original, field.name), field.name
     assert back == original
@@ -431,5 +431,5 @@ def test_libvirt_defines_the_export_and_its_dumpxml_imports_back(path, tmp_path)
                 pool_exists=lambda p: True)
     assert [str(f) for f in c.losses] == []
     if "commandline" not in dumped:     # only the qemu driver keeps the qemu: namespace; the
-        original = dataclasses.replace(original, qemu_args=())   # test driver drops it
+        original = records.replace(original, qemu_args=())   # test driver drops it
     assert c.profile() == original

@@ -6,7 +6,6 @@ tmp_path (the QEMU capability cache is shared per session, it only costs speed).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmrun import cli
+from kvmrun import cli, records
 from kvmrun.ops import defined as store
 from kvmrun.qemu.compile import HostFacts, compile as compile_argv, stable_mac
 from kvmrun.paths import RunPaths
@@ -373,7 +372,7 @@ def test_export_output_and_json(capsys, env, web, tmp_path):
     target = tmp_path / "out" / "web-export.yaml"
     code, out, err = kvmrun(capsys, "export", str(web), "--output", str(target))
     assert (code, out, err) == (0, f"exported web to {target}\n", "")
-    assert load(target) == dataclasses.replace(load(web), uuid=UUID_WEB)
+    assert load(target) == records.replace(load(web), uuid=UUID_WEB)
     code, out, _ = kvmrun(capsys, "export", str(web), "--json")
     assert json.loads(out) == yaml.safe_load(target.read_text())
 

@@ -3,10 +3,10 @@ defined VMs, and the profile a guest NAME starts again from (kvmrun.ops.profiles
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 
+from kvmrun import records
 from kvmrun.errors import InvalidName, ProfileError
 from kvmrun.guest.rundir import Guest
 from kvmrun.ops import defined, profiles
@@ -49,7 +49,7 @@ def test_a_guest_restarts_from_the_file_its_state_names(env):
     Guest("copy").write_state({"state": "stopped", "summary": {"source": str(source)}})
     prof = profiles.restart_profile("copy")
     assert (prof.name, prof.smp, prof.source) == ("copy", 3, str(source))
-    assert dataclasses.replace(prof, name="tiny") == load(source)
+    assert records.replace(prof, name="tiny") == load(source)
 
 
 def test_a_name_with_nothing_to_restart_from_is_one_plain_error(env):
