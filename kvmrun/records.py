@@ -16,7 +16,8 @@ the class's fields, and an instance is made in a few microseconds more than a da
         opts: dict = field(default_factory=dict, compare=False)
 
 Fields are the class's own annotations, after those of the records it derives from.
-A method the class defines itself (`__repr__`, `__eq__`, `__hash__`) is kept.
+A method the class defines itself (`__init__`, `__repr__`, `__eq__`, `__hash__`) is
+kept, as `dataclasses` keeps it.
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def record(cls: type | None = None, /, *, frozen: bool = False) -> Any:
         if frozen:
             methods.update(__setattr__=_frozen, __delattr__=_frozen, __hash__=_hash)
         for name, method in methods.items():
-            if name == "__init__" or name not in cls.__dict__ or (
-                    name == "__hash__" and cls.__dict__[name] is None):
+            if name not in cls.__dict__ or (name == "__hash__" and cls.__dict__[name] is None):
                 setattr(cls, name, method)
         if not frozen and "__hash__" not in cls.__dict__:
             cls.__hash__ = None          # mutable and equal by value: not hashable

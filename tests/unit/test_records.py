@@ -102,6 +102,14 @@ def test_own_methods_are_kept():
             return f"<{self.name}>"
     assert repr(Named("n")) == "<n>"
 
+    @record
+    class Built:
+        name: str
+
+        def __init__(self, raw: str):
+            self.name = raw.strip()
+    assert Built(" n ").name == "n"
+
 
 def test_same_behaviour_as_dataclasses_for_the_common_cases():
     @dataclasses.dataclass(frozen=True)
