@@ -18,6 +18,7 @@ from typing import Optional
 
 import typer
 
+from kvmrun.cli.views import json_text
 from kvmrun.errors import UsageError
 from kvmrun.guest.rundir import Guest
 from kvmrun.paths import check_name
@@ -91,7 +92,7 @@ def err(text: str) -> None:
 
 
 def emit_json(value) -> None:
-    out(json.dumps(value, indent=2, sort_keys=False))
+    out(json_text(value))
 
 
 def json_object(text: str | None) -> dict | None:

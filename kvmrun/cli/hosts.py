@@ -13,7 +13,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from kvmrun.cli.app import emit_json, err
+from kvmrun.cli.app import emit_json, err, out
 from kvmrun.errors import KvmrunError, UsageError
 from kvmrun.ops import remote
 
@@ -101,6 +101,7 @@ def list_many(hosts: list[remote.Host], argv: list[str]) -> int:
     if as_json:
         emit_json(rows)
     else:
-        from kvmrun.cli.inspect import render_list
-        render_list(rows, hosts=True)
+        from kvmrun.cli.views import list_lines
+        for line in list_lines(rows, hosts=True):
+            out(line)
     return code

@@ -1,9 +1,9 @@
 """The `kvmrun` console script. Served here, before typer (~0.1 s of CPU a call) is imported:
 a plain `kvmrun start PROFILE` (for a profile unchanged since its last start, without yaml
 or the compiler either: kvmrun.ops.quickstart), a plain `kvmrun stop NAME` of a guest no
-systemd unit runs, and `kvmrun migrate-target STEP`, a live migration's steps on its
-target. Any option, another host ($KVMRUN_HOST) or anything else goes to the full CLI
-(kvmrun.cli.entry).
+systemd unit runs, `kvmrun status NAME [--json]` and `kvmrun list [--json]`, and
+`kvmrun migrate-target STEP`, a live migration's steps on its target. Any other option,
+another host ($KVMRUN_HOST) or anything else goes to the full CLI (kvmrun.cli.entry).
 """
 
 from __future__ import annotations
@@ -38,17 +38,33 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "migrate-target":
         sys.exit(_migrate_target(argv[1]))
-    quick = {"start": (_quick_start, _plain_start),
-             "stop": (_quick_stop,)}.get(argv[0] if argv else "", ())
-    if (quick and len(argv) == 2 and not argv[1].startswith("-")
-            and not os.environ.get("KVMRUN_HOST")):        # -H would be a third word
-        for serve in quick:
-            code = serve(argv[1])
-            if code is not None:
-                sys.stdout.flush()
-                sys.exit(code)
+    code = None if os.environ.get("KVMRUN_HOST") else _served(argv)   # -H: the full CLI
+    if code is not None:
+        sys.stdout.flush()
+        sys.exit(code)
     from kvmrun.cli.entry import main as full
     full(argv)
+
+
+def _served(argv: list[str]) -> int | None:
+    """The exit code of a call served here, or None when the full CLI must take it."""
+    verb, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if verb in ("start", "stop"):
+        if len(rest) != 1 or rest[0].startswith("-"):
+            return None
+        for serve in (_quick_start, _plain_start) if verb == "start" else (_quick_stop,):
+            code = serve(rest[0])
+            if code is not None:
+                return code
+        return None
+    words = [arg for arg in rest if arg != "--json"]
+    if len(rest) - len(words) > 1 or any(arg.startswith("-") for arg in words):
+        return None
+    if verb == "status" and len(words) == 1:
+        return _look(words[0], as_json=len(words) < len(rest))
+    if verb == "list" and not words:
+        return _look(None, as_json=bool(rest))
+    return None
 
 
 def _migrate_target(step: str) -> int:
@@ -97,6 +113,28 @@ def _plain_start(ref: str) -> int | None:
     except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - as the full CLI: no traceback
         return failure(e)
     _say_started(result, profile.gdb, profile.halted)
+    return 0
+
+
+def _look(name: str | None, as_json: bool) -> int:
+    """`kvmrun status NAME [--json]` (`name`) or `kvmrun list [--json]`, as the full CLI
+    prints them (kvmrun.cli.inspect): what scripts poll, without typer's ~60 ms."""
+    from kvmrun.cli.text import failure
+    try:
+        from kvmrun.cli import views
+        from kvmrun.ops import inspect
+        if name is None:
+            info = inspect.list_guests()
+            lines = [views.json_text(info)] if as_json else views.list_lines(info)
+        else:
+            from kvmrun.guest.rundir import Guest
+            from kvmrun.paths import check_name
+            info = inspect.status(Guest(check_name(name)))
+            lines = [views.json_text(info)] if as_json else views.status_lines(info)
+        for line in lines:
+            sys.stdout.write(line + "\n")
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - as the full CLI: no traceback
+        return failure(e)
     return 0
 
 

@@ -14,6 +14,7 @@ import select
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +68,16 @@ def read_until(stream, wanted: bytes, timeout: float) -> bytes:
 
 # ---------------------------------------------------------------- start, status, stop
 
+def full_cli(kr, *args) -> str:
+    """What the typer CLI (kvmrun.cli.entry) prints for `kvmrun ARGS`: `status` and `list`
+    are served before it by the console script (kvmrun.cli.quick), and must say the same."""
+    proc = subprocess.run([sys.executable, "-c", "from kvmrun.cli.entry import main; main()",
+                           *map(str, args)], env=kr.env, cwd=kr.base, capture_output=True,
+                          text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc
+    return proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.qemu
 def test_start_status_stop(kr, tiny_guest):
@@ -89,6 +100,10 @@ def test_start_status_stop(kr, tiny_guest):
 
     listed = json.loads(kr.ok("list", "--json").out)
     assert [(g["name"], g["state"], g["pid"]) for g in listed] == [("g1", "running", qemu)]
+    moving = {"uptime", "cpu_percent", "rss_mib"}           # change from one call to the next
+    full = json.loads(full_cli(kr, "status", "g1", "--json"))
+    assert {k: v for k, v in info.items() if k not in moving} == {
+        k: v for k, v in full.items() if k not in moving}
 
     stopped = kr.ok("stop", "g1")
     assert "stopped g1: the guest powered off" in stopped.out
@@ -105,6 +120,8 @@ def test_start_status_stop(kr, tiny_guest):
     assert "ended    stopped by kvmrun stop: the guest powered off" in kr.ok(
         "status", "g1").out
     assert recorded_state(kr, "g1")["supervisor_exit"] == 0
+    for args in (["status", "g1"], ["status", "g1", "--json"], ["list"], ["list", "--json"]):
+        assert kr.ok(*args).out == full_cli(kr, *args), args    # served before typer
 
     left = files(kr.guest_dir("g1"))
     assert not left & (SOCKETS | {"qemu.pid", "request.json"}), left

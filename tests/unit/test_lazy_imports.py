@@ -4,8 +4,8 @@ Each verb's set of kvmrun modules, and of the heavy third-party ones (typer, cli
 pydantic, yaml, psutil), is pinned exactly: a new import on one of these paths fails here
 until it is added on purpose. `status` and `list` run on the run directory and QMP alone (no
 YAML, no profile model, no psutil); no verb pulls in pydantic through typer's parameter
-coercion (kvmrun.cli.nopydantic); the quick start and a plain `stop NAME` import no typer
-at all. A typer upgrade
+coercion (kvmrun.cli.nopydantic); the quick start, a plain `stop NAME`, `status NAME
+[--json]` and `list [--json]` import no typer at all. A typer upgrade
 that brings pydantic back into every call fails here too.
 """
 
@@ -68,14 +68,20 @@ CLI = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.entry", "kvmrun.c
        "kvmrun.cli.nopydantic", "kvmrun.errors", "kvmrun.files", "kvmrun.paths",
        "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir", "kvmrun.guest.launch",
        "kvmrun.ops", "kvmrun.ops.remote", "kvmrun.cli.text",
+       "kvmrun.cli.views",               # emit_json: every --json prints through it
        "kvmrun.records"}                 # ops.remote's Host (not dataclasses: inspect, ast)
-INSPECT = CLI | {"kvmrun.cli.inspect", "kvmrun.ops.inspect", "kvmrun.guest.qmp",
-                 "kvmrun.guest.agent",             # agent.has_port: status shows the socket
-                 "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
-                 "kvmrun.net.names",              # the NICs' addresses from the leases
-                 "kvmrun.guest.cgroup",           # the limits' cgroup of a running guest
-                 "kvmrun.guest.exits",            # a dead supervisor's guest: how QEMU ended
-                 "kvmrun.guest.shutdown"}         # (its stages name the hard ends)
+LOOKING = {"kvmrun.ops.inspect", "kvmrun.guest.qmp", "kvmrun.cli.views",
+           "kvmrun.guest.agent",                  # agent.has_port: status shows the socket
+           "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
+           "kvmrun.net.names",                    # the NICs' addresses from the leases
+           "kvmrun.guest.cgroup",                 # the limits' cgroup of a running guest
+           "kvmrun.guest.exits",                  # a dead supervisor's guest: how QEMU ended
+           "kvmrun.guest.shutdown"}               # (its stages name the hard ends)
+INSPECT = CLI | LOOKING | {"kvmrun.cli.inspect"}
+# `status NAME [--json]` and `list [--json]`, what scripts poll, are served before typer too.
+QUICK_LOOK = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kvmrun.errors",
+              "kvmrun.files", "kvmrun.paths", "kvmrun.proc", "kvmrun.guest",
+              "kvmrun.guest.rundir", "kvmrun.guest.launch", "kvmrun.ops"} | LOOKING
 # What stopping a guest needs, and `kvmrun stop NAME` (no option) imports nothing more: it is
 # served before typer (kvmrun.cli.quick). With an option it goes through typer's CLI.
 POWER = {"kvmrun.ops.power", "kvmrun.guest.qmp", "kvmrun.guest.shutdown",
@@ -99,14 +105,50 @@ QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvm
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["list", "--json"], INSPECT), (["list"], INSPECT),
-    (["status", "web1", "--json"], INSPECT), (["status", "web1"], INSPECT),
+    (["--debug", "list", "--json"], INSPECT), (["--debug", "list"], INSPECT),
+    (["--debug", "status", "web1", "--json"], INSPECT), (["--debug", "status", "web1"], INSPECT),
     (["stop", "web1", "--json"], STOP), (["stop", "--force", "web1"], STOP)])
 def test_each_quick_verb_imports_exactly_what_it_uses(tmp_path, args, expected):
     loaded = modules_after(tmp_path, *args)
     assert ours(loaded) == expected
     assert heavy(loaded) == {"typer"}             # typer 0.29 vendors click; no rich
     assert not HEAVY & loaded
+
+
+@pytest.mark.parametrize("args", [["list", "--json"], ["list"], ["status", "web1", "--json"],
+                                  ["status", "--json", "web1"], ["status", "web1"]])
+def test_a_plain_status_or_list_imports_no_typer(tmp_path, args):
+    loaded = modules_after(tmp_path, *args)
+    assert ours(loaded) == QUICK_LOOK
+    assert not heavy(loaded) and not HEAVY & loaded
+    assert not {"subprocess", "threading", "typing"} & loaded
+
+
+def test_a_plain_status_or_list_says_what_the_full_cli_says(tmp_path):
+    """Served before typer, `status` and `list` print what the full CLI prints (`--debug`
+    and kvmrun.cli.entry take the full CLI), word for word and exit code for exit code: no guest, a guest
+    that does not exist, a bad name; tests/integration/test_lifecycle.py compares them on
+    a real guest. Any other option, or another host, goes to the full CLI."""
+    env = env_for(tmp_path)
+
+    def run(*args, entry="kvmrun.cli.quick"):
+        return subprocess.run([sys.executable, "-c", f"from {entry} import main; main()",
+                               *args], env=env, capture_output=True, text=True, timeout=60)
+    for args in (["list", "--json"], ["list"], ["status", "web1", "--json"],
+                 ["status", "web1"], ["status", "no/such"]):
+        quick, full = run(*args), run(*args, entry="kvmrun.cli.entry")
+        assert (quick.returncode, quick.stdout, quick.stderr) == (
+            full.returncode, full.stdout, full.stderr), args
+    assert run("list", "--json").stdout == "[]\n"
+    refused = run("status", "web1")
+    assert refused.returncode != 0 and refused.stderr.startswith("kvmrun: error: ")
+    for args in (["list", "--all"], ["status", "web1", "--json", "--json"]):
+        assert "typer" in imported_by(args, env)[0], args
+    remote = subprocess.run([sys.executable, "-c", PROBE, "list", "--json"],
+                            env={**env, "KVMRUN_HOST": "nosuchhost.invalid",
+                                 "KVMRUN_SSH": "false"},
+                            capture_output=True, text=True, timeout=60)
+    assert "typer" in remote.stdout.rsplit("\nMODULES ", 1)[1]   # another host: full CLI
 
 
 def test_a_plain_stop_imports_no_typer_and_says_what_the_full_cli_says(tmp_path):

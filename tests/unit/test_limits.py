@@ -75,7 +75,7 @@ def test_no_cgroup2_refuses_limits(monkeypatch):
 
 
 def test_status_shows_limits():
-    from kvmrun.cli.inspect import limits_text
+    from kvmrun.cli.views import limits_text
     assert limits_text({"cpu_weight": 50, "cpu_max": 150, "memory_max": 2048}) == \
         "cpu_weight 50, cpu_max 150%, memory_max 2048M"
 
