@@ -11,7 +11,6 @@ identified when the pidfd was opened.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Callable  # not typing: ~1 MiB in every supervisor
 
@@ -30,6 +29,7 @@ def type_on_console(console_sock: str, command: str, settle: float = 5.0) -> Non
     them (a PL011 holds 16), and drops what it has not read yet when the client hangs up.
     So the line is sent, our side half-closed, and the socket kept open until QEMU has
     read it all and closes its end at our EOF (at most `settle` seconds)."""
+    import socket                   # here: the start path imports this module (~3 ms)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(2)
         sock.connect(console_sock)
@@ -47,6 +47,7 @@ def type_on_console(console_sock: str, command: str, settle: float = 5.0) -> Non
 
 def agent_shutdown(qga_sock: str) -> None:
     """Ask the QEMU guest agent to power off (its reply never comes: the guest goes down)."""
+    import socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(2)
         sock.connect(qga_sock)

@@ -4,7 +4,6 @@ Light (standard library and the run directory): a quick start checks them too.""
 from __future__ import annotations
 
 import errno
-import socket
 
 from kvmrun.errors import HostError
 from kvmrun.guest.rundir import live_launches
@@ -13,6 +12,7 @@ from kvmrun.guest.rundir import live_launches
 def check_forward(where: str, me: str, fwd: str) -> None:
     """Refuse a forward (QEMU's hostfwd form) whose host port cannot be bound, saying why
     and which running guest holds it; `where` names the profile key, `me` the guest."""
+    import socket                   # here: a quick start without forwards needs none (~3 ms)
     proto, addr, rest = fwd.split(":", 2)
     port = int(rest.split("-")[0])
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
