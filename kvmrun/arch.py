@@ -15,7 +15,7 @@ installed QEMU 7.2 paused (`tests/integration/test_oracle.py` keeps checking it)
 from __future__ import annotations
 
 import fnmatch
-import platform
+import os
 
 from kvmrun import records
 from kvmrun.errors import HostError
@@ -176,7 +176,7 @@ def for_machine(name: str, machine: str | None = None) -> Arch:
 
 def host_machine() -> str:
     """The host's `uname -m`, e.g. x86_64."""
-    return platform.machine()
+    return os.uname().machine            # as platform.machine(), without its import (~2 ms)
 
 
 def host_arch() -> str:

@@ -105,6 +105,13 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN else f"{text[: SHOWN - 1]}…"
 
 
+def close_matches(word: str, known: list[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The names in `known` closest to a mistyped `word` (difflib's), for a "did you mean"
+    hint: difflib is imported only once there is a mistake (~1.5 ms of every start)."""
+    import difflib
+    return difflib.get_close_matches(word, known, n=n, cutoff=cutoff)
+
+
 def format_path(path: tuple[str | int, ...]) -> str:
     """('disks', 1, 'interface') -> 'disks[1].interface'"""
     out = ""

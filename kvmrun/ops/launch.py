@@ -11,7 +11,6 @@ import fcntl
 import os
 import shlex
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -135,7 +134,7 @@ def launch_record(profile: Profile, compiled: Compiled) -> LaunchRecord:
         ready_console=profile.ready.pattern, ready_timeout=profile.ready.timeout,
         shutdown_timeout=profile.shutdown.timeout, shutdown_method=profile.shutdown.method,
         shutdown_command=profile.shutdown.command,
-        serial_log_max=profile.serial_log_max << 20, run_id=uuid.uuid4().hex,
+        serial_log_max=profile.serial_log_max << 20, run_id=os.urandom(16).hex(),
         machine_type=host.machine_version(compiled.argv[0], compiled.machine.split(",")[0]),
         summary={"arch": profile.arch, "machine": compiled.machine, "accel": compiled.accel,
                  "smp": profile.smp, "memory": profile.memory, "source": profile.source,

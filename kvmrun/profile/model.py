@@ -6,7 +6,6 @@ compiler and the operations. A field's default here is the profile's default.
 
 from __future__ import annotations
 
-import uuid as uuidlib
 
 from kvmrun import arch as archmod
 from kvmrun.errors import Location
@@ -161,7 +160,7 @@ class Profile:
     @property
     def vm_uuid(self) -> str:
         """The profile's uuid, else one derived from the name (stable across hosts)."""
-        return self.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"kvmrun:{self.name}"))
+        return self.uuid or name_uuid(f"kvmrun:{self.name}")
 
     def location(self, *path: str | int) -> Location:
         probe: KeyPath = tuple(path)
@@ -170,3 +169,17 @@ class Profile:
         file, line = self.lines.get(probe, (self.source or "<profile>", None))
         return Location(file, tuple(path), line)
 
+
+URL_NAMESPACE = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")     # uuid.NAMESPACE_URL
+
+
+def name_uuid(name: str) -> str:
+    """`str(uuid.uuid5(uuid.NAMESPACE_URL, name))` (RFC 4122's SHA-1 name-based UUID) without
+    the uuid module, which imports platform: ~3 ms of every start of a changed profile
+    (tests/unit/test_model pins it against uuid)."""
+    import hashlib
+    b = bytearray(hashlib.sha1(URL_NAMESPACE + name.encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x50                     # version 5
+    b[8] = (b[8] & 0x3F) | 0x80                     # the RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -7,7 +7,6 @@ A spec's `check(value, ctx, path)` returns the converted value or records an err
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvmrun import records
-from kvmrun.errors import Location, ProfileError, ProfileErrors, shown
+from kvmrun.errors import Location, ProfileError, ProfileErrors, close_matches, shown
 from kvmrun.profile.yamlsrc import KeyPath, Lines
 from kvmrun.records import record
 
@@ -58,7 +57,7 @@ def type_name(value: Any) -> str:
 
 
 def suggest(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    match = close_matches(str(word), choices)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 

@@ -7,13 +7,12 @@ the installed QEMU knows (with close matches suggested). `kvmrun validate`, `def
 
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 
 from pathlib import Path
 
-from kvmrun.errors import ProfileError, ProfileErrors
+from kvmrun.errors import ProfileError, ProfileErrors, close_matches
 from kvmrun.net.checks import file_errors
 from kvmrun.profile import Profile, referenced_files
 from kvmrun.qemu import host
@@ -33,7 +32,7 @@ def missing_files(profile: Profile, carried: frozenset[str] = frozenset()
 
 
 def _close(word: str, known: list[str]) -> str:
-    matches = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
+    matches = close_matches(word, known, n=3, cutoff=0.5)
     return f" (close matches: {', '.join(matches)})" if matches else ""
 
 
