@@ -93,6 +93,26 @@ def processes_mentioning(marker: str) -> dict[int, int]:
     return found
 
 
+def wait_for_exits(pids, timeout: float) -> None:
+    """Wait up to `timeout` seconds for these processes to exit by themselves, on pidfds
+    (an orphan's PID lingers until PID 1 reaps it, ~2 s here)."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and (left := deadline - time.monotonic()) > 0:
+            for fd in select.select(fds, [], [], left)[0]:
+                fds.remove(fd)
+                os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def kill_identified(pid: int, starttime: int, marker: str) -> None:
     """SIGKILL `pid` only if it is still the process we identified (same start time and
     the marker in its command line); the signal goes through a pidfd, so a PID reused
@@ -244,6 +264,9 @@ class KvmrunEnv:
                 leftovers.append(proc.pid)
                 proc.kill()
                 proc.wait(timeout=30)
+        # A guest's end is in its state a moment before its supervisor has exited (the
+        # network released, the interpreter gone): what ends within 5 s was not left running.
+        wait_for_exits(self.our_processes(), 5)
         for _ in range(3):                   # a supervisor may respawn nothing, but be sure
             found = self.our_processes()
             if not found:
