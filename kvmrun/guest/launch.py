@@ -72,7 +72,7 @@ class LaunchRecord:
         return {"version": self.version, **{k: getattr(self, k) for k in FIELDS}}
 
     def write(self, path: Path) -> None:
-        files.write_json(path, self.to_json())
+        files.write_json(path, self.to_json(), durable=False)  # the run directory's
 
     @classmethod
     def from_json(cls, data: object) -> "LaunchRecord":

@@ -20,7 +20,7 @@ def read(paths: RunPaths) -> dict:
 
 
 def write(paths: RunPaths, record: dict) -> None:
-    files.write_json(paths.network, record)
+    files.write_json(paths.network, record, durable=False)     # void after a reboot
 
 
 def undo(record: dict) -> None:

@@ -103,7 +103,7 @@ class Guest:
         blocks), so the end of a guest is still recorded."""
         text = json.dumps({**state, "version": STATE_VERSION}, indent=1)
         try:
-            files.atomic_write(self.paths.state, text)
+            files.atomic_write(self.paths.state, text, durable=False)   # void after a reboot
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.paths.state.exists():
                 raise
