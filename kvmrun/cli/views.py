@@ -39,6 +39,8 @@ def status_lines(info: dict) -> list[str]:
              if moving else info["state"]), *why, ("pid", info["pid"] or "-")]
     if info.get("problem"):
         rows.append(("problem", info["problem"]))
+    if info.get("monitor"):
+        rows.append(("monitor", info["monitor"]))
     if info.get("supervisor") == "dead":
         rows.append(("warning", "its supervisor is dead: events and the end are not "
                                 "recorded (stop or kill it with kvmrun, then start it again)"))

@@ -63,6 +63,11 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         info["problem"] = "QEMU is stopped by a signal (SIGSTOP or a debugger): it cannot " \
                           "answer its monitor"
         info.update(usage(pid))
+    elif pid and detailed and info["migration"]:
+        # `kvmrun migrate` holds the monitor to the end (QEMU's QMP socket takes one client
+        # at a time): asking it would fail and call a guest that runs "not responding"
+        info["monitor"] = f"held by kvmrun migrate (pid {info['migration']['pid']})"
+        info.update(usage(pid))
     elif pid and detailed:
         info.update(_live_details(guest, pid))
     return info
@@ -84,7 +89,7 @@ def migration(guest: Guest) -> dict | None:
     if not identified(record.get("pid"), record.get("starttime")):
         return None
     return {"to": record.get("to"), "status": record.get("status"),
-            "ram_bytes": record.get("ram")}
+            "ram_bytes": record.get("ram"), "pid": record.get("pid")}
 
 
 def share_mount_command(tag: str, readonly: bool = False, type: str = "9p") -> str:
