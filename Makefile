@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,ui]'
+	$(PY) -m compileall -q -x node_modules kvmrun   # bytecode now (PYTHONDONTWRITEBYTECODE)
 	touch $(STAMP)
 
 ui-vendor:

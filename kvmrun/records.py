@@ -22,7 +22,9 @@ kept, as `dataclasses` keeps it.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False              # not typing's: its import (~3 ms) is not on a start
+if TYPE_CHECKING:
+    from typing import Any
 
 MISSING: Any = type("MISSING", (), {"__repr__": lambda self: "MISSING"})()
 

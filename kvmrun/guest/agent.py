@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ class Agent:
         self.close()
 
     def connect(self) -> None:
+        import socket      # here: the compiler reads AGENT_PORT on every start (~3 ms)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -83,7 +83,7 @@ class Agent:
         assert self.sock is not None
         try:
             self.sock.sendall(prefix + json.dumps(message).encode() + b"\n")
-        except socket.timeout as err:
+        except TimeoutError as err:
             raise AgentTimeout(f"the guest agent of {self.name} takes no input (waited "
                                f"{self.timeout:g}s)", hint=NOT_ANSWERING_HINT) from err
         except OSError as err:
@@ -99,7 +99,7 @@ class Agent:
         self.sock.settimeout(left)
         try:
             chunk = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             chunk = None
         except OSError as err:
             raise GuestError(f"lost the guest agent of {self.name}: {err.strerror}") from err

@@ -17,14 +17,14 @@ from kvmrun.guest.shutdown import HARD_STAGES
 TRACE_ARGS = ["-trace", "qemu_system_shutdown_request"]
 CAUSES = ("none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal",
           "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset")
-_LOGGED = re.compile(rb"^qemu_system_shutdown_request reason=(\d+)$|"
-                     rb"terminating on signal \d+", re.MULTILINE)
+_LOGGED = (rb"^qemu_system_shutdown_request reason=(\d+)$|"     # compiled at its first use
+            rb"terminating on signal \d+")                      # (re's cache), not import
 
 
 def logged_cause(log: bytes) -> str | None:
     """The last shutdown cause in QEMU's log, or None (QEMU crashed or was killed: it
     wrote none). 'terminating on signal N' is QEMU's own line for SIGTERM/SIGINT/SIGHUP."""
-    found = list(_LOGGED.finditer(log))
+    found = list(re.finditer(_LOGGED, log, re.MULTILINE))
     if not found:
         return None
     number = found[-1].group(1)

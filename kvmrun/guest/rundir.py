@@ -37,7 +37,6 @@ from collections.abc import Iterator  # not typing: ~1 MiB in every supervisor
 
 from kvmrun import files, proc
 from kvmrun.errors import GuestError, GuestTimeout, NotPrivate
-from kvmrun.guest import exits
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.paths import RunPaths, run_dir
 
@@ -237,6 +236,7 @@ class Guest:
         """How a QEMU ended that no supervisor saw end: the shutdown cause QEMU logged
         (a power-off from inside, a QMP quit, a signal it handled), else unknown, which
         reads as a crash (QEMU killed or crashed logs none; so does a host reboot)."""
+        from kvmrun.guest import exits        # re and signal: not on a quick start's way
         try:
             with open(self.paths.qemu_log, "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))

@@ -78,8 +78,7 @@ class Supervisor:
         self.shutdown_reason: str | None = None
         self.panicked = False
         self.incoming = incoming
-        self.ready_re = re.compile(self.launch.ready_console) \
-            if self.launch.ready_console and not incoming else None
+        self.ready_re: re.Pattern | None = None    # compiled once QEMU is spawned (qemu_up)
         self.console_seen = b""
         self.console_offset = 0
         self.stop_requested: str | None = None
@@ -161,6 +160,8 @@ class Supervisor:
 
     def qemu_up(self) -> bool:
         """QEMU is spawned: its monitor, its first state, the news for `kvmrun start`."""
+        if self.launch.ready_console and not self.incoming:
+            self.ready_re = re.compile(self.launch.ready_console)
         if not self.connect_qmp():
             return False
         running = self.qmp.execute("query-status").get("running")

@@ -6,9 +6,9 @@ the names from here, so they always agree.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from kvmrun.files import sha256     # not hashlib's: it loads OpenSSL (~4 ms of a start)
 from kvmrun.paths import RunPaths, config_dir, run_dir
 
 NAT_DEFAULT_NAME = "default"
@@ -19,13 +19,13 @@ MAX_NET_NAME = 32
 def stable_mac(name: str, index: int) -> str:
     """The MAC of NIC `index` of VM `name` when the profile gives none: stable across
     restarts and hosts, in QEMU's locally administered 52:54:00 range."""
-    digest = hashlib.sha256(f"kvmrun:{name}:{index}".encode()).digest()
+    digest = sha256(f"kvmrun:{name}:{index}".encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 def tap_name(guest: str, index: int) -> str:
     """The tap kvmrun makes for NIC `index` of `guest`: stable, unique, ≤ 15 characters."""
-    return "kv" + hashlib.sha256(f"kvmrun-tap:{guest}:{index}".encode()).hexdigest()[:12]
+    return "kv" + sha256(f"kvmrun-tap:{guest}:{index}".encode()).hexdigest()[:12]
 
 
 def nat_bridge_name(name: str) -> str:
@@ -33,7 +33,7 @@ def nat_bridge_name(name: str) -> str:
     plain = f"kvnat-{name}"
     if len(plain) <= IFNAMSIZ and all(c.isalnum() or c in "-_" for c in name):
         return plain
-    return "kvnat-" + hashlib.sha256(name.encode()).hexdigest()[:9]
+    return "kvnat-" + sha256(name.encode()).hexdigest()[:9]
 
 
 def nft_table(name: str) -> str:

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from kvmrun.guest import netrecord
 from kvmrun.guest.netrecord import teardown
-from kvmrun.net import defs, links
-from kvmrun.net.isolated import attach_port
-from kvmrun.net.nat import nat_start
 from kvmrun.net.names import NAT_DEFAULT_NAME, port_socket, stable_mac, tap_name
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
+
+# The backends (kvmrun.net.links, .defs, .isolated, .nat: subprocess, socket, ipaddress) are
+# imported by the NIC types that use them: user-mode networking needs none of them.
+
+
+def _root() -> bool:
+    from kvmrun.net import links
+    return links.is_root()
 
 
 def describe(profile: Profile) -> list[dict]:
@@ -43,7 +48,7 @@ def describe(profile: Profile) -> list[dict]:
             nic["network"] = net.name or NAT_DEFAULT_NAME
         elif net.type == "bridge":
             nic["bridge"] = net.bridge
-        if net.type == "nat" or (net.type == "bridge" and links.is_root()):
+        if net.type == "nat" or (net.type == "bridge" and _root()):
             nic["tap"] = tap_name(profile.name, i)
         nics.append(nic)
     return nics
@@ -63,13 +68,18 @@ def attach(nics: list[dict], guest: str, paths: RunPaths) -> dict:
         for nic in nics:
             i, kind = nic["index"], nic["type"]
             if kind == "isolated":
+                from kvmrun.net import defs
+                from kvmrun.net.isolated import attach_port
                 defs.require(nic["network"], "isolated")
                 link = attach_port(paths, nic["network"], guest, i)
                 record["ports"].append(str(link))
                 record["sockets"].append(str(port_socket(paths, i)))
-            elif kind == "bridge" and links.is_root():
+            elif kind == "bridge" and _root():
+                from kvmrun.net import links
                 record["taps"].append(links.make_tap(tap_name(guest, i), nic["bridge"]))
             elif kind == "nat":
+                from kvmrun.net import links
+                from kvmrun.net.nat import nat_start
                 state = nat_start(nic.get("network") or NAT_DEFAULT_NAME, quiet=True)
                 record["taps"].append(links.make_tap(tap_name(guest, i), state["bridge"]))
             netrecord.write(paths, record)

@@ -41,7 +41,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from kvmrun import paths
+from kvmrun import paths, proc
 from kvmrun.errors import GuestError, HostError, StorageError
 from kvmrun.proc import log_argv
 from kvmrun.records import asdict, field, record
@@ -261,7 +261,7 @@ def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,
 
 
 def zstd_available() -> bool:
-    return shutil.which("zstd") is not None
+    return proc.which("zstd") is not None
 
 
 def _stream_tar(tree: Path, members: list[str], out: BinaryIO, compress: bool | None,

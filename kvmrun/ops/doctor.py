@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from kvmrun import arch as archmod
+from kvmrun import proc
 from kvmrun import paths
 from kvmrun.qemu import host
 from kvmrun.qemu.kvmprobe import KVM_DEVICE, cached_or_probe, kvm_accessible
@@ -30,7 +30,7 @@ def _finding(check: str, ok: bool | None, detail: str, hint: str | None = None) 
 def findings(probe: bool = True, force_probe: bool = False) -> list[dict]:
     out = []
     for a in archmod.ARCHES.values():
-        binary = shutil.which(a.qemu)
+        binary = proc.which(a.qemu)
         if binary:
             out.append(_finding(f"qemu {a.name}", True,
                                 f"{binary} (QEMU {host.qemu_version(binary)})"))
@@ -38,7 +38,7 @@ def findings(probe: bool = True, force_probe: bool = False) -> list[dict]:
             out.append(_finding(f"qemu {a.name}", None, f"{a.qemu} not installed",
                                 "apt-get install qemu-system-x86 qemu-system-arm "
                                 "qemu-system-misc"))
-    qemu_img = shutil.which("qemu-img")
+    qemu_img = proc.which("qemu-img")
     out.append(_finding("qemu-img", bool(qemu_img), qemu_img or "not installed",
                         None if qemu_img else "apt-get install qemu-utils"))
     if not os.path.exists(KVM_DEVICE):
@@ -65,7 +65,7 @@ def findings(probe: bool = True, force_probe: bool = False) -> list[dict]:
         out.append(_finding(f"firmware {label}", True if there else None,
                             path if there else "not installed",
                             None if there else f"apt-get install {package}"))
-    virtiofsd, swtpm = host.virtiofsd_binary(), shutil.which("swtpm")
+    virtiofsd, swtpm = host.virtiofsd_binary(), proc.which("swtpm")
     out.append(_finding("virtiofsd (virtiofs shares)", True if virtiofsd else None,
                         virtiofsd or "not installed",
                         None if virtiofsd else "apt-get install qemu-system-common"))

@@ -10,19 +10,18 @@ import contextlib
 import fcntl
 import os
 import shlex
-import shutil
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from kvmrun import arch as archmod
-from kvmrun import files, proc, records
+from kvmrun import files, paths, proc, records
 from kvmrun.errors import GuestError, HostError, KvmrunError, LaunchError
 from kvmrun.guest import cgroup, ending
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
 from kvmrun.net import checks as netchecks
 from kvmrun.net import nics
-from kvmrun.ops import agent, quickstart
+from kvmrun.ops import quickstart
 from kvmrun.ops import ssh as sshops
 from kvmrun.profile import Profile, Ready, referenced_files, warnings
 from kvmrun.qemu import checks, host, varstore
@@ -287,6 +286,7 @@ def _prepare_tpm(profile: Profile, guest: Guest, undo: contextlib.ExitStack) -> 
     made = not state.exists()
     files.mkdirs(state)
     if made:
+        import shutil
         undo.callback(shutil.rmtree, state, True)
     proc.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
               "--not-overwrite"], what="swtpm_setup (making the guest's TPM)", timeout=120)
@@ -311,6 +311,8 @@ def _spawn_and_wait(profile: Profile, guest: Guest, argv: list[str], wait_ready:
 def _resume(profile: Profile, compiled: Compiled, note: Progress) -> tuple[Profile, str | None]:
     """A pending RAM state (an offline `snapshot revert`, kvmrun.ops.snapshots): consumed,
     `-loadvm SNAP` added, and no console to wait for (the guest does not boot)."""
+    if not paths.resume_path(profile.name).exists():   # most starts: not even the import
+        return profile, None                            # of the snapshot machinery (~5 ms)
     from kvmrun.ops.snapshots import take_resume
     snap = take_resume(profile)
     if snap is None:
@@ -324,6 +326,7 @@ def _thaw_resumed(guest: Guest, note: Progress) -> None:
     """After -loadvm: thaw what the snapshot's RAM state had frozen (a note, never a failed
     start: the guest runs)."""
     try:
+        from kvmrun.ops import agent       # a resume only (its socket: ~4 ms of a start)
         if agent.thaw_if_frozen(guest):
             note("kvmrun: the file systems were frozen in the snapshot's RAM state: thawed")
     except KvmrunError as err:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 from pathlib import Path
 
+from kvmrun import proc
 from kvmrun import paths
 from kvmrun.errors import KvmrunError
 from kvmrun.guest.rundir import Guest
@@ -21,7 +21,7 @@ def _version(text: str) -> tuple[int, ...]:
 def preflight(req: dict) -> dict:
     from kvmrun.qemu import host
     problems = []
-    binary = shutil.which(req["binary"]) or shutil.which(Path(req["binary"]).name)
+    binary = proc.which(req["binary"]) or proc.which(Path(req["binary"]).name)
     if binary is None:
         return {"problems": [f"{req['binary']} is not installed"]}
     version = host.qemu_version(binary)
@@ -69,7 +69,7 @@ def preflight(req: dict) -> dict:
     if req.get("source_tpm") and tpm.exists():
         problems.append(f"{tpm} (a TPM's state) already exists here")
     for helper in req["launch"].get("helpers", []):
-        if not shutil.which(helper["argv"][0]):
+        if not proc.which(helper["argv"][0]):
             problems.append(f"{helper['argv'][0]} (helper {helper['name']}) is not installed "
                             "here")
     return {"problems": problems, "qemu_version": version}

@@ -8,7 +8,7 @@ before the single validation, so every error still names its file, key and line.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvmrun import records
 from kvmrun.errors import Location, ProfileError

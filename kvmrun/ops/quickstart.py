@@ -28,10 +28,9 @@ from collections.abc import Callable  # not typing: ~3 ms of every quick start
 from kvmrun import files, paths
 from kvmrun.files import sha256
 from kvmrun.errors import GuestError, GuestTimeout, LaunchError
-from kvmrun.guest import ending, netrecord
+from kvmrun.guest import netrecord
 from kvmrun.guest.launch import LaunchRecord
 from kvmrun.guest.rundir import Guest, disks_in_use, lock_disks, prepare_run_dir
-from kvmrun.net.ports import check_forward
 from kvmrun.qemu.kvmprobe import kvm_accessible, kvm_verdict_file
 
 VERSION = 1
@@ -136,6 +135,7 @@ def start(ref: str, note: Callable[[str], None]) -> tuple[dict, dict] | None:
             return _fork_and_wait(guest, launch, entry, lock_fd), entry
         except BaseException:
             if guest.qemu_pid() is None:
+                from kvmrun.guest import ending
                 ending.release(guest)
                 guest.remove_dir() if created else guest.clear_runtime(keep_logs=False)
             raise
@@ -151,8 +151,10 @@ def _claim(guest: Guest, launch: LaunchRecord, entry: dict) -> None:
         path, other = next(iter(busy.items()))
         raise GuestError(f"disk {path} is in use by running guest {other!r}",
                          hint="stop that guest first, or give this one its own disk")
-    for where, fwd in entry.get("forwards", []):
-        check_forward(where, name, fwd)
+    if entry.get("forwards"):
+        from kvmrun.net.ports import check_forward
+        for where, fwd in entry["forwards"]:
+            check_forward(where, name, fwd)
     netrecord.teardown(guest.paths)          # leftovers of a guest that ended uncleanly
     guest.clear_runtime(keep_logs=False)
     netrecord.write(guest.paths, {"nics": entry.get("nics", [])})

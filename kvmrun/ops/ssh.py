@@ -9,19 +9,21 @@ running guest; `connect` waits for sshd, runs ssh on the terminal and returns it
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+TYPE_CHECKING = False          # not typing's: its import (~3 ms) is not on a start's way
 
+from kvmrun import proc
 from kvmrun.errors import GuestError, GuestTimeout, HostError
 from kvmrun.guest.rundir import Guest, require_running
 from kvmrun.proc import log_argv
 
 if TYPE_CHECKING:
     from kvmrun.profile import Profile
+
+# socket and subprocess are imported by the functions that use them: every start
+# reads login_defaults (~5 ms of its imports).
 
 FWD_RE = re.compile(r"tcp:([\d.]*):(\d+)-[\d.]*:22$")
 OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -74,6 +76,7 @@ def ssh_argv(name: str, forwards: list[str], user: str | None = None,
 def banner(addr: str, port: int, timeout: float = 5.0) -> bool:
     """Whether an ssh server answers there. A user-network forward accepts every connection
     and closes it when the guest's port is shut, so only the banner tells."""
+    import socket
     try:
         with socket.create_connection((addr, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
@@ -136,7 +139,8 @@ def connect(guest: Guest, found: dict, wait: float,
     """Run the ssh of `session` on this terminal once the guest's sshd answers (up to `wait`
     seconds); ssh's exit code."""
     argv = found["argv"]
-    if not shutil.which(argv[0]):
+    import subprocess
+    if not proc.which(argv[0]):
         raise HostError(f"{argv[0]} not found", hint="apt-get install openssh-client")
     wait_for_sshd(guest.name, found["addr"], found["port"], wait, note=note,
                   alive=lambda: guest.qemu_pid() is not None)

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from kvmrun import paths
+from kvmrun import paths, proc
 from kvmrun.errors import AlreadyDefined, ProfileErrors, StorageError, UsageError
 from kvmrun.qemu import checks
 from kvmrun.ops.archive import CHUNK, FORMAT, MANIFEST, NVRAM, PROFILE, TPM_DIR, ZERO, \
@@ -63,7 +63,7 @@ class Source:
         self.zstd = self.feeder = None
         head = self.raw.read(4)
         if head == ZSTD_MAGIC:
-            if shutil.which("zstd") is None:
+            if proc.which("zstd") is None:
                 raise StorageError("the archive is zstd-compressed and zstd is not installed",
                                    hint="apt-get install zstd")
             log_argv(["zstd", "-d", "-q", "-c"])

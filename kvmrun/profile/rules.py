@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from kvmrun import arch as archmod
 from kvmrun.errors import Location, ProfileError

@@ -8,10 +8,10 @@ the installed QEMU knows (with close matches suggested). `kvmrun validate`, `def
 from __future__ import annotations
 
 import os
-import shutil
 
 from pathlib import Path
 
+from kvmrun import proc
 from kvmrun.errors import ProfileError, ProfileErrors, close_matches
 from kvmrun.net.checks import file_errors
 from kvmrun.profile import Profile, referenced_files
@@ -78,7 +78,7 @@ def helper_errors(profile: Profile) -> list[ProfileError]:
                                    hint="run kvmrun as root, or use type: 9p (no root needed)"))
     if profile.tpm:
         for program in ("swtpm", "swtpm_setup"):
-            if shutil.which(program) is None:
+            if proc.which(program) is None:
                 errors.append(ProfileError(profile.location("tpm"),
                                            f"tpm: true needs {program}, which is not installed",
                                            hint=f"install it: apt-get install {SWTPM_PACKAGE}"))

@@ -11,7 +11,7 @@ requires (`,` -> `,,`). Nothing ever goes through a shell.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvmrun import arch as archmod
 from kvmrun.arch import Arch, HostFacts, ide_slots

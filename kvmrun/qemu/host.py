@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from kvmrun import arch as archmod
-from kvmrun import files, paths
+from kvmrun import files, paths, proc
 from kvmrun.arch import HostFacts
 from kvmrun.errors import HostError
 from kvmrun.proc import run
@@ -38,11 +37,11 @@ def probe(verify_kvm: bool = False, note=lambda message: None) -> HostFacts:
         if pair:
             secure[a.name] = pair[0]
     user = qemu_user()
-    binary = shutil.which(archmod.get(archmod.host_arch()).qemu) if user else None
+    binary = proc.which(archmod.get(archmod.host_arch()).qemu) if user else None
     return HostFacts(machine=archmod.host_machine(), kvm=kvm, forced_accel=forced, uefi=uefi,
                      uefi_secure=secure, net_admin=os.geteuid() == 0, qemu_user=user,
                      run_with=bool(binary) and qemu_run_with(binary),
-                     virtiofsd=virtiofsd_binary(), swtpm=shutil.which("swtpm"))
+                     virtiofsd=virtiofsd_binary(), swtpm=proc.which("swtpm"))
 
 
 # QEMU 7.2's C virtiofsd (Debian 12's qemu-system-common), then the Rust one (package
@@ -52,7 +51,7 @@ VIRTIOFSD = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virt
 
 def virtiofsd_binary() -> str | None:
     found = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
-    return found or shutil.which("virtiofsd")
+    return found or proc.which("virtiofsd")
 
 
 DEFAULT_QEMU_USER = "kvmrun"
@@ -140,7 +139,7 @@ def uefi_secure_pair(arch_name: str) -> tuple[str, str] | None:
 def qemu_binary(arch_name: str) -> str:
     """The full path of the QEMU binary for an architecture, or a HostError with a fix."""
     a = archmod.get(arch_name)
-    found = shutil.which(a.qemu)
+    found = proc.which(a.qemu)
     if not found:
         raise HostError(f"{a.qemu} not found on PATH",
                         hint=f"install it: apt-get install {a.package}")

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from kvmrun import files, paths
+from kvmrun import files, paths, proc
 from kvmrun.proc import boot_id
 
 PROBE_TIMEOUT = 15.0
@@ -48,14 +48,13 @@ def probe_kernel() -> str | None:
 
 def kvm_boot_probe(kernel: str | None = None) -> dict:
     """Boot `kernel` under KVM with no root fs; record whether it got far enough."""
-    import shutil            # the probe's imports stay here: the quick start reads only
-    import subprocess        # kvm_accessible and the verdict file's stamp
-    import tempfile
+    import subprocess        # the probe's imports stay here: the quick start reads only
+    import tempfile          # kvm_accessible and the verdict file's stamp
     kernel = kernel or probe_kernel()
     verdict = {"boot_id": boot_id(), "at": time.time(), "kernel": kernel}
     if kernel is None:
         return {**verdict, "boots": None, "detail": "no kernel to boot for the probe"}
-    binary = shutil.which("qemu-system-x86_64")
+    binary = proc.which("qemu-system-x86_64")
     if binary is None or not kvm_accessible():
         return {**verdict, "boots": False, "detail": "QEMU or /dev/kvm not usable"}
     with tempfile.TemporaryDirectory(prefix="kvmrun-probe-") as tmp:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from kvmrun import records
 from kvmrun.errors import (GuestError, HostError, KvmrunError, PoolError, ProfileError,
                            ProfileErrors, StorageError)
-from kvmrun.guest.qmp import query
 from kvmrun.guest.rundir import Guest, guest_using
 from kvmrun.paths import RunPaths
 from kvmrun.profile import Profile
@@ -122,6 +121,7 @@ def resize(path: str, size: str, shrink: bool = False, live: str | None = None) 
 
 def _resize_live(path: str, name: str, index: int, sign: str, amount: int,
                  shrink: bool) -> dict:
+    from kvmrun.guest.qmp import query     # a running guest's disk only (its socket: ~4 ms)
     guest = Guest(name)
     drive = f"drive-disk{index}"
     blocks = query(guest.paths.qmp_cli, "query-block", timeout=10)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def unlink(path, missing_ok: bool = True) -> None:
 
 
 def qemu_img() -> str:
-    found = shutil.which("qemu-img")
+    found = proc.which("qemu-img")
     if not found:
         raise HostError("qemu-img not found on PATH", hint="install it: apt-get install qemu-utils")
     return found

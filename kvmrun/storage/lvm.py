@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 
+from kvmrun import proc
 from kvmrun.errors import HostError, KvmrunError, PoolError
 from kvmrun.guest import rundir
 from kvmrun.storage.images import human
@@ -21,7 +20,8 @@ DEV = "/dev"                                        # LVM's device directory: DE
 def _lvm(*args: str, what: str, name: str, timeout: float = 120,
          ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run one LVM command (C locale, no prompts); a failure becomes a PoolError."""
-    binary = shutil.which(args[0]) or shutil.which(args[0], path="/usr/sbin:/sbin")
+    import subprocess         # here: every start reads the pools, few have an LVM one
+    binary = proc.which(args[0]) or proc.which(args[0], path="/usr/sbin:/sbin")
     if not binary:
         raise HostError(f"{args[0]} not found: LVM tools are not installed",
                         hint="apt-get install lvm2")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 from pathlib import Path
 
 from kvmrun import proc
@@ -48,7 +47,7 @@ def kernel_possible() -> str | None:
     """None where `mount -t nfs` can work, else why not."""
     if os.geteuid() != 0:
         return "mounting needs root"
-    if not (shutil.which("mount.nfs") or os.path.exists("/sbin/mount.nfs")
+    if not (proc.which("mount.nfs") or os.path.exists("/sbin/mount.nfs")
             or os.path.exists("/usr/sbin/mount.nfs")):
         return "mount.nfs is not installed (apt-get install nfs-common)"
     try:

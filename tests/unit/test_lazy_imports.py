@@ -74,9 +74,8 @@ LOOKING = {"kvmrun.ops.inspect", "kvmrun.guest.qmp", "kvmrun.cli.views",
            "kvmrun.guest.agent",                  # agent.has_port: status shows the socket
            "kvmrun.guest.netrecord", "kvmrun.net", "kvmrun.net.leases",
            "kvmrun.net.names",                    # the NICs' addresses from the leases
-           "kvmrun.guest.cgroup",                 # the limits' cgroup of a running guest
-           "kvmrun.guest.exits",                  # a dead supervisor's guest: how QEMU ended
-           "kvmrun.guest.shutdown"}               # (its stages name the hard ends)
+           "kvmrun.guest.cgroup"}                 # the limits' cgroup of a running guest
+# (kvmrun.guest.exits, how QEMU ended, only for a guest whose supervisor died unseen)
 INSPECT = CLI | LOOKING | {"kvmrun.cli.inspect"}
 # `status NAME [--json]` and `list [--json]`, what scripts poll, are served before typer too.
 QUICK_LOOK = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kvmrun.errors",
@@ -85,7 +84,7 @@ QUICK_LOOK = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kv
 # What stopping a guest needs, and `kvmrun stop NAME` (no option) imports nothing more: it is
 # served before typer (kvmrun.cli.quick). With an option it goes through typer's CLI.
 POWER = {"kvmrun.ops.power", "kvmrun.guest.qmp", "kvmrun.guest.shutdown",
-         "kvmrun.guest.ending", "kvmrun.guest.netrecord", "kvmrun.guest.exits",
+         "kvmrun.guest.ending", "kvmrun.guest.netrecord",
          "kvmrun.guest.cgroup", "kvmrun.guest.helpers",                   # the guest's end
          "kvmrun.guest.spawn",                                 # (helpers' own; stdlib os)
          "kvmrun.ops.systemd", "kvmrun.guest.notify"}       # through kvmrun@NAME if enabled
@@ -94,14 +93,13 @@ QUICK_STOP = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kv
               "kvmrun.guest.rundir", "kvmrun.guest.launch", "kvmrun.ops"} | POWER
 STOP = CLI | POWER | {"kvmrun.cli.power"}
 # The quick start, up to the fork of the supervisor (the supervisor's own imports happen in
-# the child); no typer, no profile model, no compiler.
+# the child); no typer, no profile model, no compiler; the end's clean-up (ending) only
+# when the start fails, the forwards' check (net.ports) only for a profile with forwards.
 QUICK_START = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.errors", "kvmrun.files",
                "kvmrun.paths", "kvmrun.proc", "kvmrun.guest", "kvmrun.guest.rundir",
-               "kvmrun.guest.launch", "kvmrun.guest.ending", "kvmrun.guest.netrecord",
-               "kvmrun.guest.shutdown", "kvmrun.net", "kvmrun.net.ports", "kvmrun.ops",
+               "kvmrun.guest.launch", "kvmrun.guest.netrecord", "kvmrun.ops",
                "kvmrun.ops.quickstart", "kvmrun.qemu", "kvmrun.qemu.kvmprobe",
-               "kvmrun.guest.exits", "kvmrun.guest.cgroup", "kvmrun.guest.helpers",  # ending
-               "kvmrun.guest.spawn", "kvmrun.cli.text"}          # its lines, its errors
+               "kvmrun.cli.text"}                                # its lines, its errors
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -213,6 +211,41 @@ def test_the_full_start_path_leaves_out_what_a_start_seldom_uses(tmp_path):
     loaded = set(json.loads(proc.stdout))
     assert "kvmrun.qemu.compile" in loaded
     assert not {"uuid", "platform", "fractions", "decimal", "difflib", "random"} & loaded
+
+
+# What neither way of starting a guest imports (each ~2-5 ms of every start; issue 18): they
+# come with the profiles, networks and verbs that use them.
+NOT_ON_A_START = {"typing", "socket", "subprocess", "threading", "shutil", "bz2", "lzma",
+                  "hashlib", "_hashlib", "uuid", "platform", "tempfile", "random",
+                  "kvmrun.net.links", "kvmrun.net.defs", "kvmrun.net.isolated",
+                  "kvmrun.net.nat", "kvmrun.net.hub", "kvmrun.ops.snapshots",
+                  "kvmrun.ops.agent"}
+
+
+def test_a_real_start_imports_only_what_its_profile_uses(tmp_path):
+    """Real starts of a halted guest (QEMU paused, no disk, no network: it needs no kernel):
+    the first on this host (it probes QEMU: subprocess), then one of a changed profile (the
+    full path: YAML, the compiler), then one unchanged (the quick start). What the CLI
+    process imported, after it returned."""
+    env = env_for(tmp_path)
+    profile = tmp_path / "p.yaml"
+    try:
+        for way, memory in (("first", 64), ("full path", 80), ("quick start", 80)):
+            text = f"name: p\naccel: tcg\nmemory: {memory}M\nnetwork: []\nhalted: true\n"
+            if not profile.exists() or profile.read_text() != text:   # rewritten: changed
+                profile.write_text(text)
+            loaded, out = imported_by(["start", profile], env)
+            assert out.startswith("started p "), (way, out)
+            if way != "first":
+                assert not NOT_ON_A_START & loaded, (way, sorted(NOT_ON_A_START & loaded))
+            assert ("kvmrun.qemu.compile" in loaded) == (way != "quick start")
+            assert not heavy(loaded) - ({"yaml"} if way != "quick start" else set())
+            killed = subprocess.run([sys.executable, "-m", "kvmrun", "kill", "p"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert killed.returncode == 0, killed.stderr
+    finally:
+        subprocess.run([sys.executable, "-m", "kvmrun", "kill", "p"], env=env,
+                       capture_output=True, timeout=60)
 
 
 def test_the_quick_start_imports_no_typer(tmp_path):

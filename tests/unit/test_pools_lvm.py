@@ -226,7 +226,7 @@ def test_define_errors(lvm, tmp_path, capsys):
 
 def test_no_lvm_tools(lvm, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(lvmmod.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(lvmmod.proc, "which", lambda *a, **k: None)
     code, _, err = cli(capsys, "pool", "define", "p", "--type", "lvm", "--vg", "vg0")
     assert code == 3 and "LVM tools are not installed" in err and "apt-get install lvm2" in err
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvmrun import proc
 from kvmrun.qemu import checks, host
 from kvmrun.cli import main
 from kvmrun.errors import ProfileError
@@ -184,7 +185,7 @@ def test_missing_helpers_are_located_errors_of_the_host_checks(monkeypatch):
     """virtiofsd and swtpm are checked by validate/start, at the key that needs them."""
     monkeypatch.setattr(host, "qemu_binary", lambda arch: "/usr/bin/qemu-system-x86_64")
     monkeypatch.setattr(host, "virtiofsd_binary", lambda: None)
-    monkeypatch.setattr(checks.shutil, "which", lambda program: None)
+    monkeypatch.setattr(proc, "which", lambda program: None)
     write("d/keep", "")
     profile = load(write("vm.yaml", "name: vm\nshares:\n  - {path: d, tag: d, type: virtiofs}"
                                     "\ntpm: true\n"))
