@@ -30,10 +30,6 @@ try:            # CPython's own SHA-256: hashlib's loads OpenSSL (libcrypto), ~5
     from _sha256 import sha256     # quick start on a loaded host; same digests
 except ImportError:                # Python 3.12 renamed it: hashlib's, slower to import
     from hashlib import sha256
-try:
-    from _sha1 import sha1         # the same for SHA-1 (name-based UUIDs)
-except ImportError:
-    from hashlib import sha1
 
 
 def mkdirs(directory: Path, mode: int = 0o700) -> None:

@@ -177,7 +177,10 @@ def name_uuid(name: str) -> str:
     """`str(uuid.uuid5(uuid.NAMESPACE_URL, name))` (RFC 4122's SHA-1 name-based UUID) without
     the uuid module, which imports platform: ~3 ms of every start of a changed profile
     (tests/unit/test_model pins it against uuid)."""
-    from kvmrun.files import sha1
+    try:
+        from _sha1 import sha1          # CPython's own: hashlib's loads OpenSSL (~4 ms)
+    except ImportError:
+        from hashlib import sha1
     b = bytearray(sha1(URL_NAMESPACE + name.encode()).digest()[:16])
     b[6] = (b[6] & 0x0F) | 0x50                     # version 5
     b[8] = (b[8] & 0x3F) | 0x80                     # the RFC 4122 variant

@@ -64,9 +64,9 @@ def kvm_boot_probe(kernel: str | None = None) -> dict:
                 f"file:{log}", "-kernel", kernel, "-append", "console=ttyS0 panic=-1"]
         started = time.monotonic()
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=PROBE_TIMEOUT)
-            code, stderr = proc.returncode, proc.stderr.decode(errors="replace").strip()
+            ran = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=PROBE_TIMEOUT)
+            code, stderr = ran.returncode, ran.stderr.decode(errors="replace").strip()
         except subprocess.TimeoutExpired:
             code, stderr = None, ""
         took = round(time.monotonic() - started, 1)

@@ -26,3 +26,16 @@ def test_doctor_json_names_the_helper_daemons(tmp_path):
     row = found["swtpm (tpm: true)"]
     assert (row["ok"], row["detail"]) == ((True, swtpm) if swtpm else (None, "not installed"))
     assert row["hint"] == (None if swtpm else "apt-get install swtpm swtpm-tools")
+
+
+def test_the_kvm_boot_probe_says_what_it_saw(tmp_path):
+    """The probe behind doctor's "kvm boot probe" line, on real QEMU: a file that is no
+    kernel boots nothing, and the verdict says why (QEMU's own error, or no usable KVM)."""
+    from kvmrun.qemu import kvmprobe
+    not_a_kernel = tmp_path / "vmlinuz"
+    not_a_kernel.write_bytes(b"not a kernel\n" * 100)
+    verdict = kvmprobe.kvm_boot_probe(str(not_a_kernel))
+    assert verdict["boots"] is False, verdict
+    assert verdict["kernel"] == str(not_a_kernel)
+    assert verdict["detail"].startswith(("QEMU exited (", "QEMU or /dev/kvm not usable")), \
+        verdict
