@@ -4,11 +4,11 @@ Every file kvmrun writes for others to read (state, launch record, definitions, 
 network records, caches) goes through `atomic_write`: a temporary file in the same
 directory, fsynced, renamed over the target; a failure removes the temporary file, so a
 reader sees the old file or the new one and nothing is left behind. A guest's run-time
-records (state, launch and network records) skip the fsync (`durable=False`): they mean
-nothing after a reboot (kvmrun.guest.rundir checks the boot id), so a power loss has
-nothing of theirs to keep, and the rename is atomic all the same; on a run directory that
-is not a tmpfs each fsync was 0.4–3 ms of every start. Light: the supervisor and the hub
-import it.
+records (state, launch, network and request records) skip the fsync (`durable=False`):
+they mean nothing after a reboot (kvmrun.guest.rundir checks the boot id), so a power loss
+has nothing of theirs to keep, and the rename is atomic all the same; on a run directory
+that is not a tmpfs each fsync was 0.4–3 ms of every start. Light: the supervisor and the
+hub import it.
 """
 
 from __future__ import annotations
@@ -106,10 +106,12 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
 RESERVED = 4096       # bytes a reserved record keeps allocated (one page)
 
 
-def reserve(path: Path, size: int = RESERVED) -> None:
+def reserve(path: Path, size: int = RESERVED, durable: bool = True) -> None:
     """Create `path` as `size` bytes of blanks, so later `write_reserved` calls need no
-    free space (a stop or kill on a full run directory must still be recorded)."""
-    atomic_write(path, b" " * size)
+    free space (a stop or kill on a full run directory must still be recorded). The space
+    is the file's once `write` returns (ext4's delayed allocation reserves it then; tmpfs
+    allocates it), so `durable=False` (a record a reboot makes void) skips the fsync."""
+    atomic_write(path, b" " * size, durable=durable)
 
 
 def write_reserved(path: Path, data: str) -> None:

@@ -146,7 +146,7 @@ class Guest:
     def reserve_request(self) -> None:
         """Made at launch: request.json as a reserved page, so a stop or kill can record
         itself on a full run directory."""
-        files.reserve(self.paths.request)
+        files.reserve(self.paths.request, durable=False)     # void after a reboot
 
     def request(self) -> dict | None:
         found = files.read_reserved(self.paths.request)
