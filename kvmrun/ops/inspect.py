@@ -12,7 +12,9 @@ from kvmrun.guest import agent, cgroup, netrecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State, guest_names
 from kvmrun.net.leases import leases
-from kvmrun.proc import usage
+from kvmrun.proc import usage, wait_pid
+
+EXIT_GRACE = 0.5     # seconds a QEMU whose monitor failed gets to show that it is exiting
 
 
 def status(guest: Guest, detailed: bool = True) -> dict:
@@ -69,7 +71,10 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         info["monitor"] = f"held by kvmrun migrate (pid {info['migration']['pid']})"
         info.update(usage(pid))
     elif pid and detailed:
-        info.update(_live_details(guest, pid))
+        live = _live_details(guest, pid)
+        if live.get("state") is State.NOT_RESPONDING and wait_pid(pid, EXIT_GRACE):
+            return status(guest, detailed)     # it was exiting (its monitor closes first):
+        info.update(live)                      # say how it ended, not "not responding"
     return info
 
 
