@@ -36,6 +36,8 @@ def which(program: str, path: str | None = None) -> str | None:
     if os.path.dirname(program):
         return program if runnable(program) else None
     folders = os.environ.get("PATH", os.defpath) if path is None else path
+    if not folders:                          # an empty PATH finds nothing (not the cwd)
+        return None
     for folder in dict.fromkeys(folders.split(os.pathsep)):
         candidate = os.path.join(folder, program)
         if runnable(candidate):

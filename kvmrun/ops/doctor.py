@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from kvmrun import arch as archmod
-from kvmrun import proc
-from kvmrun import paths
+from kvmrun import paths, proc
 from kvmrun.qemu import host
 from kvmrun.qemu.kvmprobe import KVM_DEVICE, cached_or_probe, kvm_accessible
 

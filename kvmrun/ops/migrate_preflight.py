@@ -8,8 +8,7 @@ import re
 import socket
 from pathlib import Path
 
-from kvmrun import proc
-from kvmrun import paths
+from kvmrun import paths, proc
 from kvmrun.errors import KvmrunError
 from kvmrun.guest.rundir import Guest
 

@@ -45,5 +45,9 @@ def test_which_checks_a_path_as_it_is(folders):
     assert proc.which(str(b / "only-b")) == str(b / "only-b")
 
 
-def test_which_of_an_empty_path_finds_nothing(folders):
-    assert proc.which("both", path="") == shutil.which("both", path="") is None
+def test_which_of_an_empty_path_finds_nothing(folders, monkeypatch):
+    a, _ = folders
+    monkeypatch.chdir(a)                    # "both" is right here: an empty path still
+    assert proc.which("both", path="") == shutil.which("both", path="") is None   # misses it
+    monkeypatch.setenv("PATH", "")
+    assert proc.which("both") == shutil.which("both") is None
