@@ -22,10 +22,14 @@ The guest is the tiny test guest (tests/guest/build.py) under TCG.
                     supervisors started by quick starts (forked, then handed over); an idle
                     supervisor's wake-ups (context switches) and CPU ticks over 60 s of a
                     ready guest, after a full-path and a quick start (--idle-seconds)
-    5 scale         N guests started concurrently until all ready, vs N raw QEMUs (first
-                    start: the full path; again: the quick start); `kvmrun list --json` with
-                    N running; stopping all N with N `kvmrun stop NAME` at once, and with one
-                    `kvmrun stop NAME…` (--guests N, default 50)
+    5 scale         N guests started at once until all ready, vs N raw QEMUs at once, each
+                    run: raw, changed profiles (the full path), the same again (the quick
+                    start), raw first in even runs and last in odd ones (--scale-runs); the
+                    CPU every side used until all were ready (QEMUs, supervisors, start
+                    commands; the rest of the machine's load recorded beside it); `kvmrun
+                    list --json` with N running; stopping all N with N `kvmrun stop NAME` at
+                    once (full path runs) and with one `kvmrun stop NAME…` (quick start
+                    runs) (--guests N, default 50)
     K KVM           section 1 under KVM where a bounded probe (kvmrun.qemu.kvmprobe) shows
                     that KVM boots guests; else one row "skipped: KVM does not boot guests
                     here"
@@ -46,6 +50,7 @@ import json
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -644,18 +649,46 @@ def bench_idle(b: Bench, seconds: float, note) -> list[dict]:
 
 # ---------------------------------------------------------------- 5: scale
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (utime + stime) a live process has used so far; 0 if it is gone."""
+    try:
+        fields = stat_fields(pid)
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's reaped children (the `kvmrun start` commands)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (not idle, not waiting on I/O)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
 def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600) -> float:
-    """Seconds until every watch saw the marker (raw) / every process returned (kvmrun)."""
+    """Seconds until every watch saw the marker (raw: `procs` are the QEMUs, which must not
+    end before it) / every process returned (kvmrun: no watches)."""
     t0 = time.perf_counter()
     pending = set(watches or procs)
     while pending:
         for name in list(pending):
-            if procs:
-                if procs[name].poll() is not None:
-                    if procs[name].returncode != 0:
-                        raise RuntimeError(f"{what} {name} failed ({procs[name].returncode})")
+            if watches:
+                if watches[name].seen():
                     pending.discard(name)
-            elif watches[name].seen():
+                elif procs[name].poll() is not None:
+                    raise RuntimeError(f"{what} {name} ended ({procs[name].returncode}) before "
+                                       f"its marker; see {watches[name].path.parent}")
+            elif procs[name].poll() is not None:
+                if procs[name].returncode != 0:
+                    raise RuntimeError(f"{what} {name} failed ({procs[name].returncode})")
                 pending.discard(name)
         if time.perf_counter() - t0 > timeout:
             raise RuntimeError(f"{what}: {len(pending)} not ready after {timeout:g}s")
@@ -663,37 +696,46 @@ def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600) -> fl
     return time.perf_counter() - t0
 
 
-def scale_kvmrun(b: Bench, n: int, list_runs: int,
-                 one_stop: bool) -> tuple[float, list[float], float]:
-    """Start N guests at once (a `kvmrun start` each), list them, stop them: with N `kvmrun
-    stop NAME` at once, or with one `kvmrun stop NAME…` (`one_stop`)."""
+def scale_kvmrun(b: Bench, n: int, tag: str, list_runs: int, one_stop: bool) -> dict:
+    """Start N guests at once (a `kvmrun start` each) until all returned, with the CPU every
+    process used by then (QEMUs, supervisors, the start commands, and the rest of the
+    machine); list them; stop them with N `kvmrun stop NAME` at once, or with one `kvmrun
+    stop NAME…` (`one_stop`). A new `tag` is a changed profile (the full path)."""
     names = [f"k{i}" for i in range(n)]
-    profs = {name: b.profile(name, SMALL) for name in names}
+    profs = {name: b.profile(name, SMALL, tag=tag) for name in names}
+    cli0, busy0 = children_cpu_s(), machine_busy_s()
     t0 = time.perf_counter()
     procs = {name: b.popen([KVMRUN, "start", str(profs[name])]) for name in names}
     wait_all({}, procs, "kvmrun start")
     started = time.perf_counter() - t0
-    lists = []
-    for _ in range(list_runs):
-        lists.append(timed([KVMRUN, "list", "--json"], b.env))
+    states = [b.state(name) for name in names]
+    qemu = sum(cpu_s(st.get("qemu_pid")) for st in states)
+    sup = sum(cpu_s(st.get("supervisor_pid")) for st in states)
+    cli, busy = children_cpu_s() - cli0, machine_busy_s() - busy0
+    lists = [timed([KVMRUN, "list", "--json"], b.env) for _ in range(list_runs)]
     t0 = time.perf_counter()
     if one_stop:
         stops = {"all": b.popen([KVMRUN, "stop", *names])}
     else:
         stops = {name: b.popen([KVMRUN, "stop", name]) for name in names}
     wait_all({}, stops, "kvmrun stop")
-    return started, lists, time.perf_counter() - t0
+    return {"start": started, "stop": time.perf_counter() - t0, "lists": lists,
+            "cpu": {"qemu": qemu, "supervisors": sup, "start_commands": cli,
+                    "others": busy - qemu - sup - cli}}
 
 
-def scale_raw(b: Bench, n: int) -> tuple[float, float]:
+def scale_raw(b: Bench, n: int) -> dict:
     names = [f"r{i}" for i in range(n)]
     for name in names:
         b.raw_argv(name, SMALL)
     watches = {name: LogWatch(b.raw_dir / name / "serial.log") for name in names}
+    busy0 = machine_busy_s()
     t0 = time.perf_counter()
     qemus = {name: b.start_raw(name, SMALL) for name in names}
-    wait_all(watches, {}, "raw QEMU")
+    wait_all(watches, qemus, "raw QEMU")
     started = time.perf_counter() - t0
+    qemu = sum(cpu_s(q.pid) for q in qemus.values())
+    busy = machine_busy_s() - busy0
     t0 = time.perf_counter()
     stops = {name: b.popen([PY, str(BENCH / "raw_stop.py"),
                             str(b.raw_dir / name / "qmp-cli.sock"), str(qemus[name].pid), "600"])
@@ -702,44 +744,65 @@ def scale_raw(b: Bench, n: int) -> tuple[float, float]:
     stopped = time.perf_counter() - t0
     for q in qemus.values():
         q.wait()
-    return started, stopped
+    return {"start": started, "stop": stopped, "cpu": {"qemu": qemu, "others": busy - qemu}}
 
 
 def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]:
-    """Each run: kvmrun with N stop commands, raw QEMU, kvmrun with one stop command (the
-    order rotated). The very first kvmrun start of the N profiles takes the full path (new
-    profiles); every later one finds them unchanged: the quick start."""
-    first, quick, k_stop, k_one, r_start, r_stop, lists = [], [], [], [], [], [], []
-    sides = ["kvmrun", "raw", "kvmrun-one-stop"]
+    """Each run: N raw QEMUs at once; N `kvmrun start` at once of changed profiles (the full
+    path), stopped by N `kvmrun stop NAME`; the same profiles again (the quick start),
+    stopped by one `kvmrun stop NAME…`. Raw goes first in even runs and last in odd ones."""
+    raw, full, quick = [], [], []
     for i in range(runs):
-        for side in sides[i % 3:] + sides[:i % 3]:
+        order = ["raw", "kvmrun"] if i % 2 == 0 else ["kvmrun", "raw"]
+        for side in order:
             if side == "raw":
                 note(f"scale: {n} raw QEMUs (run {i + 1}/{runs}) …")
-                s, st = scale_raw(b, n)
-                r_start.append(s)
-                r_stop.append(st)
+                raw.append(scale_raw(b, n))
                 continue
-            one = side == "kvmrun-one-stop"
-            note(f"scale: {n} guests with kvmrun, stopped by "
-                 f"{'one command' if one else f'{n} commands'} (run {i + 1}/{runs}) …")
-            s, ls, st = scale_kvmrun(b, n, list_runs, one)
-            (quick if first else first).append(s)
-            (k_one if one else k_stop).append(st)
-            lists += ls
-    return [
-        row(f"scale: start {n}, all ready (full path)", f"{n}× `kvmrun start` at once of new "
-            "profiles, until all returned", f"{n} raw QEMUs at once, until all markers",
-            first, r_start, "s", "ratio ≤ 1.02", lambda q: q <= 1.02),
-        row(f"scale: start {n}, all ready (quick start)", f"{n}× `kvmrun start` at once of "
-            "unchanged profiles, until all returned", f"{n} raw QEMUs at once, until all "
-            "markers", quick, r_start, "s", "ratio ≤ 1.02", lambda q: q <= 1.02),
-        row(f"scale: list with {n}", f"`kvmrun list --json` with {n} running", "-", lists, [],
-            "ms", "≤ 150 ms", absolute=lambda ks, rs: ks["median"] <= 0.150),
+            note(f"scale: {n} guests with kvmrun, changed profiles, stopped by {n} commands "
+                 f"(run {i + 1}/{runs}) …")
+            full.append(scale_kvmrun(b, n, f"scale{i}", list_runs, one_stop=False))
+            note(f"scale: {n} guests with kvmrun, unchanged profiles, stopped by one command "
+                 f"(run {i + 1}/{runs}) …")
+            quick.append(scale_kvmrun(b, n, f"scale{i}", list_runs, one_stop=True))
+
+    def total(r: dict) -> float:
+        return sum(r["cpu"][k] for k in ("qemu", "supervisors", "start_commands") if k in r["cpu"])
+
+    def own(r: dict) -> float:
+        return (r["cpu"]["supervisors"] + r["cpu"]["start_commands"]) / n
+
+    rows = []
+    for how, side in (("full path", full), ("quick start", quick)):
+        words = "changed" if side is full else "unchanged"
+        rows += [
+            row(f"scale: start {n}, all ready ({how})", f"{n}× `kvmrun start` at once of "
+                f"{words} profiles, until all returned", f"{n} raw QEMUs at once, until all "
+                "markers", [r["start"] for r in side], [r["start"] for r in raw], "s",
+                "ratio ≤ 1.02", lambda q: q <= 1.02),
+            row(f"scale: start {n}, CPU until all ready ({how})", "CPU seconds of the QEMUs, "
+                "supervisors and start commands by then", "the raw QEMUs' CPU seconds by then",
+                [total(r) for r in side], [total(r) for r in raw], "s", "ratio ≤ 1.02",
+                lambda q: q <= 1.02),
+            row(f"scale: start {n}, kvmrun's own CPU per guest ({how})", "CPU of a supervisor "
+                "and its start command until all ready", "-", [own(r) for r in side], [],
+                "ms", None),
+        ]
+    rows += [
+        row(f"scale: list with {n}", f"`kvmrun list --json` with {n} running", "-",
+            [t for r in full + quick for t in r["lists"]], [], "ms", "≤ 150 ms",
+            absolute=lambda ks, rs: ks["median"] <= 0.150),
         row(f"scale: stop {n}", f"{n}× `kvmrun stop NAME` at once, until all returned",
-            f"{n}× raw_stop.py at once", k_stop, r_stop, "s", "ratio ≤ 1.2", lambda q: q <= 1.2),
+            f"{n}× raw_stop.py at once", [r["stop"] for r in full], [r["stop"] for r in raw],
+            "s", "ratio ≤ 1.2", lambda q: q <= 1.2),
         row(f"scale: stop {n}, one command", f"one `kvmrun stop NAME…` of all {n}",
-            f"{n}× raw_stop.py at once", k_one, r_stop, "s", "ratio ≤ 1.2", lambda q: q <= 1.2),
+            f"{n}× raw_stop.py at once", [r["stop"] for r in quick], [r["stop"] for r in raw],
+            "s", "ratio ≤ 1.2", lambda q: q <= 1.2),
     ]
+    for r in rows:                    # every run's CPU split, the others' load included
+        r["runs"] = {"raw": [x["cpu"] for x in raw], "full path": [x["cpu"] for x in full],
+                     "quick start": [x["cpu"] for x in quick]}
+    return rows
 
 
 # ---------------------------------------------------------------- K: under KVM
@@ -820,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-runs", type=int, default=30, help="CLI rounds (default 30)")
     ap.add_argument("--guests", "--scale", dest="scale", type=int, default=50, metavar="N",
                     help="guests started, listed and stopped at once in section 5 (50)")
-    ap.add_argument("--scale-runs", type=int, default=1, help="scale pairs (default 1)")
+    ap.add_argument("--scale-runs", type=int, default=1, help="section 5 runs, each raw + full path + quick start (default 1)")
     ap.add_argument("--memory-guests", type=int, default=20, help="the many-guests count (20)")
     ap.add_argument("--idle-seconds", type=float, default=60,
                     help="how long section 4 watches an idle supervisor (60)")
@@ -846,6 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     def note(message: str) -> None:
         sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
         sys.stderr.flush()
+
+    from kvmrun.qemu.host import ensure_qemu_user, qemu_user
+    if user := qemu_user():     # the raw side runs `kvmrun cmdline`'s argv, whose -runas
+        ensure_qemu_user(user, note)     # user `kvmrun start` would make on a fresh machine
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
