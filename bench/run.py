@@ -25,8 +25,9 @@ The guest is the tiny test guest (tests/guest/build.py) under TCG.
     5 scale         N guests started at once until all ready, vs N raw QEMUs at once, each
                     run: raw, changed profiles (the full path), the same again (the quick
                     start), raw first in even runs and last in odd ones (--scale-runs); the
+                    median guest's own time to ready (one straggler sets "all ready"); the
                     CPU every side used until all were ready (QEMUs, supervisors, start
-                    commands; the rest of the machine's load recorded beside it); `kvmrun
+                    commands; the rest of the machine's load and its steal beside it); `kvmrun
                     list --json` with N running; stopping all N with N `kvmrun stop NAME` at
                     once (full path runs) and with one `kvmrun stop NAME…` (quick start
                     runs) (--guests N, default 50)
@@ -667,21 +668,26 @@ def children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (not idle, not waiting on I/O)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    return (sum(fields) - fields[3] - fields[4]) / TICK
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (not idle, not waiting on I/O), and
+    those its hypervisor took from it (steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields[:7]) - fields[3] - fields[4]) / TICK, fields[7] / TICK
 
 
-def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600) -> float:
+def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600,
+             each: dict | None = None) -> float:
     """Seconds until every watch saw the marker (raw: `procs` are the QEMUs, which must not
-    end before it) / every process returned (kvmrun: no watches)."""
+    end before it) / every process returned (kvmrun: no watches); `each` gets every name's
+    own seconds."""
     t0 = time.perf_counter()
     pending = set(watches or procs)
+    each = {} if each is None else each
     while pending:
         for name in list(pending):
             if watches:
                 if watches[name].seen():
+                    each[name] = time.perf_counter() - t0
                     pending.discard(name)
                 elif procs[name].poll() is not None:
                     raise RuntimeError(f"{what} {name} ended ({procs[name].returncode}) before "
@@ -689,6 +695,7 @@ def wait_all(watches: dict, procs: dict, what: str, timeout: float = 3600) -> fl
             elif procs[name].poll() is not None:
                 if procs[name].returncode != 0:
                     raise RuntimeError(f"{what} {name} failed ({procs[name].returncode})")
+                each[name] = time.perf_counter() - t0
                 pending.discard(name)
         if time.perf_counter() - t0 > timeout:
             raise RuntimeError(f"{what}: {len(pending)} not ready after {timeout:g}s")
@@ -703,15 +710,16 @@ def scale_kvmrun(b: Bench, n: int, tag: str, list_runs: int, one_stop: bool) -> 
     stop NAME…` (`one_stop`). A new `tag` is a changed profile (the full path)."""
     names = [f"k{i}" for i in range(n)]
     profs = {name: b.profile(name, SMALL, tag=tag) for name in names}
-    cli0, busy0 = children_cpu_s(), machine_busy_s()
+    (cli0, (busy0, steal0)), each = (children_cpu_s(), machine_cpu_s()), {}
     t0 = time.perf_counter()
     procs = {name: b.popen([KVMRUN, "start", str(profs[name])]) for name in names}
-    wait_all({}, procs, "kvmrun start")
+    wait_all({}, procs, "kvmrun start", each=each)
     started = time.perf_counter() - t0
     states = [b.state(name) for name in names]
     qemu = sum(cpu_s(st.get("qemu_pid")) for st in states)
     sup = sum(cpu_s(st.get("supervisor_pid")) for st in states)
-    cli, busy = children_cpu_s() - cli0, machine_busy_s() - busy0
+    cli, (busy, steal) = children_cpu_s() - cli0, machine_cpu_s()
+    busy, steal = busy - busy0, steal - steal0
     lists = [timed([KVMRUN, "list", "--json"], b.env) for _ in range(list_runs)]
     t0 = time.perf_counter()
     if one_stop:
@@ -720,8 +728,9 @@ def scale_kvmrun(b: Bench, n: int, tag: str, list_runs: int, one_stop: bool) -> 
         stops = {name: b.popen([KVMRUN, "stop", name]) for name in names}
     wait_all({}, stops, "kvmrun stop")
     return {"start": started, "stop": time.perf_counter() - t0, "lists": lists,
+            "each": sorted(each.values()),
             "cpu": {"qemu": qemu, "supervisors": sup, "start_commands": cli,
-                    "others": busy - qemu - sup - cli}}
+                    "others": busy - qemu - sup - cli, "steal": steal}}
 
 
 def scale_raw(b: Bench, n: int) -> dict:
@@ -729,13 +738,13 @@ def scale_raw(b: Bench, n: int) -> dict:
     for name in names:
         b.raw_argv(name, SMALL)
     watches = {name: LogWatch(b.raw_dir / name / "serial.log") for name in names}
-    busy0 = machine_busy_s()
+    (busy0, steal0), each = machine_cpu_s(), {}
     t0 = time.perf_counter()
     qemus = {name: b.start_raw(name, SMALL) for name in names}
-    wait_all(watches, qemus, "raw QEMU")
+    wait_all(watches, qemus, "raw QEMU", each=each)
     started = time.perf_counter() - t0
     qemu = sum(cpu_s(q.pid) for q in qemus.values())
-    busy = machine_busy_s() - busy0
+    busy, steal = (now - then for now, then in zip(machine_cpu_s(), (busy0, steal0)))
     t0 = time.perf_counter()
     stops = {name: b.popen([PY, str(BENCH / "raw_stop.py"),
                             str(b.raw_dir / name / "qmp-cli.sock"), str(qemus[name].pid), "600"])
@@ -744,7 +753,8 @@ def scale_raw(b: Bench, n: int) -> dict:
     stopped = time.perf_counter() - t0
     for q in qemus.values():
         q.wait()
-    return {"start": started, "stop": stopped, "cpu": {"qemu": qemu, "others": busy - qemu}}
+    return {"start": started, "stop": stopped, "each": sorted(each.values()),
+            "cpu": {"qemu": qemu, "others": busy - qemu, "steal": steal}}
 
 
 def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]:
@@ -780,6 +790,11 @@ def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]
                 f"{words} profiles, until all returned", f"{n} raw QEMUs at once, until all "
                 "markers", [r["start"] for r in side], [r["start"] for r in raw], "s",
                 "ratio ≤ 1.02", lambda q: q <= 1.02),
+            row(f"scale: start {n}, a guest ready ({how})", f"the median of the {n} guests' "
+                "own times, start → returned", "the median of the raw guests' times, start → "
+                "marker", [statistics.median(r["each"]) for r in side],
+                [statistics.median(r["each"]) for r in raw], "s", "ratio ≤ 1.02",
+                lambda q: q <= 1.02),
             row(f"scale: start {n}, CPU until all ready ({how})", "CPU seconds of the QEMUs, "
                 "supervisors and start commands by then", "the raw QEMUs' CPU seconds by then",
                 [total(r) for r in side], [total(r) for r in raw], "s", "ratio ≤ 1.02",
@@ -799,9 +814,9 @@ def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]
             f"{n}× raw_stop.py at once", [r["stop"] for r in quick], [r["stop"] for r in raw],
             "s", "ratio ≤ 1.2", lambda q: q <= 1.2),
     ]
-    for r in rows:                    # every run's CPU split, the others' load included
-        r["runs"] = {"raw": [x["cpu"] for x in raw], "full path": [x["cpu"] for x in full],
-                     "quick start": [x["cpu"] for x in quick]}
+    for r in rows:          # every run's CPU split (the others' load and steal included)
+        r["runs"] = {side: [{**x["cpu"], "each": x["each"]} for x in runs] for side, runs in
+                     (("raw", raw), ("full path", full), ("quick start", quick))}
     return rows
 
 

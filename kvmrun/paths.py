@@ -147,9 +147,11 @@ class RunPaths:
 
     launch = property(lambda self: self._p("launch.json"))    # what the supervisor runs
     request = property(lambda self: self._p("request.json"))  # what a CLI asked for
+    monitor_hold = property(lambda self: self._p("monitor.json"))  # a CLI holding qmp-cli
     network = property(lambda self: self._p("network.json"))  # what setup made for the NICs
     qemu_log = property(lambda self: self._p("qemu.log"))
     supervisor_log = property(lambda self: self._p("supervisor.log"))
+    supervisor_log_old = property(lambda self: self._p("supervisor.log.1"))  # a start back
     qmp = property(lambda self: self._p("qmp.sock"))          # the supervisor's monitor
     qmp_cli = property(lambda self: self._p("qmp-cli.sock"))  # the CLI's monitor
     console = property(lambda self: self._p("console.sock"))

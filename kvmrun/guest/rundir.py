@@ -7,10 +7,13 @@
         events.jsonl            QMP events, one JSON object a line
         request.json            what a CLI asked for (stop/kill), so the end is attributed
         network.json            what network setup made for the NICs (taps, hub ports)
+        monitor.json            which command holds qmp-cli.sock for long (export --live)
         qemu.pid                QEMU's -pidfile (QEMU holds a lock on it while it lives)
         qemu.log                QEMU's own stdout/stderr
         serial.log              the serial console (rotated at serial_log_max)
         serial.log.1            the part before the last rotation
+        supervisor.log          what the supervisor said (its stderr) during this start
+        supervisor.log.1        the same of the start before (each start moves it here)
         overlay-diskN.qcow2     the throwaway overlay of ephemeral disk N (gone when it ends)
         cidata.iso              the cloud-init NoCloud seed (+ cidata.sha256 of its inputs)
         helper-NAME.sock .log   a helper's socket and log (virtiofsd0, swtpm: guest.helpers)
@@ -265,7 +268,7 @@ class Guest:
     def clear_runtime(self, keep_logs: bool = True) -> None:
         """Remove sockets, pidfile, request and ephemeral overlays (after the guest ended)."""
         for p in self.paths.sockets() + self.paths.helper_files(".sock") + [
-                self.paths.pidfile, self.paths.request]:
+                self.paths.pidfile, self.paths.request, self.paths.monitor_hold]:
             files.unlink(p)
         if not keep_logs:
             for p in (self.paths.state, self.paths.events, self.paths.serial_log,
@@ -274,6 +277,16 @@ class Guest:
                 files.unlink(p)
         for p in self.paths.dir.glob("overlay-disk*.qcow2"):   # ephemeral disks' writes
             files.unlink(p)
+
+    def begin_start(self) -> None:
+        """What a start clears before it claims the guest: the last run's runtime files
+        and logs; the last supervisor.log becomes supervisor.log.1, so it never grows
+        across starts and a failed start's log is there until the next start but one."""
+        self.clear_runtime(keep_logs=False)
+        try:
+            os.replace(self.paths.supervisor_log, self.paths.supervisor_log_old)
+        except OSError:
+            pass                          # none yet (or it cannot move: it appends then)
 
     def collect_orphans(self) -> None:
         """Remove the throwaway overlays of a guest that ended without its supervisor

@@ -210,21 +210,31 @@ def plan(profile, stage: Path, flatten: bool = False) -> Plan:
 
 
 def _freeze_copies(profile, guest, result: Plan) -> None:
-    """--live: pause, copy every file beside itself, resume; the copies go in the archive."""
+    """--live: pause, copy every file beside itself, resume; the copies go in the archive.
+    While it holds the guest's monitor (one client at a time), monitor.json says so:
+    `kvmrun status` reports the holder instead of asking the monitor and calling a paused
+    guest "not responding"."""
+    from kvmrun.files import write_json, unlink
     from kvmrun.guest.qmp import QMPClient
-    with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
-        was_running = qmp.execute("query-status").get("running")
-        qmp.execute("stop")
-        try:
-            for item in result.items:
-                copy = result.stage / "live" / item.member
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                _run(["cp", "--reflink=auto", "--sparse=always", item.source, str(copy)],
-                     f"copying {item.source}")
-                item.source = str(copy)
-        finally:
-            if was_running:
-                qmp.execute("cont")
+    me = os.getpid()
+    write_json(guest.paths.monitor_hold, {"by": "kvmrun export --live", "pid": me,
+                                          "starttime": proc.starttime(me)}, durable=False)
+    try:
+        with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
+            was_running = qmp.execute("query-status").get("running")
+            qmp.execute("stop")
+            try:
+                for item in result.items:
+                    copy = result.stage / "live" / item.member
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    _run(["cp", "--reflink=auto", "--sparse=always", item.source, str(copy)],
+                         f"copying {item.source}")
+                    item.source = str(copy)
+            finally:
+                if was_running:
+                    qmp.execute("cont")
+    finally:
+        unlink(guest.paths.monitor_hold)
 
 
 def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,

@@ -65,10 +65,11 @@ def status(guest: Guest, detailed: bool = True) -> dict:
         info["problem"] = "QEMU is stopped by a signal (SIGSTOP or a debugger): it cannot " \
                           "answer its monitor"
         info.update(usage(pid))
-    elif pid and detailed and info["migration"]:
-        # `kvmrun migrate` holds the monitor to the end (QEMU's QMP socket takes one client
-        # at a time): asking it would fail and call a guest that runs "not responding"
-        info["monitor"] = f"held by kvmrun migrate (pid {info['migration']['pid']})"
+    elif pid and detailed and (holder := monitor_holder(guest, info["migration"])):
+        # `kvmrun migrate` (to the end), `export --live` (while it copies) hold the monitor
+        # (QEMU's QMP socket takes one client at a time): asking it would fail and call a
+        # guest that runs "not responding"
+        info["monitor"] = f"held by {holder}"
         info.update(usage(pid))
     elif pid and detailed:
         live = _live_details(guest, pid)
@@ -95,6 +96,19 @@ def migration(guest: Guest) -> dict | None:
         return None
     return {"to": record.get("to"), "status": record.get("status"),
             "ram_bytes": record.get("ram"), "pid": record.get("pid")}
+
+
+def monitor_holder(guest: Guest, migration: dict | None) -> str | None:
+    """Which command holds the guest's monitor now ("kvmrun migrate (pid N)"), or None:
+    the migration under way, or monitor.json's command while it lives."""
+    if migration:
+        return f"kvmrun migrate (pid {migration['pid']})"
+    from kvmrun.files import read_json
+    from kvmrun.proc import identified
+    record = read_json(guest.paths.monitor_hold)
+    if isinstance(record, dict) and identified(record.get("pid"), record.get("starttime")):
+        return f"{record.get('by')} (pid {record['pid']})"
+    return None
 
 
 def share_mount_command(tag: str, readonly: bool = False, type: str = "9p") -> str:

@@ -83,7 +83,7 @@ def _claim(profile: Profile, guest: Guest, compiled: Compiled,
         raise GuestError(f"disk {path} is in use by running guest {other!r}",
                          hint="stop that guest first, or give this one its own disk")
     netchecks.check(profile)
-    guest.clear_runtime(keep_logs=False)
+    guest.begin_start()
     made = disks.prepare_guest(profile, guest.paths)
     undo.callback(disks.remove_created, made)
     undo.callback(nics.teardown, guest.paths)

@@ -156,7 +156,7 @@ def _claim(guest: Guest, launch: LaunchRecord, entry: dict) -> None:
         for where, fwd in entry["forwards"]:
             check_forward(where, name, fwd)
     netrecord.teardown(guest.paths)          # leftovers of a guest that ended uncleanly
-    guest.clear_runtime(keep_logs=False)
+    guest.begin_start()
     netrecord.write(guest.paths, {"nics": entry.get("nics", [])})
     launch.write(guest.paths.launch)
     guest.reserve_request()          # so a stop or kill needs no free space later
@@ -229,7 +229,7 @@ def wait_for_supervisor(rfd: int, reap: Callable[[], int], *, name: str, argv: l
             if not line:
                 when = "the guest was ready" if "pid" in result else "QEMU was up"
                 raise LaunchError(f"the supervisor of {name} exited ({reap()}) before {when}",
-                                  argv, files.read_text(log))
+                                  argv, files.read_text(log)[-4000:], said_by="supervisor")
             message = json.loads(line)
             event = message["event"]
             if event == "failed":

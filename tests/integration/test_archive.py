@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -203,3 +204,45 @@ def test_export_is_self_contained_and_import_lists_every_missing_file(kr, hosts,
     assert f"ssh.identity {files / 'id_test'} not found" in err      # a warning only
     there = yaml.safe_load(kr.ok("-H", "hostb", "export", "web2").out)
     assert there["cloud_init"] == exported["cloud_init"]
+
+
+@pytest.mark.qemu
+def test_status_names_export_live_while_it_holds_the_monitor(kr, tiny_guest):
+    """While `export --live` copies a paused guest's disks it holds the guest's monitor
+    (one client at a time): status says which command holds it and that the guest is
+    paused, not "not responding"; afterwards the guest runs on and the record is gone. A
+    `cp` first in the export's PATH waits for the test's word, then runs the real cp, so
+    the copy lasts while the test looks."""
+    from tests.integration.test_faults import wait_for
+    disk = kr.base / "ex.qcow2"
+    _img("create", "-q", "-f", "qcow2", disk, "16M")
+    profile = kr.profile("ex", tiny_guest, memory="128M", disks=[{"path": str(disk)}])
+    kr.ok("start", profile)
+    shim = kr.base / "shim"
+    shim.mkdir()
+    waiting, go = kr.base / "cp.waiting", kr.base / "cp.go"
+    (shim / "cp").write_text(f'#!/bin/sh\n: > "{waiting}"\n'
+                             f'while [ ! -e "{go}" ]; do sleep 0.05; done\n'
+                             f'exec {shutil.which("cp")} "$@"\n')
+    (shim / "cp").chmod(0o755)
+    archive = kr.base / "ex.tar"
+    env = {**kr.env, "PATH": f"{shim}:{os.environ['PATH']}"}
+    exporting = subprocess.Popen(kr.argv("export", profile, "--with-disks", "--live", "-o",
+                                         archive), env=env, cwd=kr.base, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kr.popens.append(exporting)                # killed at teardown if it still runs
+    wait_for(lambda: waiting.exists() or exporting.poll() is not None, 120, "the copy")
+    assert exporting.poll() is None, exporting.communicate()
+    info = wait_for(lambda: (s := kr.status("ex"))["state"] == "paused" and s, 30,
+                    "the paused state")
+    assert info["monitor"] == f"held by kvmrun export --live (pid {exporting.pid})", info
+    assert "problem" not in info
+    go.touch()
+    out, err = exporting.communicate(timeout=120)
+    assert exporting.returncode == 0, err
+    info = kr.status("ex")
+    assert info["state"] == "running" and "monitor" not in info, info
+    assert not (kr.guest_dir("ex") / "monitor.json").exists()
+    listed = subprocess.run(["tar", "-tf", archive], capture_output=True, text=True, check=True)
+    assert "disks/ex.qcow2" in listed.stdout.split(), listed.stdout
+    kr.ok("kill", "ex")

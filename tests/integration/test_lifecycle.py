@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import signal
 import stat
@@ -610,6 +611,22 @@ def test_an_unchanged_profile_starts_again_from_its_cached_launch(kr, tiny_guest
     assert result.code == 2 and "not found" in result.err
 
 
+@pytest.mark.qemu
+def test_supervisor_log_holds_this_start_and_the_one_before(kr, tiny_guest):
+    """Each start moves the last supervisor.log to supervisor.log.1 (the full path and the
+    quick start alike): four starts of a halted guest leave two starts' worth, not four."""
+    profile = kr.profile("sl", tiny_guest, halted=True)
+    pids = []
+    for _ in range(4):                         # the full path, then three quick starts
+        kr.ok("start", profile)
+        pids.append(kr.status("sl")["pid"])
+        kr.ok("kill", "sl")
+    logs = {name: (kr.guest_dir("sl") / name).read_text()
+            for name in ("supervisor.log", "supervisor.log.1")}
+    said = {name: re.findall(r"QEMU running \(pid (\d+)\)", text) for name, text in logs.items()}
+    assert said == {"supervisor.log": [str(pids[3])], "supervisor.log.1": [str(pids[2])]}, logs
+
+
 @pytest.mark.slow
 @pytest.mark.qemu
 def test_a_quick_start_whose_qemu_fails_leaves_nothing_behind(kr, tiny_guest):
@@ -633,5 +650,5 @@ def test_a_quick_start_whose_qemu_fails_leaves_nothing_behind(kr, tiny_guest):
         assert "QEMU failed to start: QEMU exited with status 1 while starting" in result.err
         assert "qemu said: qemu: linux kernel too old to load a ram disk" in result.err
         left = sorted(p.name for p in kr.guest_dir("qf").iterdir())
-        assert left == ["lock", "network.json", "supervisor.log"], left
+        assert left == ["lock", "network.json", "supervisor.log", "supervisor.log.1"], left
         assert kr.our_processes() == {}           # no QEMU, supervisor or kvmrun command
