@@ -83,10 +83,9 @@ QUICK_LOOK = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kv
               "kvmrun.guest.rundir", "kvmrun.guest.launch", "kvmrun.ops"} | LOOKING
 # What stopping a guest needs, and `kvmrun stop NAME` (no option) imports nothing more: it is
 # served before typer (kvmrun.cli.quick). With an option it goes through typer's CLI.
+# The end's record (kvmrun.guest.ending and its cgroup, helpers, spawn, netrecord) only
+# when the CLI records it itself: the guest's supervisor is gone.
 POWER = {"kvmrun.ops.power", "kvmrun.guest.qmp", "kvmrun.guest.shutdown",
-         "kvmrun.guest.ending", "kvmrun.guest.netrecord",
-         "kvmrun.guest.cgroup", "kvmrun.guest.helpers",                   # the guest's end
-         "kvmrun.guest.spawn",                                 # (helpers' own; stdlib os)
          "kvmrun.ops.systemd", "kvmrun.guest.notify"}       # through kvmrun@NAME if enabled
 QUICK_STOP = {"kvmrun", "kvmrun.cli", "kvmrun.cli.quick", "kvmrun.cli.text", "kvmrun.errors",
               "kvmrun.files", "kvmrun.paths", "kvmrun.proc", "kvmrun.guest",
