@@ -621,8 +621,13 @@ def proc_counters(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
             switches += int(line.split()[1])
+    return switches, cpu_ticks(pid)
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process so far, in clock ticks."""
     fields = stat_fields(pid)
-    return switches, int(fields[11]) + int(fields[12])         # utime + stime
+    return int(fields[11]) + int(fields[12])
 
 
 def bench_idle(b: Bench, seconds: float, note) -> list[dict]:
@@ -656,10 +661,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_s(pid: int | None) -> float:
     """CPU seconds (utime + stime) a live process has used so far; 0 if it is gone."""
     try:
-        fields = stat_fields(pid)
+        return cpu_ticks(pid) / TICK
     except (OSError, TypeError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def children_cpu_s() -> float:
@@ -721,8 +725,8 @@ def scale_kvmrun(b: Bench, n: int, tag: str, list_runs: int, one_stop: bool) -> 
     states = [b.state(name) for name in names]
     qemu = sum(cpu_s(st.get("qemu_pid")) for st in states)
     sup = sum(cpu_s(st.get("supervisor_pid")) for st in states)
-    cli, (busy, steal) = children_cpu_s() - cli0, machine_cpu_s()
-    busy, steal = busy - busy0, steal - steal0
+    cli = children_cpu_s() - cli0
+    busy, steal = (now - then for now, then in zip(machine_cpu_s(), (busy0, steal0)))
     lists = [timed([KVMRUN, "list", "--json"], b.env) for _ in range(list_runs)]
     t0 = time.perf_counter()
     if one_stop:
@@ -787,7 +791,7 @@ def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]
         return sum(r["cpu"][k] for k in ("qemu", "supervisors", "start_commands") if k in r["cpu"])
 
     def own(r: dict) -> float:
-        return (r["cpu"]["supervisors"] + r["cpu"]["start_commands"]) / n
+        return r["cpu"]["supervisors"] + r["cpu"]["start_commands"]
 
     rows = []
     for how, side in (("full path", full), ("quick start", quick)):
@@ -799,7 +803,8 @@ def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]
                 "ratio ≤ 1.02", lambda q: q <= 1.02),
             row(f"scale: start {n}, a guest ready ({how})", f"the median of the {n} guests' "
                 "own times, its `kvmrun start` launched → returned", "the median of the raw "
-                "guests' times, QEMU launched → marker", [statistics.median(r["each"]) for r in side],
+                "guests' times, QEMU launched → marker",
+                [statistics.median(r["each"]) for r in side],
                 [statistics.median(r["each"]) for r in raw], "s", "ratio ≤ 1.02",
                 lambda q: q <= 1.02),
             row(f"scale: start {n}, CPU until all ready ({how})", "CPU seconds of the QEMUs, "
@@ -808,10 +813,10 @@ def bench_scale(b: Bench, n: int, runs: int, list_runs: int, note) -> list[dict]
                 lambda q: q <= 1.02),
             row(f"scale: start {n}, kvmrun's own CPU share ({how})", "the CPU seconds of the "
                 "supervisors and start commands until all ready (ratio: their share)",
-                "the raw QEMUs' CPU seconds by then", [own(r) * n for r in side],
+                "the raw QEMUs' CPU seconds by then", [own(r) for r in side],
                 [r["cpu"]["qemu"] for r in raw], "s", "share ≤ 0.02", lambda q: q <= 0.02),
             row(f"scale: start {n}, kvmrun's own CPU per guest ({how})", "CPU of a supervisor "
-                "and its start command until all ready", "-", [own(r) for r in side], [],
+                "and its start command until all ready", "-", [own(r) / n for r in side], [],
                 "ms", None),
         ]
     rows += [
@@ -909,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-runs", type=int, default=30, help="CLI rounds (default 30)")
     ap.add_argument("--guests", "--scale", dest="scale", type=int, default=50, metavar="N",
                     help="guests started, listed and stopped at once in section 5 (50)")
-    ap.add_argument("--scale-runs", type=int, default=1, help="section 5 runs, each raw + full path + quick start (default 1)")
+    ap.add_argument("--scale-runs", type=int, default=1,
+                    help="section 5 runs, each raw + full path + quick start (default 1)")
     ap.add_argument("--memory-guests", type=int, default=20, help="the many-guests count (20)")
     ap.add_argument("--idle-seconds", type=float, default=60,
                     help="how long section 4 watches an idle supervisor (60)")

@@ -41,7 +41,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from kvmrun import paths, proc
+from kvmrun import files, paths, proc
 from kvmrun.errors import GuestError, HostError, StorageError
 from kvmrun.proc import log_argv
 from kvmrun.records import asdict, field, record
@@ -214,11 +214,10 @@ def _freeze_copies(profile, guest, result: Plan) -> None:
     While it holds the guest's monitor (one client at a time), monitor.json says so:
     `kvmrun status` reports the holder instead of asking the monitor and calling a paused
     guest "not responding"."""
-    from kvmrun.files import write_json, unlink
     from kvmrun.guest.qmp import QMPClient
     me = os.getpid()
-    write_json(guest.paths.monitor_hold, {"by": "kvmrun export --live", "pid": me,
-                                          "starttime": proc.starttime(me)}, durable=False)
+    files.write_json(guest.paths.monitor_hold, {"by": "kvmrun export --live", "pid": me,
+                                                "starttime": proc.starttime(me)}, durable=False)
     try:
         with QMPClient(guest.paths.qmp_cli, timeout=30) as qmp:
             was_running = qmp.execute("query-status").get("running")
@@ -234,7 +233,7 @@ def _freeze_copies(profile, guest, result: Plan) -> None:
                 if was_running:
                     qmp.execute("cont")
     finally:
-        unlink(guest.paths.monitor_hold)
+        files.unlink(guest.paths.monitor_hold)
 
 
 def export(profile, out: BinaryIO, *, flatten: bool = False, live: bool = False,

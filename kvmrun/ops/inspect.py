@@ -12,7 +12,8 @@ from kvmrun.guest import agent, cgroup, netrecord
 from kvmrun.guest.qmp import QMPClient
 from kvmrun.guest.rundir import Guest, State, guest_names
 from kvmrun.net.leases import leases
-from kvmrun.proc import usage, wait_pid
+from kvmrun.files import read_json
+from kvmrun.proc import identified, usage, wait_pid
 
 EXIT_GRACE = 0.5     # seconds a QEMU whose monitor failed gets to show that it is exiting
 
@@ -87,8 +88,6 @@ def _uptime(state: dict) -> float | None:
 def migration(guest: Guest) -> dict | None:
     """The migration under way from this guest (kvmrun.ops.migrate's record, while the
     `kvmrun migrate` that wrote it lives), or None."""
-    from kvmrun.files import read_json
-    from kvmrun.proc import identified
     record = read_json(guest.paths.migration)
     if not isinstance(record, dict) or record.get("role") != "source":
         return None
@@ -103,8 +102,6 @@ def monitor_holder(guest: Guest, migration: dict | None) -> str | None:
     the migration under way, or monitor.json's command while it lives."""
     if migration:
         return f"kvmrun migrate (pid {migration['pid']})"
-    from kvmrun.files import read_json
-    from kvmrun.proc import identified
     record = read_json(guest.paths.monitor_hold)
     if isinstance(record, dict) and identified(record.get("pid"), record.get("starttime")):
         return f"{record.get('by')} (pid {record['pid']})"
